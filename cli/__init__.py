@@ -1,0 +1,1 @@
+"""visbatch's command line: thin Typer commands over visbatch.core."""

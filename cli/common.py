@@ -1,0 +1,246 @@
+"""Options every subcommand shares, defined once, and the code that runs a job.
+
+:func:`job_command` adds the common options (see DESIGN.md) to a command
+function and hands it a :class:`CommonOptions`; :func:`run_job` turns those
+into items, a model and a pipeline run, prints the summary and returns the
+exit code. Errors become one line on stderr and an exit code (:data:`EXIT_*`).
+"""
+
+import functools
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Callable, List, Optional
+
+import typer
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1  # images failed and --fail-on-error was set, or a gate failed
+EXIT_USAGE = 2
+EXIT_FATAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad option values: exit 2."""
+
+
+@dataclass
+class CommonOptions:
+    inputs: list
+    manifest: Optional[str]
+    model: str
+    pretrained: Optional[str]
+    device: str
+    precision: str
+    batch_size: int
+    workers: int
+    recursive: bool
+    glob: list
+    limit: Optional[int]
+    shard: Optional[str]
+    max_pixels: int
+    resume: bool
+    overwrite: bool
+    fail_on_error: bool
+    json: bool
+    quiet: bool
+    output: Optional[str]
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def _common_parameters(default_model: str, default_pretrained: Optional[str]) -> list:
+    P = inspect.Parameter
+    kw = P.KEYWORD_ONLY
+
+    def opt(name, annotation, default):
+        return P(name, kw, default=default, annotation=annotation)
+
+    return [
+        P("inputs", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[Optional[List[str]], typer.Argument(
+            help="Image folders, image files, or - to read paths from stdin.", show_default=False)]),
+        opt("manifest", Annotated[Optional[str], typer.Option(
+            "--manifest", help="CSV/TSV/JSONL/Parquet file with a `path` column (paths relative to it).",
+            envvar="VISBATCH_MANIFEST")], None),
+        opt("model", Annotated[str, typer.Option(
+            "--model", "-m", help="Model spec: efficientnet-lite0, an open_clip name, timm:NAME, hf-hub:ORG/NAME.",
+            envvar="VISBATCH_MODEL")], default_model),
+        opt("pretrained", Annotated[Optional[str], typer.Option(
+            "--pretrained", help="open_clip tag, or a local weights file (safetensors, or .pt/.bin loaded weights-only).",
+            envvar="VISBATCH_PRETRAINED")], default_pretrained),
+        opt("device", Annotated[str, typer.Option(
+            "--device", help="auto, cpu, cuda, cuda:N or mps.", envvar="VISBATCH_DEVICE")], "auto"),
+        opt("precision", Annotated[str, typer.Option(
+            "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.",
+            envvar="VISBATCH_PRECISION")], "auto"),
+        opt("batch_size", Annotated[int, typer.Option(
+            "--batch-size", "-b", min=1, help="Images per batch.", envvar="VISBATCH_BATCH_SIZE")], 32),
+        opt("workers", Annotated[int, typer.Option(
+            "--workers", "-j", min=0, help="Decode worker processes (0 decodes in the main process).",
+            envvar="VISBATCH_WORKERS")], _default_workers()),
+        opt("recursive", Annotated[bool, typer.Option(
+            "--recursive/--no-recursive", help="Walk folders recursively.", envvar="VISBATCH_RECURSIVE")], True),
+        opt("glob", Annotated[Optional[List[str]], typer.Option(
+            "--glob", help="Include pattern (repeatable); '!PATTERN' excludes. No '/' matches the file name.",
+            envvar="VISBATCH_GLOB")], None),
+        opt("limit", Annotated[Optional[int], typer.Option(
+            "--limit", min=0, help="Process only the first N images (after sorting and sharding).",
+            envvar="VISBATCH_LIMIT")], None),
+        opt("shard", Annotated[Optional[str], typer.Option(
+            "--shard", help="I/N: process shard I (0-based) of N, split by a stable hash of the relative path.",
+            envvar="VISBATCH_SHARD")], None),
+        opt("max_pixels", Annotated[int, typer.Option(
+            "--max-pixels", min=0, help="Refuse images with more pixels (decompression-bomb guard); 0 = no limit.",
+            envvar="VISBATCH_MAX_PIXELS")], 89_478_485),
+        opt("resume", Annotated[bool, typer.Option(
+            "--resume", help="Continue an interrupted run (or add new images to a finished output).",
+            envvar="VISBATCH_RESUME")], False),
+        opt("overwrite", Annotated[bool, typer.Option(
+            "--overwrite", help="Replace an existing output.", envvar="VISBATCH_OVERWRITE")], False),
+        opt("fail_on_error", Annotated[bool, typer.Option(
+            "--fail-on-error", help="Exit 1 when any image failed.", envvar="VISBATCH_FAIL_ON_ERROR")], False),
+        opt("json", Annotated[bool, typer.Option(
+            "--json", help="Print a machine-readable summary to stdout.", envvar="VISBATCH_JSON")], False),
+        opt("quiet", Annotated[bool, typer.Option(
+            "--quiet", "-q", help="No progress or summary on stderr.", envvar="VISBATCH_QUIET")], False),
+        opt("output", Annotated[Optional[str], typer.Option(
+            "--output", "-o", help="Output Parquet file (default: TASK.parquet in the current folder).",
+            envvar="VISBATCH_OUTPUT")], None),
+    ]
+
+
+COMMON_NAMES = [f for f in CommonOptions.__dataclass_fields__]
+
+
+def job_command(default_model: str, default_pretrained: Optional[str] = None) -> Callable:
+    """Decorator: give a command the common options and pass them as ``common``."""
+
+    def decorate(func: Callable) -> Callable:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "common"]
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            common = CommonOptions(**{name: kwargs.pop(name) for name in COMMON_NAMES})
+            common.inputs = list(common.inputs or [])
+            common.glob = list(common.glob or [])
+            return func(*args, common=common, **kwargs)
+
+        params = _common_parameters(default_model, default_pretrained)
+        positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        keyword = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        own_kw = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        wrapper.__signature__ = signature.replace(parameters=positional + own_kw + keyword)
+        del wrapper.__wrapped__  # typer must read the new signature, not the original
+        return wrapper
+
+    return decorate
+
+
+def fail(message: str, code: int) -> "typer.Exit":
+    print(f"visbatch: error: {message}", file=sys.stderr, flush=True)
+    return typer.Exit(code)
+
+
+def guarded(func: Callable[[], int]) -> int:
+    """Run ``func`` and map the engine's exceptions to one-line errors and exit codes."""
+    from visbatch.core.images import InputError
+    from visbatch.core.models import ModelError, UnknownModelError
+    from visbatch.core.outputs import OutputError
+
+    try:
+        return func()
+    except (UsageError, InputError, UnknownModelError, ValueError) as exc:
+        raise fail(str(exc), EXIT_USAGE)
+    except OutputError as exc:
+        raise fail(str(exc), EXIT_USAGE)
+    except ModelError as exc:
+        raise fail(str(exc), EXIT_FATAL)
+    except OSError as exc:
+        raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_FATAL)
+    except MemoryError:
+        raise fail("out of memory; try a smaller --batch-size", EXIT_FATAL)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise fail("device out of memory even for a single image; try --precision bf16 or --device cpu",
+                       EXIT_FATAL)
+        raise
+
+
+def find_inputs(common: CommonOptions):
+    """Items for the run, from INPUT arguments and --manifest."""
+    from visbatch.core.images import InputError, SourceOptions, find_images, parse_shard
+
+    if not common.inputs and not common.manifest:
+        raise UsageError("no input: give image folders or files, - for stdin, or --manifest FILE")
+    options = SourceOptions(
+        recursive=common.recursive,
+        globs=common.glob,
+        limit=common.limit,
+        shard=parse_shard(common.shard) if common.shard else None,
+    )
+    items = find_images(common.inputs, options, manifest=common.manifest)
+    if not items:
+        where = ", ".join(common.inputs + ([common.manifest] if common.manifest else []))
+        raise InputError(f"no images found in {where}"
+                         + (" after --glob/--shard/--limit" if common.glob or common.shard or common.limit else ""))
+    return items
+
+
+def load_model_for(common: CommonOptions):
+    from visbatch.core.models import load_model
+
+    return load_model(common.model, common.pretrained, common.device, common.precision)
+
+
+def pipeline_config(common: CommonOptions, task_name: str, **overlay):
+    from visbatch.core.pipeline import RunConfig
+
+    return RunConfig(
+        output=common.output or f"{task_name}.parquet",
+        batch_size=common.batch_size,
+        workers=common.workers,
+        resume=common.resume,
+        overwrite=common.overwrite,
+        max_pixels=common.max_pixels or None,
+        quiet=common.quiet,
+        log_interval=float(os.environ.get("VISBATCH_LOG_INTERVAL", "30")),
+        **overlay,
+    )
+
+
+def finish(summary, common: CommonOptions) -> int:
+    """Print the summary and choose the exit code."""
+    from visbatch.core.pipeline import print_summary
+
+    print_summary(summary, common.json, common.quiet)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    if summary.failed and common.fail_on_error:
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+# Overlay options shared by the commands that draw heatmaps.
+OverlaysOpt = Annotated[Optional[str], typer.Option(
+    "--overlays", help="Folder for PNG overlays (mirrors the input folders).")]
+OverlaySizeOpt = Annotated[int, typer.Option(
+    "--overlay-size", min=16, help="Longer side of overlay images, in pixels.")]
+ColormapOpt = Annotated[str, typer.Option("--colormap", help="turbo, viridis, inferno, jet, gray or coolwarm.")]
+AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the image.")]
+OverlayStyleOpt = Annotated[str, typer.Option("--overlay-style", help="blend or side-by-side.")]
+
+
+def overlay_settings(overlays, overlay_size, colormap, alpha, overlay_style) -> dict:
+    from visbatch.core.outputs import COLORMAPS
+
+    if colormap not in COLORMAPS:
+        raise UsageError(f"--colormap {colormap!r}: choose from {', '.join(COLORMAPS)}")
+    if overlay_style not in ("blend", "side-by-side"):
+        raise UsageError(f"--overlay-style {overlay_style!r}: choose blend or side-by-side")
+    return dict(overlays=overlays, overlay_size=overlay_size, overlay_colormap=colormap,
+                overlay_alpha=alpha, overlay_style=overlay_style)

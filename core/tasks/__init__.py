@@ -1,0 +1,1 @@
+"""The maths of each subcommand: one module or package per task."""
