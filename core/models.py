@@ -19,7 +19,9 @@ a job array) can run it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -191,7 +193,7 @@ def state_dict_checksum(module: nn.Module) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return "blake2b:" + digest.hexdigest()
 
 
@@ -230,7 +232,8 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise ModelError(f"checkpoint {source} does not fit the model: {str(exc).splitlines()[0]}")
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3]) or str(exc)
+        raise ModelError(f"checkpoint {source} does not fit the model: {detail[:300]}")
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         detail = f"missing {len(missing)} tensors (e.g. {missing[:2]})" if missing else ""
@@ -260,6 +263,16 @@ def _finish(model: LoadedModel) -> LoadedModel:
     model.module.eval().requires_grad_(False)
     model.module.to(device=model.device, dtype=model.dtype)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_logging(level: int = logging.WARNING):
+    """open_clip logs on the root logger ("initialized randomly", download errors that we re-raise)."""
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
@@ -329,26 +342,33 @@ def _open_clip_model(name: str, pretrained: str | None, device, dtype, spec: str
     try:
         if pretrained and os.path.exists(pretrained):
             # Local weights: build the architecture, then load them safely ourselves.
-            build = lambda: open_clip.create_model(name, pretrained=None)  # noqa: E731
-            module = build()
+            with _quiet_logging():
+                module = open_clip.create_model(name, pretrained=None)
             _load_into(module, load_state_dict_file(pretrained), pretrained)
             checksum = file_checksum(pretrained)
         elif pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors"))):
             raise ModelError(f"checkpoint not found: {pretrained}")
         elif seed is not None:
-            module = _seeded(lambda: open_clip.create_model(name, pretrained=None), seed)
+            with _quiet_logging():
+                module = _seeded(lambda: open_clip.create_model(name, pretrained=None), seed)
         else:
             if name.startswith("hf-hub:") or pretrained:
-                module = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+                with _quiet_logging(logging.ERROR):
+                    module = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
             else:
-                module = open_clip.create_model(name, pretrained=None)
+                with _quiet_logging():
+                    module = open_clip.create_model(name, pretrained=None)
                 is_random = True
     except ModelError:
         raise
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[0]
+        if "download" in message.lower():
+            raise ModelError(f"cannot download weights for {spec} (pretrained={pretrained}): {message} "
+                             "Without network access, pass the weights file with --pretrained PATH.")
         if "pretrained" in message.lower() and "not found" in message.lower() or "Pretrained weights" in message:
-            raise ModelError(f"{spec}: unknown pretrained tag {pretrained!r}. {message}")
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+            raise ModelError(f"{spec}: unknown pretrained tag {pretrained!r} (known tags: {tags})")
         raise ModelError(f"cannot load {spec} (pretrained={pretrained}): {message}")
     except Exception as exc:  # network failures, hub errors, bad files
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -401,10 +421,10 @@ def _load_tiny_clip(pretrained, device, dtype) -> LoadedModel:
 
 
 def _timm_classifier(spec: str, build: Callable[[], nn.Module], pretrained, device, dtype,
-                     is_random: bool, class_names=None, checksum=None) -> LoadedModel:
+                     is_random: bool, class_names=None, checksum=None, state=None) -> LoadedModel:
     module = build()
     if pretrained:
-        _load_into(module, load_state_dict_file(pretrained), pretrained)
+        _load_into(module, state if state is not None else load_state_dict_file(pretrained), pretrained)
         checksum = file_checksum(pretrained)
         is_random = False
     num_classes = getattr(module, "num_classes", 0)
@@ -469,10 +489,13 @@ def _load_timm(name: str, pretrained, device, dtype) -> LoadedModel:
         return _timm_classifier(spec, lambda: _seeded(lambda: timm.create_model(name, pretrained=False)),
                                 None, device, dtype, is_random=True)
     if pretrained:
-        if not os.path.exists(pretrained):
-            raise ModelError(f"checkpoint not found: {pretrained}")
-        return _timm_classifier(spec, lambda: timm.create_model(name, pretrained=False), pretrained,
-                                device, dtype, is_random=False)
+        state = load_state_dict_file(pretrained)
+        # A fine-tuned checkpoint may have another number of classes: read it off its head.
+        head = timm.models.get_pretrained_cfg_value(name, "classifier") or "head"
+        head_weight = state.get(f"{head}.weight", state.get(f"module.{head}.weight"))
+        kwargs = {"num_classes": int(head_weight.shape[0])} if head_weight is not None and head_weight.ndim == 2 else {}
+        return _timm_classifier(spec, lambda: timm.create_model(name, pretrained=False, **kwargs), pretrained,
+                                device, dtype, is_random=False, state=state)
 
     def download():
         try:

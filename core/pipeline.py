@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -209,6 +210,8 @@ def make_loader(items: Sequence[ImageItem], model: LoadedModel, config: RunConfi
                 display_size: int | None = None, keep_original: bool = False) -> torch.utils.data.DataLoader:
     dataset = ImageDataset(items, model.preprocess.geometry, config.max_pixels, display_size, keep_original)
     workers = max(0, int(config.workers))
+    # The user chose the worker count; torch's "more workers than cores" advice is noise here.
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,

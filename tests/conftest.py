@@ -1,0 +1,74 @@
+"""Shared test helpers: generated image folders, CLI runners, paths to fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# Tests never reach a hub: the download code paths run up to the network and fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE_IMAGES = REPO / "fixtures" / "images"
+VISBATCH = [sys.executable, "-m", "visbatch.cli"]
+
+
+def write_image(path: Path, size=(48, 40), seed: int = 0, mode: str = "RGB", fmt: str | None = None, **save) -> Path:
+    """A small random image with structure (a gradient plus noise), saved at ``path``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) * 127 // max(w + h - 2, 1)], -1)
+    array = np.clip(base + rng.integers(-20, 20, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(array, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **save)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Ten valid images in two folders, mixed formats and sizes."""
+    root = tmp_path / "images"
+    for i in range(6):
+        write_image(root / f"img_{i:02d}.jpg", size=(40 + 7 * i, 36 + 5 * i), seed=i)
+    for i in range(3):
+        write_image(root / "sub" / f"pic_{i}.png", size=(50, 30 + 11 * i), seed=10 + i)
+    write_image(root / "sub" / "deep" / "last.webp", size=(33, 61), seed=99)
+    return root
+
+
+def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 300,
+            cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m visbatch.cli ARGS`` in a subprocess (the real entry point)."""
+    full_env = {**os.environ, "VISBATCH_WORKERS": os.environ.get("VISBATCH_WORKERS", "0"), **(env or {})}
+    return subprocess.run([*VISBATCH, *map(str, args)], input=stdin, capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
+
+
+def summary_json(result: subprocess.CompletedProcess) -> dict:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON on stdout: {result.stdout!r} / {result.stderr!r}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="session")
+def fixture_images() -> Path:
+    return FIXTURE_IMAGES
+
+
+@pytest.fixture
+def copy_fixtures(tmp_path: Path) -> Path:
+    target = tmp_path / "photos"
+    shutil.copytree(FIXTURE_IMAGES, target)
+    return target
