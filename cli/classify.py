@@ -36,7 +36,7 @@ def classify(
         if overlays and not task.cam_available:
             print(f"visbatch: warning: {model.spec} has no linear head over pooled conv features; "
                   "no overlays", file=__import__("sys").stderr)
-        summary = run_pipeline(task, model, items, pipeline_config(common, "classify", **settings))
+        summary = run_pipeline(task, model, items, pipeline_config(common, "classify", model, **settings))
         return finish(summary, common)
 
     raise typer.Exit(guarded(job))

@@ -34,7 +34,7 @@ class CommonOptions:
     pretrained: Optional[str]
     device: str
     precision: str
-    batch_size: int
+    batch_size: Optional[int]
     workers: int
     recursive: bool
     glob: list
@@ -77,8 +77,9 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
         opt("precision", Annotated[str, typer.Option(
             "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.",
             envvar="VISBATCH_PRECISION")], "auto"),
-        opt("batch_size", Annotated[int, typer.Option(
-            "--batch-size", "-b", min=1, help="Images per batch.", envvar="VISBATCH_BATCH_SIZE")], 32),
+        opt("batch_size", Annotated[Optional[int], typer.Option(
+            "--batch-size", "-b", min=1, help="Images per batch (default: 64 on CUDA, 8 on CPU, where small "
+            "batches stay in cache).", envvar="VISBATCH_BATCH_SIZE", show_default=False)], None),
         opt("workers", Annotated[int, typer.Option(
             "--workers", "-j", min=0, help="Decode worker processes (0 decodes in the main process).",
             envvar="VISBATCH_WORKERS")], _default_workers()),
@@ -197,12 +198,12 @@ def load_model_for(common: CommonOptions):
     return load_model(common.model, common.pretrained, common.device, common.precision)
 
 
-def pipeline_config(common: CommonOptions, task_name: str, **overlay):
-    from visbatch.core.pipeline import RunConfig
+def pipeline_config(common: CommonOptions, task_name: str, model, **overlay):
+    from visbatch.core.pipeline import RunConfig, default_batch_size
 
     return RunConfig(
         output=common.output or f"{task_name}.parquet",
-        batch_size=common.batch_size,
+        batch_size=common.batch_size or default_batch_size(model.device),
         workers=common.workers,
         resume=common.resume,
         overwrite=common.overwrite,

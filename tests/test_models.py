@@ -177,3 +177,48 @@ def test_bf16_on_cpu_runs(fixture_images):
     assert x.dtype == torch.bfloat16
     with torch.inference_mode():
         assert np.isfinite(model.class_logits(x).float().numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "spec, name, kind, prefix",
+    [
+        ("efficientnet-lite0", "bn2", "conv", 0),
+        ("test-tiny-cnn", "layer4", "conv", 0),
+        ("test-tiny-vit", "blocks.1", "tokens", 1),
+        ("test-tiny-vit-reg", "blocks.1", "tokens", 5),
+        ("test-tiny-clip", "transformer.resblocks.1", "tokens", 1),
+    ],
+)
+def test_spatial_layer_found(spec, name, kind, prefix):
+    from visbatch.core.models import find_spatial_layer
+
+    model = load_model(spec, device="cpu")
+    layer = find_spatial_layer(model)
+    assert (layer.name, layer.kind, layer.prefix_tokens) == (name, kind, prefix)
+
+
+def test_vit_grid_on_non_square_input():
+    from visbatch.core.models import find_spatial_layer
+
+    model = load_model("test-tiny-vit-reg", device="cpu")
+    layer = find_spatial_layer(model, image_hw=(48, 80))
+    assert layer.prefix_tokens == 5 and layer.grid_for((48, 80)) == (3, 5)
+    captured = {}
+    block = dict(model.module.named_modules())[layer.name]
+    handle = block.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    with torch.inference_mode():
+        model.module(torch.randn(2, 3, 48, 80))
+    handle.remove()
+    grid = layer.to_map(captured["x"], (48, 80))
+    assert grid.shape == (2, 64, 3, 5)
+    # Token 5 + r*5 + c (after 1 class + 4 register tokens) lands at row r, column c.
+    assert torch.equal(grid[:, :, 1, 2], captured["x"][:, 5 + 1 * 5 + 2, :])
+
+
+def test_explicit_layer_and_bad_layer():
+    from visbatch.core.models import find_spatial_layer
+
+    model = load_model("test-tiny-cnn", device="cpu")
+    assert find_spatial_layer(model, layer="layer3").name == "layer3"
+    with pytest.raises(ValueError, match="closest"):
+        find_spatial_layer(model, layer="layer9")
