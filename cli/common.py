@@ -70,8 +70,9 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
             "--model", "-m", help="Model spec: efficientnet-lite0, an open_clip name, timm:NAME, hf-hub:ORG/NAME.",
             envvar="VISBATCH_MODEL")], default_model),
         opt("pretrained", Annotated[Optional[str], typer.Option(
-            "--pretrained", help="open_clip tag, or a local weights file (safetensors, or .pt/.bin loaded weights-only).",
-            envvar="VISBATCH_PRETRAINED")], default_pretrained),
+            "--pretrained", help="open_clip tag, or a local weights file (safetensors, or .pt/.bin loaded weights-only)."
+            + (f" Default with the default model: {default_pretrained}." if default_pretrained else ""),
+            envvar="VISBATCH_PRETRAINED", show_default=False)], None),
         opt("device", Annotated[str, typer.Option(
             "--device", help="auto, cpu, cuda, cuda:N or mps.", envvar="VISBATCH_DEVICE")], "auto"),
         opt("precision", Annotated[str, typer.Option(
@@ -129,6 +130,9 @@ def job_command(default_model: str, default_pretrained: Optional[str] = None) ->
             common = CommonOptions(**{name: kwargs.pop(name) for name in COMMON_NAMES})
             common.inputs = list(common.inputs or [])
             common.glob = list(common.glob or [])
+            # The default weights go with the default model only.
+            if common.pretrained is None and common.model == default_model:
+                common.pretrained = default_pretrained
             return func(*args, common=common, **kwargs)
 
         params = _common_parameters(default_model, default_pretrained)

@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from visbatch.cli.classify import classify
+from visbatch.cli.clip_score import clip_score
 
 app = typer.Typer(
     name="visbatch",
@@ -15,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("classify")(classify)
+app.command("clip-score")(clip_score)
 
 
 def _version_callback(value: bool):

@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -493,8 +493,10 @@ class ImageDataset(torch.utils.data.Dataset):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         display_size: int | None = None,
         keep_original: bool = False,
+        annotate: Callable[[ImageItem], dict] | None = None,
     ):
         self.items = list(items)
+        self.annotate = annotate
         self.geometry = geometry
         self.max_pixels = max_pixels
         self.display_size = display_size
@@ -506,6 +508,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         item = self.items[index]
         record = Record(index=index, item=item)
+        if self.annotate is not None:
+            record.extra.update(self.annotate(item))
         try:
             img = decode_image(item.path, self.max_pixels)
             record.width, record.height = img.size
@@ -520,6 +524,35 @@ class ImageDataset(torch.utils.data.Dataset):
         except Exception as exc:  # resize of a pathological image: still one row
             record.status, record.error = "error", f"cannot preprocess image: {type(exc).__name__}: {exc}"
         return None, record
+
+
+def file_fingerprint(item: ImageItem) -> dict:
+    """Size, modification time and content hash of the file (for embedding caches)."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        st = os.stat(item.path)
+        with open(item.path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return {}
+    return {"file_size": st.st_size, "file_mtime": st.st_mtime, "content_hash": digest.hexdigest()}
+
+
+class Annotators:
+    """Several per-item annotators run in the decode workers, their dicts merged (picklable)."""
+
+    def __init__(self, *functions: Callable[[ImageItem], dict]):
+        self.functions = [f for f in functions if f is not None]
+
+    def __call__(self, item: ImageItem) -> dict:
+        merged: dict = {}
+        for function in self.functions:
+            merged.update(function(item))
+        return merged
+
+    def __bool__(self) -> bool:
+        return bool(self.functions)
 
 
 def collate(samples: Iterable[tuple[torch.Tensor | None, Record]]) -> Batch:

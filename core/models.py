@@ -77,6 +77,7 @@ class LoadedModel:
     context_length: int | None = None
     is_random: bool = False  # seeded test models: outputs mean nothing
     channels_last: bool = False  # set by _finish for convolutional models
+    _trim_text: bool | None = None  # decided on first use by _padding_trim_is_exact
     notes: list[str] = field(default_factory=list)
 
     # -- device-side preprocessing -------------------------------------------------
@@ -109,8 +110,14 @@ class LoadedModel:
         return self.module.forward_head(features, pre_logits=True)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (not normalized) of token ids [B, context_length]."""
         self.require("text_embedding")
-        return self.module.encode_text(tokens.to(self.device))
+        tokens = tokens.to(self.device)
+        if self._trim_text is None:
+            self._trim_text = _padding_trim_is_exact(self)
+        if self._trim_text:
+            return _encode_text_trimmed(self.module, tokens)
+        return self.module.encode_text(tokens)
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         self.require("class_logits")
@@ -129,6 +136,50 @@ class LoadedModel:
             "capabilities": sorted(self.capabilities),
             "random_weights": self.is_random,
         }
+
+
+def _encode_text_trimmed(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` run only up to the batch's last non-padding token.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so the
+    padding after it changes nothing that is pooled; captions are mostly far
+    shorter than the 77-token context, and skipping the padding makes the
+    text tower several times cheaper. :func:`_padding_trim_is_exact` checks
+    the equality on the loaded model before this path is used.
+    """
+    length = int((tokens != 0).sum(dim=1).max().item()) if tokens.numel() else tokens.shape[1]
+    length = max(1, min(length, tokens.shape[1]))
+    text = tokens[:, :length]
+    cast_dtype = module.transformer.get_cast_dtype()
+    x = module.token_embedding(text).to(cast_dtype)
+    x = x + module.positional_embedding[:length].to(cast_dtype)
+    x = module.transformer(x, attn_mask=module.attn_mask[:length, :length])
+    x = module.ln_final(x)
+    from open_clip.transformer import text_global_pool
+
+    x = text_global_pool(x, text, module.text_pool_type, eos_token_id=getattr(module, "text_eos_id", None))
+    if module.text_projection is not None:
+        x = module.text_projection(x) if isinstance(module.text_projection, nn.Linear) else x @ module.text_projection
+    return x
+
+
+def _padding_trim_is_exact(model: LoadedModel) -> bool:
+    """Whether :func:`_encode_text_trimmed` gives the model's own result (checked on a probe)."""
+    module = model.module
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask", "text_pool_type")
+    if model.family != "open_clip" or not all(hasattr(module, n) for n in needed):
+        return False
+    if module.text_pool_type not in ("argmax", "eos") or module.attn_mask is None:
+        return False
+    try:
+        probe = model.tokenize(["a photo of a cat", "two dogs playing in the snow near a red house"])
+        with torch.inference_mode():
+            full = module.encode_text(probe.to(model.device)).float()
+            trimmed = _encode_text_trimmed(module, probe.to(model.device)).float()
+    except Exception:
+        return False
+    tolerance = 1e-4 if model.dtype == torch.float32 else 2e-2
+    return bool(torch.allclose(full, trimmed, atol=tolerance * full.abs().max().item(), rtol=0))
 
 
 # ----------------------------------------------------------------------------

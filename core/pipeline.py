@@ -73,6 +73,10 @@ class Task(Protocol):
     def summary(self) -> dict:
         """Task-specific figures for the run summary (may be empty)."""
 
+    # Optional: ``annotate``, a picklable callable(ImageItem) -> dict run in the
+    # decode workers; its dict lands in ``Record.extra`` (sidecar captions,
+    # file fingerprints).
+
 
 def default_batch_size(device: torch.device) -> int:
     """64 on CUDA; 8 elsewhere, where batches that fit in the CPU caches run fastest."""
@@ -212,8 +216,10 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def make_loader(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig,
-                display_size: int | None = None, keep_original: bool = False) -> torch.utils.data.DataLoader:
-    dataset = ImageDataset(items, model.preprocess.geometry, config.max_pixels, display_size, keep_original)
+                display_size: int | None = None, keep_original: bool = False,
+                annotate=None) -> torch.utils.data.DataLoader:
+    dataset = ImageDataset(items, model.preprocess.geometry, config.max_pixels, display_size, keep_original,
+                           annotate)
     workers = max(0, int(config.workers))
     # The user chose the worker count; torch's "more workers than cores" advice is noise here.
     warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
@@ -282,7 +288,8 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
         summary.resumed = len(items) - len(todo)
         items = todo
     overlay_writer = OverlayWriter(config.overlays) if config.overlays else None
-    loader = make_loader(items, model, config, display_size=config.overlay_size if overlay_writer else None)
+    loader = make_loader(items, model, config, display_size=config.overlay_size if overlay_writer else None,
+                         annotate=getattr(task, "annotate", None))
     progress = Progress(len(items), config.quiet, config.log_interval, task.name)
     start = time.monotonic()
     try:

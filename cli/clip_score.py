@@ -1,0 +1,88 @@
+"""`visbatch clip-score`: CLIPScore, RefCLIPScore, zero-shot labels, embeddings."""
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from visbatch.cli.common import (
+    UsageError, find_inputs, finish, guarded, job_command, load_model_for, pipeline_config,
+)
+
+
+def _read_labels(labels: Optional[str], labels_file: Optional[str]) -> Optional[list]:
+    if labels and labels_file:
+        raise UsageError("give --labels or --labels-file, not both")
+    if labels_file:
+        try:
+            with open(labels_file, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except OSError as exc:
+            raise UsageError(f"cannot read --labels-file {labels_file}: {exc.strerror or exc}")
+    elif labels:
+        names = [name.strip() for name in labels.split(",") if name.strip()]
+    else:
+        return None
+    if len(names) < 2:
+        raise UsageError("zero-shot labels need at least two labels")
+    if len(set(names)) != len(names):
+        raise UsageError("zero-shot labels repeat a name")
+    return names
+
+
+@job_command(default_model="ViT-B-32", default_pretrained="laion2b_s34b_b79k")
+def clip_score(
+    common,
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One text for every image."),
+    captions: Optional[str] = typer.Option(
+        None, "--captions", help="CSV/TSV/JSONL/Parquet with a path and a caption column."),
+    path_column: str = typer.Option("path", "--path-column", help="Path column of --captions/--references."),
+    caption_column: str = typer.Option("caption", "--caption-column", help="Caption column of --captions."),
+    sidecar: bool = typer.Option(False, "--sidecar", help="Captions from image.txt or image.json ('caption')."),
+    references: Optional[str] = typer.Option(
+        None, "--references", help="Reference captions (path + reference columns; several rows per image allowed)."),
+    reference_column: str = typer.Option("reference", "--reference-column", help="Text column of --references."),
+    prefix: str = typer.Option("", "--prefix", help="Prepended to every caption (the paper used 'A photo depicts ')."),
+    weight: float = typer.Option(2.5, "--weight", help="w in CLIP-S = w * max(cos, 0)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Zero-shot labels, comma-separated."),
+    labels_file: Optional[str] = typer.Option(None, "--labels-file", help="Zero-shot labels, one per line."),
+    template: Optional[List[str]] = typer.Option(
+        None, "--template", help="Prompt template with {} (repeatable: an ensemble). Default 'a photo of a {}.'"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Zero-shot labels to report per image."),
+    save_probs: bool = typer.Option(False, "--save-probs", help="Also store the full label probability vector."),
+    save_embeddings: bool = typer.Option(
+        False, "--save-embeddings", help="Store normalized float16 image (and text) embeddings."),
+    text_batch_size: int = typer.Option(256, "--text-batch-size", min=1, help="Texts per text-tower batch."),
+):
+    """Score how well each image matches its caption (CLIPScore), label images zero-shot, save embeddings."""
+    from visbatch.core.pipeline import run_pipeline
+    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE, ClipScoreOptions, ClipScoreTask, TextTable
+
+    def job() -> int:
+        label_names = _read_labels(labels, labels_file)
+        templates = list(template or [DEFAULT_TEMPLATE])
+        for t in templates:
+            if "{}" not in t:
+                raise UsageError(f"--template {t!r} has no {{}} for the label")
+        if prompt is not None and not prompt.strip():
+            raise UsageError("--prompt is empty")
+        items = find_inputs(common)
+        roots = sorted({it.root for it in items})
+        caption_table = TextTable.read(captions, path_column, caption_column, roots) if captions else None
+        reference_table = TextTable.read(references, path_column, reference_column, roots) if references else None
+        model = load_model_for(common)
+        if "text_embedding" not in model.capabilities:
+            raise UsageError(f"clip-score needs a CLIP model with a text tower; {model.spec} has none")
+        options = ClipScoreOptions(
+            prompt=prompt, captions=caption_table, sidecar=sidecar, references=reference_table, prefix=prefix,
+            weight=weight, labels=label_names, templates=templates, top_k=top_k, save_probs=save_probs,
+            save_embeddings=save_embeddings, text_batch_size=text_batch_size)
+        task = ClipScoreTask(model, options)
+        for name, table in (("--captions", caption_table), ("--references", reference_table)):
+            if table is not None and table.orphans and not common.quiet:
+                print(f"visbatch: warning: {len(table.orphans)} rows of {name} name images that do not exist "
+                      f"(e.g. {table.orphans[0]})", file=sys.stderr)
+        summary = run_pipeline(task, model, items, pipeline_config(common, "clip-score", model))
+        return finish(summary, common)
+
+    raise typer.Exit(guarded(job))

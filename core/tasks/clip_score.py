@@ -1,0 +1,464 @@
+"""CLIPScore, RefCLIPScore, zero-shot labels and embeddings.
+
+The maths are pure functions of embeddings (:func:`clip_score`,
+:func:`ref_clip_score`, :func:`zero_shot_probabilities`,
+:func:`ensemble_text_embeddings`); :class:`ClipScoreTask` is the thin
+stateful part that the pipeline calls per batch: it finds each image's text,
+encodes every unique text once (in batches, cached), and turns embeddings
+into rows.
+
+How the numbers relate to torchmetrics' ``CLIPScore``: torchmetrics reports
+``100 * cos`` (not ``2.5 * max(cos, 0)``), averages over the batch and clamps
+the *mean* at 0 rather than each pair, defaults to
+``openai/clip-vit-large-patch14``, and truncates long captions by slicing the
+token ids, which drops the end-of-text token whose position CLIP pools, so
+scores of long captions collapse. For captions within the context length,
+``torchmetrics_score = 40 * clip_score`` wherever the cosine is positive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from visbatch.core.images import Annotators, ImageItem, InputError, Record, file_fingerprint, read_table_file
+from visbatch.core.models import LoadedModel
+from visbatch.core.pipeline import MapOutput
+
+DEFAULT_WEIGHT = 2.5
+DEFAULT_TEMPLATE = "a photo of a {}."
+TEXT_CACHE_SIZE = 65536
+
+
+# ----------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------
+
+
+def clip_score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+               weight: float = DEFAULT_WEIGHT) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIPScore per image-text pair, and the raw cosine.
+
+    ``CLIP-S(c, v) = w * max(cos(E_v, E_c), 0)`` with ``w = 2.5``.
+
+    Reference: Hessel et al., "CLIPScore: A Reference-free Evaluation Metric
+    for Image Captioning", EMNLP 2021, eq. (1).
+
+    Args:
+        image_embeddings: [N, D] image embeddings (normalized here).
+        text_embeddings: [N, D] embeddings of each image's text (normalized here).
+        weight: ``w``; 2.5 stretches the usual range of CLIP cosines towards [0, 1].
+
+    Returns:
+        ``(scores, cosines)``, both [N] float32.
+    """
+    image = F.normalize(image_embeddings.float(), dim=-1)
+    text = F.normalize(text_embeddings.float(), dim=-1)
+    cosine = (image * text).sum(dim=-1)
+    return weight * cosine.clamp(min=0), cosine
+
+
+def ref_clip_score(clip_scores: torch.Tensor, text_embeddings: torch.Tensor, reference_embeddings: torch.Tensor,
+                   reference_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RefCLIPScore: harmonic mean of CLIP-S and the best reference similarity.
+
+    ``RefCLIP-S(c, R, v) = H-Mean(CLIP-S(c, v), max(max_{r in R} cos(E_c, E_r), 0))``
+
+    Reference: Hessel et al. 2021, eq. (2).
+
+    Args:
+        clip_scores: [N] CLIP-S of each pair (weight included, as in the paper).
+        text_embeddings: [N, D] embeddings of the candidate captions.
+        reference_embeddings: [N, R, D] embeddings of up to R references per image.
+        reference_mask: [N, R] bool, True where a reference exists.
+
+    Returns:
+        ``(ref_scores, best_reference_cosine)``, both [N]; the harmonic mean
+        is 0 where both terms are 0.
+    """
+    text = F.normalize(text_embeddings.float(), dim=-1)
+    refs = F.normalize(reference_embeddings.float(), dim=-1)
+    cosines = torch.einsum("nd,nrd->nr", text, refs).masked_fill(~reference_mask, float("-inf"))
+    best = cosines.max(dim=-1).values
+    clipped = best.clamp(min=0)
+    total = clip_scores + clipped
+    harmonic = torch.where(total > 0, 2 * clip_scores * clipped / total.clamp(min=1e-12), torch.zeros_like(total))
+    return harmonic, best
+
+
+def ensemble_text_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+    """Class embeddings from several prompt templates, as in CLIP's zero-shot evaluation.
+
+    ``e_c = normalize(mean_t normalize(E(template_t(c))))``
+
+    Reference: Radford et al., "Learning Transferable Visual Models From
+    Natural Language Supervision", ICML 2021, sec. 3.1.4 (prompt ensembling).
+
+    Args:
+        embeddings: [C, T, D] text embeddings of C classes under T templates.
+
+    Returns:
+        [C, D] normalized class embeddings.
+    """
+    return F.normalize(F.normalize(embeddings.float(), dim=-1).mean(dim=1), dim=-1)
+
+
+def zero_shot_probabilities(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor,
+                            logit_scale: float = 100.0) -> torch.Tensor:
+    """``softmax(logit_scale * cos(E_v, e_c))`` over classes: [N, C], rows sum to 1."""
+    image = F.normalize(image_embeddings.float(), dim=-1)
+    classes = F.normalize(class_embeddings.float(), dim=-1)
+    return (logit_scale * image @ classes.T).softmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------
+# Where each image's text comes from
+# ----------------------------------------------------------------------------
+
+
+def _norm_key(path: str) -> str:
+    return os.path.normpath(path).replace(os.sep, "/")
+
+
+@dataclass
+class TextTable:
+    """Texts per image from a table (captions or references), matched by path.
+
+    A path in the table is absolute, or relative to the input root.
+    ``orphans`` are rows whose image file does not exist.
+    """
+
+    by_absolute: dict[str, list[str]] = field(default_factory=dict)
+    by_relative: dict[str, list[str]] = field(default_factory=dict)
+    rows: int = 0
+    orphans: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+    @classmethod
+    def read(cls, path: str, path_column: str, text_column: str, roots: Sequence[str]) -> "TextTable":
+        rows = read_table_file(path)
+        table = cls(rows=len(rows))
+        if rows:
+            missing = [c for c in (path_column, text_column) if c not in rows[0]]
+            if missing:
+                raise InputError(f"{path}: no column {', '.join(map(repr, missing))} "
+                                 f"(columns: {', '.join(map(str, rows[0]))}); see --path-column/--caption-column")
+        for row in rows:
+            image_path = row.get(path_column)
+            if image_path is None or str(image_path).strip() == "":
+                continue
+            image_path = str(image_path).strip()
+            values = row.get(text_column)
+            texts = [str(v) for v in values] if isinstance(values, (list, tuple)) else \
+                [] if values is None else [str(values)]
+            if os.path.isabs(image_path):
+                target = table.by_absolute.setdefault(_norm_key(image_path), [])
+                exists = os.path.exists(image_path)
+            else:
+                target = table.by_relative.setdefault(_norm_key(image_path), [])
+                exists = any(os.path.exists(os.path.join(root, image_path)) for root in roots)
+            if target:
+                table.duplicates += 1
+            target.extend(texts)
+            if not exists:
+                table.orphans.append(image_path)
+        return table
+
+    def texts_for(self, item: ImageItem) -> list[str] | None:
+        found = self.by_absolute.get(_norm_key(item.path))
+        return found if found is not None else self.by_relative.get(_norm_key(item.relpath))
+
+
+def read_sidecar_caption(item: ImageItem) -> dict:
+    """``image.txt`` or ``image.json`` (``caption`` key) next to the image: the img2dataset convention.
+
+    Runs in the decode workers (the pipeline's ``annotate`` hook).
+    """
+    stem = os.path.splitext(item.path)[0]
+    try:
+        with open(stem + ".txt", encoding="utf-8") as f:
+            return {"caption": f.read().strip()}
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        return {"caption_error": f"cannot read caption file {os.path.basename(stem)}.txt: {exc}"}
+    try:
+        with open(stem + ".json", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        return {"caption_error": f"cannot read {os.path.basename(stem)}.json: {exc}"}
+    caption = data.get("caption") if isinstance(data, dict) else None
+    return {"caption": str(caption)} if caption is not None else {}
+
+
+# ----------------------------------------------------------------------------
+# Text encoding with a cache
+# ----------------------------------------------------------------------------
+
+
+class TextEncoder:
+    """Encodes texts in batches, each unique text once (LRU cache of ``cache_size`` texts)."""
+
+    def __init__(self, model: LoadedModel, batch_size: int = 256, cache_size: int = TEXT_CACHE_SIZE):
+        model.require("text_embedding")
+        self.model = model
+        self.batch_size = batch_size
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size
+        self.encoded = 0  # texts run through the text tower (for tests and the summary)
+        tokenizer = model.tokenizer
+        self._counts_tokens = hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id")
+
+    def token_count(self, text: str) -> int | None:
+        """Tokens with start and end markers; None when the tokenizer cannot tell."""
+        if not self._counts_tokens:
+            return None
+        return len(self.model.tokenizer.encode(text)) + 2
+
+    def is_truncated(self, text: str) -> bool | None:
+        count = self.token_count(text)
+        return None if count is None else count > self.model.context_length
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """[len(texts), D] float32 embeddings (not normalized) on the model's device."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        # Similar lengths in one batch: the text tower runs only up to the longest caption.
+        missing.sort(key=len)
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            # open_clip's tokenizer truncates to the context length keeping end-of-text last.
+            tokens = self.model.tokenize(chunk).to(self.model.device)
+            embeddings = self.model.encode_text(tokens).float()
+            self.encoded += len(chunk)
+            for text, embedding in zip(chunk, embeddings):
+                self.cache[text] = embedding
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        result = []
+        for text in texts:
+            self.cache.move_to_end(text)
+            result.append(self.cache[text])
+        return torch.stack(result) if result else torch.empty(0)
+
+
+# ----------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class ClipScoreOptions:
+    prompt: str | None = None
+    captions: TextTable | None = None
+    sidecar: bool = False
+    references: TextTable | None = None
+    prefix: str = ""
+    weight: float = DEFAULT_WEIGHT
+    labels: list[str] | None = None
+    templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
+    top_k: int = 5
+    save_probs: bool = False
+    save_embeddings: bool = False
+    text_batch_size: int = 256
+
+
+class ClipScoreTask:
+    """Per batch: image embeddings, each image's text, scores and labels as rows."""
+
+    name = "clip-score"
+
+    def __init__(self, model: LoadedModel, options: ClipScoreOptions):
+        model.require("image_embedding")
+        self.has_text = bool(options.prompt is not None or options.captions or options.sidecar)
+        if not self.has_text and not options.labels:
+            raise ValueError("clip-score needs texts: --prompt, --captions, --sidecar, or --labels for zero-shot")
+        if sum([options.prompt is not None, options.captions is not None, options.sidecar]) > 1:
+            raise ValueError("choose one caption source: --prompt, --captions or --sidecar")
+        if options.references is not None and not self.has_text:
+            raise ValueError("--references needs candidate captions (--captions, --sidecar or --prompt)")
+        self.model, self.config = model, options
+        self.text = TextEncoder(model, options.text_batch_size) if (self.has_text or options.labels) else None
+        self.embedding_dim = self._embedding_dim()
+        self.class_embeddings = self._class_embeddings() if options.labels else None
+        logit_scale = getattr(model.module, "logit_scale", None)
+        self.logit_scale = float(logit_scale.exp()) if isinstance(logit_scale, torch.Tensor) else 100.0
+        self.annotate = Annotators(read_sidecar_caption if options.sidecar else None,
+                                   file_fingerprint if options.save_embeddings else None) or None
+        self._scores: list[np.ndarray] = []
+        self._truncated = 0
+
+    def _embedding_dim(self) -> int:
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, *self.model.preprocess.geometry.crop, dtype=torch.uint8)
+            return int(self.model.encode_image(self.model.to_input(probe)).shape[-1])
+
+    def _class_embeddings(self) -> torch.Tensor:
+        labels, templates = self.config.labels, self.config.templates
+        texts = [template.format(label) for label in labels for template in templates]
+        embeddings = self.text.encode(texts).view(len(labels), len(templates), -1)
+        return ensemble_text_embeddings(embeddings)
+
+    # -- Task interface -------------------------------------------------------------
+
+    def fields(self) -> list[pa.Field]:
+        fields = []
+        if self.has_text:
+            fields += [pa.field("caption", pa.string()), pa.field("clip_score", pa.float32()),
+                       pa.field("cosine", pa.float32()), pa.field("truncated", pa.bool_())]
+        if self.config.references is not None:
+            fields += [pa.field("ref_clip_score", pa.float32()), pa.field("reference_cosine", pa.float32()),
+                       pa.field("n_references", pa.int32())]
+        if self.config.labels:
+            fields += [pa.field("top_labels", pa.list_(pa.string())), pa.field("top_probs", pa.list_(pa.float32()))]
+            if self.config.save_probs:
+                fields.append(pa.field("probs", pa.list_(pa.float32(), len(self.config.labels))))
+        if self.config.save_embeddings:
+            # The layout select-data reads back as its embedding cache.
+            d = self.embedding_dim
+            fields += [pa.field("file_size", pa.int64()), pa.field("file_mtime", pa.float64()),
+                       pa.field("content_hash", pa.string()),
+                       pa.field("image_embedding", pa.list_(pa.float16(), d))]
+            if self.has_text:
+                fields.append(pa.field("text_embedding", pa.list_(pa.float16(), d)))
+        return fields
+
+    def options(self) -> dict:
+        o = self.config
+        return {
+            "text_source": "prompt" if o.prompt is not None else "captions" if o.captions else
+            "sidecar" if o.sidecar else None,
+            "prompt": o.prompt, "prefix": o.prefix, "weight": o.weight, "references": o.references is not None,
+            "labels": o.labels, "templates": o.templates if o.labels else None, "top_k": o.top_k,
+            "logit_scale": self.logit_scale, "save_embeddings": o.save_embeddings,
+            "context_length": self.model.context_length,
+        }
+
+    def _caption_for(self, record: Record) -> tuple[str | None, str | None]:
+        """(caption, error) for one image."""
+        o = self.config
+        if o.prompt is not None:
+            text = o.prompt
+        elif o.captions is not None:
+            texts = o.captions.texts_for(record.item)
+            if not texts:
+                return None, "no caption"
+            text = texts[0]
+        else:
+            if "caption_error" in record.extra:
+                return None, record.extra["caption_error"]
+            text = record.extra.get("caption")
+            if text is None:
+                return None, "no caption (no .txt or .json sidecar)"
+        if not text.strip():
+            return None, "empty caption"
+        return o.prefix + text, None
+
+    @torch.inference_mode()
+    def map(self, images: torch.Tensor, records: Sequence[Record]) -> MapOutput:
+        image_embeddings = self.model.encode_image(self.model.to_input(images)).float()
+        rows: list[dict] = [{} for _ in records]
+        if self.has_text:
+            self._score_captions(image_embeddings, records, rows)
+        if self.class_embeddings is not None:
+            probs = zero_shot_probabilities(image_embeddings, self.class_embeddings, self.logit_scale)
+            k = min(self.config.top_k, probs.shape[1])
+            top_p, top_i = probs.topk(k, dim=-1)
+            for row, p, i, full in zip(rows, top_p.cpu().tolist(), top_i.cpu().tolist(), probs.cpu().numpy()):
+                row["top_labels"] = [self.config.labels[j] for j in i]
+                row["top_probs"] = p
+                if self.config.save_probs:
+                    row["probs"] = full.tolist()
+        if self.config.save_embeddings:
+            normalized = F.normalize(image_embeddings, dim=-1).half().cpu().numpy()
+            for row, record, e in zip(rows, records, normalized):
+                row["image_embedding"] = e
+                for key in ("file_size", "file_mtime", "content_hash"):
+                    row[key] = record.extra.get(key)
+        return MapOutput(rows)
+
+    def _score_captions(self, image_embeddings, records, rows) -> None:
+        captions = [self._caption_for(r) for r in records]
+        good = [i for i, (text, _) in enumerate(captions) if text is not None]
+        for i, (text, error) in enumerate(captions):
+            if error is not None:
+                rows[i].update(status="error", error=error)
+        if not good:
+            return
+        texts = [captions[i][0] for i in good]
+        text_embeddings = self.text.encode(texts)
+        scores, cosines = clip_score(image_embeddings[good], text_embeddings, self.config.weight)
+        ref_scores = ref_best = None
+        n_refs = None
+        if self.config.references is not None:
+            ref_scores, ref_best, n_refs = self._reference_scores(scores, text_embeddings, [records[i] for i in good])
+        text_normalized = F.normalize(text_embeddings, dim=-1).half().cpu().numpy() \
+            if self.config.save_embeddings else None
+        scores_np, cosines_np = scores.cpu().numpy(), cosines.cpu().numpy()
+        self._scores.append(scores_np)
+        for j, i in enumerate(good):
+            truncated = self.text.is_truncated(texts[j])
+            self._truncated += bool(truncated)
+            rows[i].update(caption=texts[j], clip_score=float(scores_np[j]), cosine=float(cosines_np[j]),
+                           truncated=truncated)
+            if ref_scores is not None:
+                if n_refs[j]:
+                    rows[i].update(ref_clip_score=float(ref_scores[j]), reference_cosine=float(ref_best[j]),
+                                   n_references=n_refs[j])
+                else:
+                    rows[i].update(n_references=0)
+            if text_normalized is not None:
+                rows[i]["text_embedding"] = text_normalized[j]
+
+    def _reference_scores(self, scores, text_embeddings, records):
+        references = [self.config.references.texts_for(r.item) or [] for r in records]
+        references = [[self.config.prefix + t for t in refs if t.strip()] for refs in references]
+        counts = [len(r) for r in references]
+        width = max(counts + [1])
+        dim = text_embeddings.shape[-1]
+        flat = [t for refs in references for t in refs]
+        encoded = self.text.encode(flat) if flat else torch.empty(0, dim, device=text_embeddings.device)
+        padded = torch.zeros(len(records), width, dim, device=text_embeddings.device)
+        mask = torch.zeros(len(records), width, dtype=torch.bool, device=text_embeddings.device)
+        offset = 0
+        for n, count in enumerate(counts):
+            if count:
+                padded[n, :count] = encoded[offset:offset + count]
+                mask[n, :count] = True
+            offset += count
+        has_any = mask.any(dim=1)
+        mask[~has_any, 0] = True  # keeps max() finite; those rows are reported without a score
+        ref_scores, best = ref_clip_score(scores, text_embeddings, padded, mask)
+        return ref_scores.cpu().numpy(), best.cpu().numpy(), counts
+
+    def summary(self) -> dict:
+        out: dict = {}
+        if self.has_text:
+            scores = np.concatenate(self._scores) if self._scores else np.empty(0)
+            out["scored"] = int(scores.size)
+            if scores.size:
+                out.update(clip_score_mean=float(scores.mean()), clip_score_median=float(np.median(scores)),
+                           clip_score_p10=float(np.percentile(scores, 10)),
+                           clip_score_p90=float(np.percentile(scores, 90)))
+            out["truncated_captions"] = self._truncated
+        for name, table in (("captions", self.config.captions), ("references", self.config.references)):
+            if table is not None:
+                out[f"{name}_rows"] = table.rows
+                out[f"{name}_without_image"] = len(table.orphans)
+                if table.orphans:
+                    out[f"{name}_without_image_examples"] = table.orphans[:5]
+                if table.duplicates and name == "captions":
+                    out[f"{name}_repeated_paths"] = table.duplicates
+        if self.text is not None:
+            out["texts_encoded"] = self.text.encoded
+        return out
