@@ -7,6 +7,7 @@ import typer
 
 from visbatch.cli.classify import classify
 from visbatch.cli.clip_score import clip_score
+from visbatch.cli.saliency import saliency
 
 app = typer.Typer(
     name="visbatch",
@@ -17,6 +18,7 @@ app = typer.Typer(
 )
 app.command("classify")(classify)
 app.command("clip-score")(clip_score)
+app.command("saliency")(saliency)
 
 
 def _version_callback(value: bool):

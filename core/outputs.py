@@ -302,14 +302,20 @@ def colormap_lut(name: str) -> np.ndarray:
     return np.round(lut).astype(np.uint8)
 
 
-def normalize_map(heatmap: np.ndarray, signed: bool = False) -> np.ndarray:
-    """Scale a map to [0, 1] for display: min-max, or symmetric around 0 when signed."""
+def normalize_map(heatmap: np.ndarray, signed: bool = False, clip_percentile: float = 99.5) -> np.ndarray:
+    """Scale a map to [0, 1] for display.
+
+    Unsigned: from the minimum to the ``clip_percentile`` percentile; signed:
+    symmetric around 0 (0.5) with the bound at that percentile of ``|map|``.
+    Clipping the few extreme pixels keeps pixel-level maps (gradients, IG)
+    from looking blank.
+    """
     heatmap = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
     if signed:
-        bound = float(np.abs(heatmap).max())
-        return np.full_like(heatmap, 0.5) if bound == 0 else 0.5 + 0.5 * heatmap / bound
-    lo, hi = float(heatmap.min()), float(heatmap.max())
-    return np.zeros_like(heatmap) if hi <= lo else (heatmap - lo) / (hi - lo)
+        bound = float(np.percentile(np.abs(heatmap), clip_percentile))
+        return np.full_like(heatmap, 0.5) if bound == 0 else np.clip(0.5 + 0.5 * heatmap / bound, 0, 1)
+    lo, hi = float(heatmap.min()), float(np.percentile(heatmap, clip_percentile))
+    return np.zeros_like(heatmap) if hi <= lo else np.clip((heatmap - lo) / (hi - lo), 0, 1)
 
 
 def render_overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "turbo", alpha: float = 0.5,
@@ -343,14 +349,18 @@ def render_overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "turb
 
 
 class OverlayWriter:
-    """Writes PNGs under ``folder``, mirroring the inputs' relative paths, in background threads.
+    """Writes PNGs (or other per-image files) under ``folder``, mirroring the inputs' relative paths,
+    in background threads.
 
     At most ``max_pending`` encodes are queued, so a slow disk slows the run
     rather than filling memory. Errors are collected and reported by
     :meth:`close`.
     """
 
-    def __init__(self, folder: str | os.PathLike, threads: int = 2, max_pending: int = 64):
+    def __init__(self, folder: str | os.PathLike, threads: int = 2, max_pending: int = 64,
+                 suffix: str = ".png", encode=None):
+        self.suffix = suffix
+        self.encode = encode or _png_bytes
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlay")
@@ -360,8 +370,8 @@ class OverlayWriter:
         self.written = 0
         self._lock = threading.Lock()
 
-    def path_for(self, item: ImageItem, suffix: str = ".png") -> Path:
-        return self.folder / (os.path.splitext(item.relpath)[0] + suffix)
+    def path_for(self, item: ImageItem) -> Path:
+        return self.folder / (os.path.splitext(item.relpath)[0] + self.suffix)
 
     def submit(self, item: ImageItem, picture: np.ndarray) -> Path:
         target = self.path_for(item)
@@ -375,7 +385,7 @@ class OverlayWriter:
     def _encode(self, target: Path, picture: np.ndarray) -> None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            buffer = _png_bytes(picture)
+            buffer = self.encode(picture)
             atomic_write_bytes(target, buffer)
             with self._lock:
                 self.written += 1
@@ -393,6 +403,14 @@ def _png_bytes(picture: np.ndarray) -> bytes:
     out = io.BytesIO()
     # compress_level 1: several times faster than the default for ~10% larger files.
     Image.fromarray(picture).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, array)
     return out.getvalue()
 
 
