@@ -97,7 +97,8 @@ class AttentionRecorder:
                 raise ValueError(f"cannot reproduce {type(module).__name__}'s output; attention relevance "
                                  "does not support this attention variant")
             self._checked.add(id(module))
-        probs.retain_grad()
+        if probs.requires_grad:
+            probs.retain_grad()
         self.probabilities.append(probs)
         return (out, None) if isinstance(output, tuple) else out
 

@@ -301,15 +301,19 @@ def gradcam_plus_plus(forward: Forward, images: torch.Tensor, targets: torch.Ten
                       **_) -> Attribution:
     """Grad-CAM++ (Chattopadhay et al., WACV 2018), with the exponential-score closed form.
 
-    ``alpha = g^2 / (2 g^2 + sum_{h,w} A * g^3)`` (0 where ``g = 0``),
+    ``alpha = g^2 / (2 g^2 + sum_{h,w} A * g^3)`` (0 where ``g = 0`` or the denominator is 0),
     ``w_c = sum_{h,w} alpha * relu(g)``, ``CAM = relu(sum_c w_c A_c)``.
     """
     activation, grads = _layer_activations_and_grads(forward, images, targets, layer)
     g2 = grads.pow(2)
     g3 = g2 * grads
     sum_activation = activation.sum(dim=(2, 3), keepdim=True)
-    alpha = g2 / (2 * g2 + sum_activation * g3 + 1e-7)
-    alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+    # No additive epsilon: with logit gradients of ~1e-3, g^2 ~ 1e-6 and an epsilon of that size
+    # (pytorch-grad-cam adds 1e-6) shifts the weights by several percent. 0/0 becomes 0 instead.
+    denominator = 2 * g2 + sum_activation * g3
+    safe = (grads != 0) & (denominator != 0)
+    alpha = torch.where(safe, g2 / torch.where(safe, denominator, torch.ones_like(denominator)),
+                        torch.zeros_like(g2))
     weights = (alpha * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1))
     return Attribution(_upsample(cam, tuple(images.shape[-2:])), low_res=cam)

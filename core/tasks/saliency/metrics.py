@@ -36,7 +36,7 @@ def compact_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 def deletion_insertion_auc(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
                            targets: torch.Tensor, maps: torch.Tensor, steps: int, black: torch.Tensor,
-                           internal_batch_size: int = 64, deletion_fill: str = "black",
+                           internal_batch_size: int = 64, deletion_fill: str = "blur",
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion AUC (Petsiuk et al., "RISE", BMVC 2018, sec. 4.1).
 
