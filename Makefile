@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf demo-output
-	$(BIN)/visbatch classify fixtures/images --model efficientnet-lite0 \
-		-o demo-output/classify.parquet --overlays demo-output/overlays --workers 2
-	@echo "results:  demo-output/classify.parquet"
+	$(BIN)/visbatch saliency fixtures/images --model efficientnet-lite0 --method gradcam --eval \
+		-o demo-output/saliency.parquet --overlays demo-output/overlays --overlay-style side-by-side --workers 2
+	@echo "results:  demo-output/saliency.parquet"
 	@echo "overlays: demo-output/overlays/"
 
 test: $(STAMP)

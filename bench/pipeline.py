@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,8 +35,8 @@ from common import make_folder, timed  # noqa: E402  (bench/ is on sys.path when
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None, help="default: visbatch's default for the device")
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
@@ -47,7 +46,7 @@ def main() -> None:
 
     from visbatch.core.images import SourceOptions, find_images
     from visbatch.core.models import load_model
-    from visbatch.core.pipeline import RunConfig, make_loader, run_pipeline
+    from visbatch.core.pipeline import RunConfig, default_workers, make_loader, run_pipeline
     from visbatch.core.tasks.classify import ClassifyTask
 
     tmp = tempfile.TemporaryDirectory()
@@ -57,6 +56,8 @@ def main() -> None:
     items = find_images([str(folder)], SourceOptions())
     n = len(items)
     model = load_model(args.model, device=args.device, precision=args.precision)
+    if args.workers is None:
+        args.workers = default_workers(model.device)
     config = RunConfig(output=str(Path(tmp.name) / "out.parquet"), batch_size=args.batch_size,
                        workers=args.workers, quiet=True, overwrite=True)
     results = {"images": n, "model": args.model, "device": str(model.device),

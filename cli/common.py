@@ -35,7 +35,7 @@ class CommonOptions:
     device: str
     precision: str
     batch_size: Optional[int]
-    workers: int
+    workers: Optional[int]
     recursive: bool
     glob: list
     limit: Optional[int]
@@ -47,10 +47,6 @@ class CommonOptions:
     json: bool
     quiet: bool
     output: Optional[str]
-
-
-def _default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
 
 
 def _common_parameters(default_model: str, default_pretrained: Optional[str]) -> list:
@@ -81,9 +77,10 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
         opt("batch_size", Annotated[Optional[int], typer.Option(
             "--batch-size", "-b", min=1, help="Images per batch (default: 64 on CUDA, 8 on CPU, where small "
             "batches stay in cache).", envvar="VISBATCH_BATCH_SIZE", show_default=False)], None),
-        opt("workers", Annotated[int, typer.Option(
-            "--workers", "-j", min=0, help="Decode worker processes (0 decodes in the main process).",
-            envvar="VISBATCH_WORKERS")], _default_workers()),
+        opt("workers", Annotated[Optional[int], typer.Option(
+            "--workers", "-j", min=0, help="Decode worker processes (0 decodes in the main process). Default: "
+            "CPU count (at most 8) on CUDA; a quarter of the cores on CPU, where the model needs them.",
+            envvar="VISBATCH_WORKERS", show_default=False)], None),
         opt("recursive", Annotated[bool, typer.Option(
             "--recursive/--no-recursive", help="Walk folders recursively.", envvar="VISBATCH_RECURSIVE")], True),
         opt("glob", Annotated[Optional[List[str]], typer.Option(
@@ -203,12 +200,12 @@ def load_model_for(common: CommonOptions):
 
 
 def pipeline_config(common: CommonOptions, task_name: str, model, **overlay):
-    from visbatch.core.pipeline import RunConfig, default_batch_size
+    from visbatch.core.pipeline import RunConfig, default_batch_size, default_workers
 
     return RunConfig(
         output=common.output or f"{task_name}.parquet",
         batch_size=common.batch_size or default_batch_size(model.device),
-        workers=common.workers,
+        workers=common.workers if common.workers is not None else default_workers(model.device),
         resume=common.resume,
         overwrite=common.overwrite,
         max_pixels=common.max_pixels or None,

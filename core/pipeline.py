@@ -83,6 +83,17 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 8
 
 
+def default_workers(device: torch.device) -> int:
+    """Decode processes: up to 8 beside a GPU; on CPU a quarter of the cores.
+
+    On CPU the model's own threads use every core, and decode workers that
+    compete with them cost more than they save (measured on 2 cores:
+    classify 51 img/s with 0 workers, 41 with 2).
+    """
+    cores = os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else cores // 4
+
+
 @dataclass
 class RunConfig:
     output: str

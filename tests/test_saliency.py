@@ -135,7 +135,7 @@ def test_gradcam_plus_plus_weights_match_pytorch_grad_cam(lite0, fixture_images)
     t = targets_of(lite0, x)
     spatial = find_spatial_layer(lite0)
     module = dict(lite0.module.named_modules())[spatial.name]
-    activation, grads = methods._layer_activations_and_grads(forward, x, t, methods.LayerAccess(module, spatial))
+    activation, grads, _ = methods._layer_activations_and_grads(forward, x, t, methods.LayerAccess(module, spatial))
     weights = GradCAMPlusPlus.get_cam_weights(None, x.numpy(), module, None, activation.numpy(), grads.numpy())
     reference = np.maximum((weights[:, :, None, None] * activation.numpy()).sum(axis=1), 0)
     ours = methods.gradcam_plus_plus(forward, x, t, layer=methods.LayerAccess(module, spatial)).low_res

@@ -7,7 +7,10 @@ Every method is ``method(forward, images, targets, **params) -> Attribution``:
   ``forward(x)[i, targets[i]]``. Each image's score depends on that image
   only, so methods batch freely (steps, samples and masks are stacked into
   large forward passes, chunked to ``internal_batch_size``).
-- ``images``: [B, 3, H, W] model inputs; ``targets``: [B] long.
+- ``images``: [B, 3, H, W] model inputs; ``targets``: [B] long. Methods
+  marked ``picks_targets`` also take ``targets=None``: each image's top
+  output is explained, chosen in the method's own forward pass (one forward
+  pass saved), and ``extras`` return the ``targets`` and ``scores``.
 - The result's ``maps`` are [B, H, W] float32 at input resolution; ``raw``
   keeps per-channel attributions where a method has them (for parity with
   Captum), ``extras`` per-image figures such as IG's completeness gap.
@@ -54,19 +57,32 @@ class MethodSpec:
     signed: bool  # whether maps carry sign (overlays use a diverging colormap)
     needs: tuple[str, ...] = ()  # "layer", "attention"
     gradient_based: bool = True  # SmoothGrad can wrap it
+    picks_targets: bool = False  # accepts targets=None: top output chosen in its own forward pass
 
 
 def target_scores(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return outputs.gather(1, targets.view(-1, 1)).squeeze(1)
 
 
-def _input_gradients(forward: Forward, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of each image's target score w.r.t. its input, and the scores."""
+def _pick(outputs: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the targets; ``targets=None`` picks each image's top output in this same pass."""
+    if targets is None:
+        targets = outputs.detach().argmax(dim=1)
+    return target_scores(outputs, targets), targets
+
+
+def _chosen(scores: torch.Tensor, targets: torch.Tensor) -> dict:
+    return {"targets": targets, "scores": scores.detach().float()}
+
+
+def _input_gradients(forward: Forward, x: torch.Tensor, targets: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of each image's target score w.r.t. its input, the scores and the targets."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        scores = target_scores(forward(x), targets)
+        scores, targets = _pick(forward(x), targets)
         (grads,) = torch.autograd.grad(scores.sum(), x)
-    return grads, scores.detach()
+    return grads, scores.detach(), targets
 
 
 def _chunks(total: int, size: int):
@@ -87,17 +103,17 @@ def gradient(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, s
     the maximum over colour channels of ``|grad|`` as in the paper, or the
     channel sum of the signed gradient.
     """
-    grads, _ = _input_gradients(forward, images, targets)
+    grads, scores, targets = _input_gradients(forward, images, targets)
     raw = grads if signed else grads.abs()
     maps = raw.sum(dim=1) if signed else raw.amax(dim=1)
-    return Attribution(maps.float(), raw)
+    return Attribution(maps.float(), raw, extras=_chosen(scores, targets))
 
 
 def input_x_gradient(forward: Forward, images: torch.Tensor, targets: torch.Tensor, **_) -> Attribution:
     """Input times gradient (Shrikumar et al. 2016): ``raw = x * d f_t / d x``, map = channel sum (signed)."""
-    grads, _ = _input_gradients(forward, images, targets)
+    grads, scores, targets = _input_gradients(forward, images, targets)
     raw = images * grads
-    return Attribution(raw.sum(dim=1).float(), raw)
+    return Attribution(raw.sum(dim=1).float(), raw, extras=_chosen(scores, targets))
 
 
 def input_range(images: torch.Tensor, pixel_range: tuple[float, float] | None = None) -> float:
@@ -241,7 +257,7 @@ def integrated_gradients(forward: Forward, images: torch.Tensor, targets: torch.
     for first, last in _chunks(steps, steps_per_chunk):
         a = alphas_t[first:last].view(-1, 1, 1, 1, 1).to(images.dtype)
         points = (baselines.unsqueeze(0) + a * delta.unsqueeze(0)).reshape(-1, *images.shape[1:])
-        grads, _ = _input_gradients(forward, points, targets.repeat(last - first))
+        grads, _, _ = _input_gradients(forward, points, targets.repeat(last - first))
         grads = grads.view(last - first, batch, *images.shape[1:]).float()
         total += (grads * weights_t[first:last].view(-1, 1, 1, 1, 1)).sum(dim=0)
     raw = delta.float() * total
@@ -256,9 +272,10 @@ def integrated_gradients(forward: Forward, images: torch.Tensor, targets: torch.
 # ----------------------------------------------------------------------------
 
 
-def _layer_activations_and_grads(forward: Forward, images: torch.Tensor, targets: torch.Tensor,
-                                 layer: LayerAccess) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations of ``layer`` as [B, C, h, w] maps, and the target scores' gradients w.r.t. them."""
+def _layer_activations_and_grads(forward: Forward, images: torch.Tensor, targets: torch.Tensor | None,
+                                 layer: LayerAccess) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Activations of ``layer`` as [B, C, h, w] maps, the target scores' gradients w.r.t. them,
+    and the chosen targets and scores."""
     captured: dict[str, torch.Tensor] = {}
     spatial = layer.spatial
     if spatial.kind == "conv":
@@ -268,7 +285,7 @@ def _layer_activations_and_grads(forward: Forward, images: torch.Tensor, targets
     try:
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
-            scores = target_scores(forward(x), targets)
+            scores, targets = _pick(forward(x), targets)
             activation = captured["act"]
             (grads,) = torch.autograd.grad(scores.sum(), activation)
     finally:
@@ -276,7 +293,7 @@ def _layer_activations_and_grads(forward: Forward, images: torch.Tensor, targets
     image_hw = tuple(images.shape[-2:])
     activation = spatial.to_map(activation.detach(), image_hw).float()
     grads = spatial.to_map(grads, image_hw).float()
-    return activation, grads
+    return activation, grads, _chosen(scores, targets)
 
 
 def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -291,10 +308,10 @@ def gradcam(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, la
     ViTs ``A`` is the token grid before the last block, class and register
     tokens dropped.
     """
-    activation, grads = _layer_activations_and_grads(forward, images, targets, layer)
+    activation, grads, chosen = _layer_activations_and_grads(forward, images, targets, layer)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1))
-    return Attribution(_upsample(cam, tuple(images.shape[-2:])), low_res=cam)
+    return Attribution(_upsample(cam, tuple(images.shape[-2:])), low_res=cam, extras=chosen)
 
 
 def gradcam_plus_plus(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, layer: LayerAccess,
@@ -304,7 +321,7 @@ def gradcam_plus_plus(forward: Forward, images: torch.Tensor, targets: torch.Ten
     ``alpha = g^2 / (2 g^2 + sum_{h,w} A * g^3)`` (0 where ``g = 0`` or the denominator is 0),
     ``w_c = sum_{h,w} alpha * relu(g)``, ``CAM = relu(sum_c w_c A_c)``.
     """
-    activation, grads = _layer_activations_and_grads(forward, images, targets, layer)
+    activation, grads, chosen = _layer_activations_and_grads(forward, images, targets, layer)
     g2 = grads.pow(2)
     g3 = g2 * grads
     sum_activation = activation.sum(dim=(2, 3), keepdim=True)
@@ -316,7 +333,7 @@ def gradcam_plus_plus(forward: Forward, images: torch.Tensor, targets: torch.Ten
                         torch.zeros_like(g2))
     weights = (alpha * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1))
-    return Attribution(_upsample(cam, tuple(images.shape[-2:])), low_res=cam)
+    return Attribution(_upsample(cam, tuple(images.shape[-2:])), low_res=cam, extras=chosen)
 
 
 # ----------------------------------------------------------------------------
@@ -386,7 +403,7 @@ def attention_relevance(forward: Forward, images: torch.Tensor, targets: torch.T
     recorder = AttentionRecorder(attention)
     with torch.enable_grad(), recorder:
         x = images.detach().requires_grad_(True)
-        scores = target_scores(forward(x), targets)
+        scores, targets = _pick(forward(x), targets)
         grads = torch.autograd.grad(scores.sum(), recorder.probabilities)
     probabilities = [p.detach().float() for p in recorder.probabilities]
     tokens = probabilities[0].shape[-1]
@@ -398,7 +415,7 @@ def attention_relevance(forward: Forward, images: torch.Tensor, targets: torch.T
     rows, cols = spatial.grid_for(tuple(images.shape[-2:]))
     patch_relevance = relevance[:, 0, prefix:] if prefix > 0 else relevance.mean(dim=1)
     grid = patch_relevance.reshape(images.shape[0], rows, cols)
-    return Attribution(_upsample(grid, tuple(images.shape[-2:])), low_res=grid)
+    return Attribution(_upsample(grid, tuple(images.shape[-2:])), low_res=grid, extras=_chosen(scores, targets))
 
 
 def random_map(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, cells: int = 7,
@@ -416,22 +433,24 @@ def random_map(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *,
 
 METHODS: dict[str, MethodSpec] = {
     "gradient": MethodSpec(gradient, "vanilla gradient |df/dx| (Simonyan et al. 2014); --signed for the sign",
-                           signed=False),
-    "input-x-gradient": MethodSpec(input_x_gradient, "input times gradient (Shrikumar et al. 2016)", signed=True),
+                           signed=False, picks_targets=True),
+    "input-x-gradient": MethodSpec(input_x_gradient, "input times gradient (Shrikumar et al. 2016)", signed=True,
+                                   picks_targets=True),
     "smoothgrad": MethodSpec(smoothgrad, "SmoothGrad: mean gradient over noisy copies (Smilkov et al. 2017)",
                              signed=False, gradient_based=False),
     "integrated-gradients": MethodSpec(integrated_gradients,
                                        "Integrated Gradients with completeness gap (Sundararajan et al. 2017)",
                                        signed=True),
     "gradcam": MethodSpec(gradcam, "Grad-CAM on the last conv stage or ViT token grid (Selvaraju et al. 2017)",
-                          signed=False, needs=("layer",), gradient_based=False),
+                          signed=False, needs=("layer",), gradient_based=False, picks_targets=True),
     "gradcam++": MethodSpec(gradcam_plus_plus, "Grad-CAM++ (Chattopadhay et al. 2018)", signed=False,
-                            needs=("layer",), gradient_based=False),
+                            needs=("layer",), gradient_based=False, picks_targets=True),
     "rise": MethodSpec(rise, "RISE: random masks, forward passes only (Petsiuk et al. 2018)", signed=False,
                        gradient_based=False),
     "attention-relevance": MethodSpec(attention_relevance,
                                       "gradient-weighted attention rollout for ViTs (Chefer et al. 2021)",
-                                      signed=False, needs=("attention",), gradient_based=False),
+                                      signed=False, needs=("attention",), gradient_based=False,
+                                      picks_targets=True),
     "random": MethodSpec(random_map, "smooth random map, 7x7 cells upsampled (the baseline for --eval)", signed=False,
                          gradient_based=False),
 }

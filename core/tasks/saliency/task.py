@@ -271,16 +271,21 @@ class SaliencyTask:
         x = self.model.to_input(images[keep])
         kept_records = [records[i] for i in keep]
         forward = self._forward_for(texts)
-        with torch.no_grad():
-            outputs = forward(x)
         if self.is_clip and self.texts is None:
             targets = torch.arange(len(keep), device=x.device)
         elif self.fixed_target is not None:
             targets = torch.full((len(keep),), self.fixed_target, device=x.device, dtype=torch.long)
         else:
-            targets = outputs.argmax(dim=1)
-        target_scores = outputs.gather(1, targets.view(-1, 1)).squeeze(1)
-        result = self._attribute(forward, x, targets, kept_records)
+            targets = None  # the top output
+        if targets is None and self.spec.picks_targets and not o.smooth:
+            result = self._attribute(forward, x, None, kept_records)
+            targets, target_scores = result.extras["targets"], result.extras["scores"]
+        else:
+            with torch.no_grad():
+                outputs = forward(x)
+            targets = outputs.argmax(dim=1) if targets is None else targets
+            target_scores = outputs.gather(1, targets.view(-1, 1)).squeeze(1)
+            result = self._attribute(forward, x, targets, kept_records)
         maps = result.maps.detach().float()
         peak_x, peak_y = peaks(maps)
         focus = concentration(maps)
