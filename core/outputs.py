@@ -201,8 +201,13 @@ class ResultsWriter:
         table = pa.Table.from_pydict(columns, schema=self.schema)
         self._write_part(table)
 
-    def finalize(self) -> int:
-        """Merge the parts in sorted order into the output, atomically. Returns the row count."""
+    def finalize(self, reduce=None) -> int:
+        """Merge the parts in sorted order into the output, atomically. Returns the row count.
+
+        ``reduce(table) -> table`` (a task's reduce stage) sees every row of the
+        run, resumed ones included, before the write; it may fill or change
+        columns but must keep one row per input, in order.
+        """
         parts = self._part_paths()
         tables = [_read_part(p) for p in parts]
         table = pa.concat_tables(tables) if tables else self.schema.empty_table()
@@ -210,6 +215,11 @@ class ResultsWriter:
         sort_keys = [("root", "ascending"), ("path", "ascending")] if self.multi_root else [("path", "ascending")]
         order = table.sort_by(sort_keys) if table.num_rows else table
         order = _drop_repeated_keys(order, self.multi_root)
+        if reduce is not None:
+            reduced = reduce(order)
+            if reduced.num_rows != order.num_rows or reduced.column("path") != order.column("path"):
+                raise RuntimeError("a reduce stage must keep one row per input, in order")
+            order = reduced.cast(self.schema)
         meta = dict(self.metadata)
         meta["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         meta["rows"] = order.num_rows

@@ -76,6 +76,10 @@ class Task(Protocol):
     # Optional: ``annotate``, a picklable callable(ImageItem) -> dict run in the
     # decode workers; its dict lands in ``Record.extra`` (sidecar captions,
     # file fingerprints).
+    # Optional: ``reduce(table) -> table``, the reduce stage over everything
+    # gathered (all rows of the run, resumed ones included), run once after
+    # the map stage; it keeps one row per input and may fill columns that
+    # need the whole pool (ranks, clusters, selections).
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -321,7 +325,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
     summary.images_per_s = summary.processed / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     summary.task_summary = task.summary()
     if not summary.interrupted:
-        writer.finalize()
+        writer.finalize(getattr(task, "reduce", None))
         summary.ok, summary.failed = _count_status(config.output)
     return summary
 

@@ -280,3 +280,50 @@ def test_classify_overlays_mirror_folders(image_folder, tmp_path):
     from PIL import Image
 
     assert max(Image.open(overlays / "sub" / "deep" / "last.png").size) == 32
+
+
+class RankTask:
+    """A map stage that scores images and a reduce stage that ranks them over the whole run."""
+
+    name = "rank-test"
+
+    def fields(self):
+        import pyarrow as pa
+
+        return [pa.field("brightness", pa.float32()), pa.field("rank", pa.int32())]
+
+    def options(self):
+        return {}
+
+    def map(self, images, records):
+        from visbatch.core.pipeline import MapOutput
+
+        return MapOutput([{"brightness": float(img.float().mean())} for img in images])
+
+    def reduce(self, table):
+        import numpy as np
+        import pyarrow as pa
+
+        values = np.nan_to_num(table.column("brightness").to_numpy(zero_copy_only=False).astype(float), nan=-1)
+        ranks = np.empty(len(values), dtype=np.int32)
+        ranks[np.argsort(-values, kind="stable")] = np.arange(len(values), dtype=np.int32)
+        return table.set_column(table.schema.get_field_index("rank"), "rank", pa.array(ranks))
+
+    def summary(self):
+        return {}
+
+
+def test_reduce_stage_sees_every_row_including_resumed(image_folder, tmp_path):
+    from visbatch.core.images import find_images
+    from visbatch.core.models import load_model
+    from visbatch.core.pipeline import RunConfig, run_pipeline
+
+    model = load_model("test-tiny-cnn", device="cpu")
+    items = find_images([str(image_folder)])
+    out = tmp_path / "r.parquet"
+    run_pipeline(RankTask(), model, items[:4], RunConfig(output=str(out), workers=0, quiet=True))
+    run_pipeline(RankTask(), model, items, RunConfig(output=str(out), workers=0, quiet=True, resume=True))
+    table = rows(out)
+    assert sorted(r["rank"] for r in table) == list(range(10))
+    by_rank = sorted(table, key=lambda r: r["rank"])
+    assert all(a["brightness"] >= b["brightness"] for a, b in zip(by_rank, by_rank[1:]))
