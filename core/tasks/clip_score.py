@@ -201,6 +201,30 @@ def read_sidecar_caption(item: ImageItem) -> dict:
     return {"caption": str(caption)} if caption is not None else {}
 
 
+def caption_for(record: Record, prompt: str | None, captions: "TextTable | None") -> tuple[str | None, str | None]:
+    """(caption, error) of one image: the prompt, its row in ``captions``, or its sidecar.
+
+    The error says why there is none: no caption row, no sidecar, an
+    unreadable sidecar, or an empty caption.
+    """
+    if prompt is not None:
+        text = prompt
+    elif captions is not None:
+        texts = captions.texts_for(record.item)
+        if not texts:
+            return None, "no caption"
+        text = texts[0]
+    else:
+        if "caption_error" in record.extra:
+            return None, record.extra["caption_error"]
+        text = record.extra.get("caption")
+        if text is None:
+            return None, "no caption (no .txt or .json sidecar)"
+    if not text.strip():
+        return None, "empty caption"
+    return text, None
+
+
 # ----------------------------------------------------------------------------
 # Text encoding with a cache
 # ----------------------------------------------------------------------------
@@ -345,24 +369,8 @@ class ClipScoreTask:
         }
 
     def _caption_for(self, record: Record) -> tuple[str | None, str | None]:
-        """(caption, error) for one image."""
-        o = self.config
-        if o.prompt is not None:
-            text = o.prompt
-        elif o.captions is not None:
-            texts = o.captions.texts_for(record.item)
-            if not texts:
-                return None, "no caption"
-            text = texts[0]
-        else:
-            if "caption_error" in record.extra:
-                return None, record.extra["caption_error"]
-            text = record.extra.get("caption")
-            if text is None:
-                return None, "no caption (no .txt or .json sidecar)"
-        if not text.strip():
-            return None, "empty caption"
-        return o.prefix + text, None
+        text, error = caption_for(record, self.config.prompt, self.config.captions)
+        return (self.config.prefix + text, None) if text is not None else (None, error)
 
     @torch.inference_mode()
     def map(self, images: torch.Tensor, records: Sequence[Record]) -> MapOutput:

@@ -19,6 +19,7 @@ from visbatch.core.tasks.clip_score import (
     DEFAULT_TEMPLATE,
     TextEncoder,
     TextTable,
+    caption_for,
     ensemble_text_embeddings,
     read_sidecar_caption,
 )
@@ -155,20 +156,6 @@ class SaliencyTask:
             self.texts = None  # per-image captions, encoded per batch
             self.annotate = read_sidecar_caption if o.sidecar else None
 
-    def _caption(self, record: Record) -> tuple[str | None, str | None]:
-        if self.config.captions is not None:
-            texts = self.config.captions.texts_for(record.item)
-            text = texts[0] if texts else None
-            if text is None:
-                return None, "no caption"
-        else:
-            if "caption_error" in record.extra:
-                return None, record.extra["caption_error"]
-            text = record.extra.get("caption")
-            if text is None:
-                return None, "no caption (no .txt or .json sidecar)"
-        return (None, "empty caption") if not text.strip() else (text, None)
-
     def _forward_for(self, texts: torch.Tensor | None):
         """forward(x) -> [N, K]: logits for classifiers, image-text cosines (or logits) for CLIP."""
         if not self.is_clip:
@@ -258,7 +245,7 @@ class SaliencyTask:
         texts = self.texts if self.is_clip else None
         target_names: list[str] | None = None
         if self.is_clip and self.texts is None:
-            captions = [self._caption(r) for r in records]
+            captions = [caption_for(r, None, self.config.captions) for r in records]
             for i, (_, error) in enumerate(captions):
                 if error:
                     rows[i].update(status="error", error=error)
