@@ -71,7 +71,8 @@ def clip_score(
         caption_table = TextTable.read(captions, path_column, caption_column, roots) if captions else None
         reference_table = TextTable.read(references, path_column, reference_column, roots) if references else None
         model = load_model_for(common)
-        if "text_embedding" not in model.capabilities:
+        wants_text = prompt is not None or captions or sidecar or label_names or references
+        if wants_text and "text_embedding" not in model.capabilities:
             raise UsageError(f"clip-score needs a CLIP model with a text tower; {model.spec} has none")
         options = ClipScoreOptions(
             prompt=prompt, captions=caption_table, sidecar=sidecar, references=reference_table, prefix=prefix,

@@ -8,6 +8,7 @@ import typer
 from visbatch.cli.classify import classify
 from visbatch.cli.clip_score import clip_score
 from visbatch.cli.saliency import saliency
+from visbatch.cli.select_data import select_data
 
 app = typer.Typer(
     name="visbatch",
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command("classify")(classify)
 app.command("clip-score")(clip_score)
 app.command("saliency")(saliency)
+app.command("select-data")(select_data)
 
 
 def _version_callback(value: bool):

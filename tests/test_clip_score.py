@@ -228,6 +228,7 @@ def test_save_embeddings_layout(fixture_images, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ([], "needs texts"),
+    (["--labels", "a,b", "--model", "test-tiny-cnn"], "needs a CLIP model"),
     (["--prompt", "a", "--sidecar"], "one caption source"),
     (["--labels", "cat"], "at least two labels"),
     (["--labels", "a,b", "--template", "no placeholder"], "has no {}"),

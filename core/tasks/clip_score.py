@@ -305,13 +305,16 @@ class ClipScoreTask:
     def __init__(self, model: LoadedModel, options: ClipScoreOptions):
         model.require("image_embedding")
         self.has_text = bool(options.prompt is not None or options.captions or options.sidecar)
-        if not self.has_text and not options.labels:
-            raise ValueError("clip-score needs texts: --prompt, --captions, --sidecar, or --labels for zero-shot")
+        if not self.has_text and not options.labels and not options.save_embeddings:
+            raise ValueError("clip-score needs texts: --prompt, --captions, --sidecar, --labels for zero-shot, "
+                             "or --save-embeddings alone")
         if sum([options.prompt is not None, options.captions is not None, options.sidecar]) > 1:
             raise ValueError("choose one caption source: --prompt, --captions or --sidecar")
         if options.references is not None and not self.has_text:
             raise ValueError("--references needs candidate captions (--captions, --sidecar or --prompt)")
         self.model, self.config = model, options
+        if (self.has_text or options.labels) and "text_embedding" not in model.capabilities:
+            raise ValueError(f"{model.spec} has no text tower: captions and labels need a CLIP model")
         self.text = TextEncoder(model, options.text_batch_size) if (self.has_text or options.labels) else None
         self.embedding_dim = self._embedding_dim()
         self.class_embeddings = self._class_embeddings() if options.labels else None

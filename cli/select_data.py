@@ -1,0 +1,87 @@
+"""`visbatch select-data`: dedup, filter and choose a subset within a budget, with a manifest."""
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from visbatch.cli.common import UsageError, find_inputs, finish, guarded, job_command, load_model_for, pipeline_config
+
+
+@job_command(default_model="efficientnet-lite0")
+def select_data(
+    common,
+    budget: Optional[str] = typer.Option(
+        None, "--budget", help="Fraction of the pool (with a point: 0.3) or a count (10000). Default: all kept."),
+    strategy: str = typer.Option("random", "--strategy",
+                                 help="random, top-clip-score, kcenter, cluster-balanced or targeted."),
+    seed: int = typer.Option(0, "--seed"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Folder of examples to match (targeted)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Embedding cache (default OUTPUT.embeddings.parquet); "
+                                        "a clip-score --save-embeddings output works too."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", min=1, help="k-means clusters (default sqrt(pool))."),
+    no_dedup: bool = typer.Option(False, "--no-dedup", help="Skip near-duplicate removal."),
+    dedup_threshold: Optional[float] = typer.Option(
+        None, "--dedup-threshold", min=-1.0, max=1.0,
+        help="Cosine above which two images are near duplicates (default 0.95 for CLIP, 0.85 for classifiers)."),
+    dedup_keep: str = typer.Option("centroid", "--dedup-keep", help="centroid or clip-score."),
+    min_clip_score: Optional[float] = typer.Option(None, "--min-clip-score", help="Drop pairs below this CLIP-S."),
+    clip_score_fraction: Optional[float] = typer.Option(
+        None, "--clip-score-fraction", min=0.0, max=1.0, help="Keep this fraction by CLIP-S (global threshold)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Score every image against this text."),
+    captions: Optional[str] = typer.Option(None, "--captions", help="Captions table for the CLIP-score filter."),
+    path_column: str = typer.Option("path", "--path-column"),
+    caption_column: str = typer.Option("caption", "--caption-column"),
+    copy_to: Optional[str] = typer.Option(None, "--copy-to", help="Copy the selection here, keeping relative paths."),
+    link_to: Optional[str] = typer.Option(None, "--link-to", help="Link the selection here (see --link)."),
+    link: str = typer.Option("symlink", "--link", help="symlink or hardlink, for --link-to."),
+    print_selected: bool = typer.Option(False, "--print-selected", help="Write selected paths to stdout."),
+):
+    """Drop exact and near duplicates and off-caption images, then fill a budget; the manifest says why."""
+    from visbatch.core.images import SourceOptions, find_images
+    from visbatch.core.tasks.clip_score import TextTable
+    from visbatch.core.tasks.select import STRATEGIES, SelectOptions, materialize, parse_budget, run_select
+
+    def job() -> int:
+        if strategy not in STRATEGIES:
+            raise UsageError(f"--strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
+        if dedup_keep not in ("centroid", "clip-score"):
+            raise UsageError("--dedup-keep must be centroid or clip-score")
+        if link not in ("symlink", "hardlink"):
+            raise UsageError("--link must be symlink or hardlink")
+        if min_clip_score is not None and clip_score_fraction is not None:
+            raise UsageError("give --min-clip-score or --clip-score-fraction, not both")
+        if strategy == "targeted" and not reference:
+            raise UsageError("--strategy targeted needs --reference DIR")
+        items = find_inputs(common)
+        roots = sorted({it.root for it in items})
+        reference_items = find_images([reference], SourceOptions(recursive=common.recursive)) if reference else []
+        if reference and not reference_items:
+            raise UsageError(f"no images in --reference {reference}")
+        model = load_model_for(common)
+        config = pipeline_config(common, "select-data", model)
+        if config.resume:
+            raise UsageError("select-data reuses its embedding cache instead of --resume; run it again")
+        options = SelectOptions(
+            budget=parse_budget(budget), strategy=strategy, seed=seed, clusters=clusters, dedup=not no_dedup,
+            dedup_threshold=dedup_threshold, dedup_keep=dedup_keep, min_clip_score=min_clip_score,
+            clip_score_fraction=clip_score_fraction, prompt=prompt,
+            captions=TextTable.read(captions, path_column, caption_column, roots) if captions else None,
+            reference=reference_items, cache=cache)
+        summary, selection = run_select(items, model, options, config)
+        selected = selection.rank >= 0
+        for target, mode in ((copy_to, "copy"), (link_to, link)):
+            if target:
+                summary.task_summary[f"materialized_{mode}"] = materialize(items, selected, target, mode)
+        if print_selected:
+            order = sorted((int(selection.rank[i]), item) for i, item in enumerate(items) if selected[i])
+            for _, item in order:
+                print(item.path if len(roots) > 1 else item.relpath)
+        code = finish(summary, common)
+        if not common.quiet:
+            print("  selection vs random subset of the same size:\n    "
+                  + json.dumps(summary.task_summary.get("comparison", {})), file=sys.stderr)
+        return code
+
+    raise typer.Exit(guarded(job))

@@ -1,0 +1,457 @@
+"""select-data: embed a pool (through a cache), then dedup, filter and fill a budget.
+
+Map stage: image embeddings from the engine's pipeline (the clip-score task
+with ``save_embeddings``), only for images not already in the embedding
+cache. Reduce stage, on the gathered normalized embeddings, in this order,
+each recorded per image in the manifest: exact duplicates (content hash),
+near duplicates (SemDeDup), the caption filter (CLIP score), the budget
+fill (a strategy). A report compares the selection with a random subset of
+the same size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from visbatch.core.images import ImageItem
+from visbatch.core.models import LoadedModel
+from visbatch.core.outputs import ResultsWriter, read_run_metadata
+from visbatch.core.pipeline import RunConfig, Summary, run_metadata, run_pipeline
+from visbatch.core.tasks.clip_score import ClipScoreOptions, ClipScoreTask, TextEncoder, TextTable, clip_score
+from visbatch.core.tasks.select import algorithms as alg
+
+STRATEGIES = ("random", "top-clip-score", "kcenter", "cluster-balanced", "targeted")
+CACHE_COLUMNS = ["path", "status", "error", "width", "height", "file_size", "file_mtime", "content_hash",
+                 "image_embedding"]
+
+
+@dataclass
+class SelectOptions:
+    budget: float | int | None = None  # float: fraction of the pool; int: a count; None: all eligible
+    strategy: str = "random"
+    seed: int = 0
+    clusters: int | None = None
+    dedup: bool = True
+    dedup_threshold: float | None = None  # None: default_dedup_threshold(model)
+    dedup_keep: str = "centroid"  # centroid | clip-score
+    min_clip_score: float | None = None
+    clip_score_fraction: float | None = None
+    prompt: str | None = None
+    captions: TextTable | None = None
+    reference: list[ImageItem] = field(default_factory=list)
+    cache: str | None = None
+
+
+class SelectTask:
+    """Carries the manifest's columns and options through the engine's writer and metadata."""
+
+    name = "select-data"
+
+    def __init__(self, options: SelectOptions):
+        self.config = options
+
+    def fields(self) -> list[pa.Field]:
+        return [pa.field("selected", pa.bool_()), pa.field("reason", pa.string()),
+                pa.field("duplicate_of", pa.string()), pa.field("cluster", pa.int32()),
+                pa.field("clip_score", pa.float32()), pa.field("rank", pa.int32()),
+                pa.field("nearest_reference_distance", pa.float32())]
+
+    def options(self) -> dict:
+        o = self.config
+        return {"budget": o.budget, "strategy": o.strategy, "seed": o.seed, "clusters": o.clusters,
+                "dedup": o.dedup, "dedup_threshold": o.dedup_threshold, "dedup_keep": o.dedup_keep,
+                "min_clip_score": o.min_clip_score, "clip_score_fraction": o.clip_score_fraction,
+                "prompt": o.prompt, "reference_images": len(o.reference)}
+
+    def summary(self) -> dict:
+        return {}
+
+
+# ----------------------------------------------------------------------------
+# Embedding cache
+# ----------------------------------------------------------------------------
+
+
+def _key(root: str, relpath: str) -> tuple[str, str]:
+    return root, relpath
+
+
+def read_cache(path: str, model: LoadedModel) -> dict[tuple[str, str], dict]:
+    """Rows of an embedding cache (or a clip-score ``--save-embeddings`` output), by (root, path).
+
+    Refuses a cache made with other weights.
+    """
+    if not path or not os.path.exists(path):
+        return {}
+    meta = read_run_metadata(path)
+    checksum = (meta.get("model") or {}).get("checksum")
+    if checksum and checksum != model.checksum:
+        raise ValueError(f"embedding cache {path} was made with other weights ({meta['model'].get('spec')}); "
+                         "pass another --cache")
+    schema = pq.read_schema(path)
+    missing = [c for c in CACHE_COLUMNS if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path} is not an embedding cache (no {', '.join(missing)}); clip-score writes one "
+                         "with --save-embeddings")
+    columns = CACHE_COLUMNS + (["root"] if "root" in schema.names else [])
+    table = pq.read_table(path, columns=columns).to_pylist()
+    roots = meta.get("roots") or [""]
+    return {_key(row.get("root", roots[0]), row["path"]): row for row in table}
+
+
+def _fresh(row: dict, item: ImageItem) -> bool:
+    try:
+        st = os.stat(item.path)
+    except OSError:
+        return False
+    return row.get("file_size") == st.st_size and row.get("file_mtime") == st.st_mtime
+
+
+def embed_with_cache(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, cache_path: str
+                     ) -> tuple[list[dict], int]:
+    """One embedding row per item (cache hits, new embeddings for the rest); writes the cache.
+
+    Returns (rows in item order, number of images embedded in this run).
+    """
+    cached = read_cache(cache_path, model)
+    rows: dict[tuple[str, str], dict] = {}
+    todo = []
+    for item in items:
+        row = cached.get(_key(item.root, item.relpath))
+        if row is not None and row.get("status") == "ok" and _fresh(row, item):
+            rows[_key(item.root, item.relpath)] = row
+        else:
+            todo.append(item)
+    if todo:
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(cache_path)) or ".") as tmp:
+            part = os.path.join(tmp, "embeddings.parquet")
+            task = ClipScoreTask(model, ClipScoreOptions(save_embeddings=True))
+            embed_config = RunConfig(output=part, batch_size=config.batch_size, workers=config.workers,
+                                     max_pixels=config.max_pixels, quiet=config.quiet,
+                                     log_interval=config.log_interval)
+            run_pipeline(task, model, todo, embed_config)
+            new_meta = read_run_metadata(part)
+            table = pq.read_table(part).to_pylist()
+            roots = new_meta.get("roots") or [""]
+            for row in table:
+                rows[_key(row.get("root", roots[0]), row["path"])] = row
+    ordered = [rows[_key(it.root, it.relpath)] for it in items]
+    _write_cache(cache_path, ordered, items, model)
+    return ordered, len(todo)
+
+
+def _write_cache(path: str, rows: list[dict], items: Sequence[ImageItem], model: LoadedModel) -> None:
+    existing = read_cache(path, model) if os.path.exists(path) else {}
+    merged = dict(existing)
+    for item, row in zip(items, rows):
+        merged[_key(item.root, item.relpath)] = {**row, "root": item.root}
+    keys = sorted(merged)
+    dim = next((len(r["image_embedding"]) for r in merged.values() if r.get("image_embedding") is not None), 0)
+    schema = pa.schema([
+        pa.field("root", pa.string()), pa.field("path", pa.string()), pa.field("status", pa.string()),
+        pa.field("error", pa.string()), pa.field("width", pa.int32()), pa.field("height", pa.int32()),
+        pa.field("file_size", pa.int64()), pa.field("file_mtime", pa.float64()), pa.field("content_hash", pa.string()),
+        pa.field("image_embedding", pa.list_(pa.float16(), dim)),
+    ])
+    columns = {f.name: [merged[k].get(f.name) if f.name != "root" else k[0] for k in keys] for f in schema}
+    columns["path"] = [k[1] for k in keys]
+    columns["image_embedding"] = [None if v is None else np.asarray(v, dtype=np.float16)
+                                  for v in columns["image_embedding"]]
+    table = pa.Table.from_pydict(columns, schema=schema)
+    meta = {"task": "embedding-cache", "model": model.describe(), "roots": sorted({k[0] for k in keys}),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    table = table.replace_schema_metadata({b"visbatch": json.dumps(meta).encode()})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cache.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------
+
+
+def default_dedup_threshold(model: LoadedModel) -> float:
+    """0.95 for CLIP embeddings (SemDeDup's setting); 0.85 for classifier features.
+
+    Classifier features are pooled after ReLU, all non-negative, and spread
+    differently: on efficientnet-lite0, resized, re-compressed (JPEG q30),
+    cropped and flipped copies of the committed photos score 0.888 to 1.0
+    against their originals while distinct photos score at most 0.264, so
+    0.95 would miss half the copies.
+    """
+    return 0.95 if model.family == "open_clip" else 0.85
+
+
+def parse_budget(text: str | None) -> float | int | None:
+    """``0.3`` (with a point, in (0, 1]) is a fraction of the pool; ``10000`` is a count."""
+    if text is None:
+        return None
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        raise ValueError(f"--budget {text!r}: give a fraction like 0.3 or a count like 10000")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(f"--budget {text}: a fraction must be in (0, 1]")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"--budget {text}: a count must be at least 1")
+    return value
+
+
+def budget_count(budget: float | int | None, pool: int) -> int:
+    if budget is None:
+        return pool
+    return min(pool, int(round(budget * pool)) if isinstance(budget, float) else int(budget))
+
+
+@dataclass
+class Selection:
+    reason: list[str]
+    duplicate_of: list[int]
+    cluster: np.ndarray
+    clip_scores: np.ndarray | None
+    rank: np.ndarray  # -1 when not selected
+    nearest_reference: np.ndarray | None
+    report: dict
+
+
+def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: SelectOptions,
+           clip_scores: np.ndarray | None = None, reference: torch.Tensor | None = None) -> Selection:
+    """Run the four stages over the pool (rows in path order). ``ok`` masks images that embedded."""
+    n = embeddings.shape[0]
+    reason = ["kept" if good else "error" for good in ok]
+    duplicate_of = [-1] * n
+    # 1. exact duplicates: the first in path order is kept.
+    first_with_hash: dict[str, int] = {}
+    for i in range(n):
+        if ok[i] and hashes[i]:
+            if hashes[i] in first_with_hash:
+                reason[i], duplicate_of[i] = "exact_duplicate", first_with_hash[hashes[i]]
+            else:
+                first_with_hash[hashes[i]] = i
+    alive = np.array([r == "kept" for r in reason])
+    index = np.flatnonzero(alive)
+    x = embeddings[torch.from_numpy(index)] if index.size else embeddings[:0]
+    clusters = np.full(n, -1, dtype=np.int64)
+    k = options.clusters or alg.default_clusters(max(1, index.size))
+    centroids = None
+    if index.size:
+        labels, centroids = alg.spherical_kmeans(x, k, seed=options.seed)
+        clusters[index] = labels.cpu().numpy()
+    # 2. near duplicates (SemDeDup) within clusters.
+    if options.dedup and index.size > 1:
+        if options.dedup_keep == "clip-score":
+            if clip_scores is None:
+                raise ValueError("--dedup-keep clip-score needs captions or a prompt")
+            priority = torch.from_numpy(np.nan_to_num(clip_scores[index], nan=-1.0)).float()
+        else:
+            priority = (x * centroids[torch.from_numpy(clusters[index])]).sum(dim=1).cpu()
+        dup = alg.semantic_duplicates(x, torch.from_numpy(clusters[index]).to(x.device), priority.to(x.device),
+                                      options.dedup_threshold).cpu().numpy()
+        for local, target in enumerate(dup):
+            if target >= 0:
+                reason[index[local]], duplicate_of[index[local]] = "near_duplicate", int(index[target])
+    # 3. caption filter.
+    eligible = np.array([r == "kept" for r in reason])
+    threshold = None
+    if options.min_clip_score is not None or options.clip_score_fraction is not None:
+        if clip_scores is None:
+            raise ValueError("--min-clip-score/--clip-score-fraction need captions (--captions/--sidecar) or --prompt")
+        scores = np.nan_to_num(clip_scores, nan=-np.inf)
+        if options.clip_score_fraction is not None:
+            # DataComp: one global threshold that keeps the given fraction of the candidates.
+            threshold = float(np.quantile(scores[eligible], 1 - options.clip_score_fraction)) if eligible.any() else 0
+        else:
+            threshold = options.min_clip_score
+        for i in np.flatnonzero(eligible & (scores < threshold)):
+            reason[i] = "low_clip_score"
+        eligible = np.array([r == "kept" for r in reason])
+    # 4. budget fill.
+    candidates = np.flatnonzero(eligible)
+    budget = min(budget_count(options.budget, int(ok.sum())), candidates.size)
+    pool = embeddings[torch.from_numpy(candidates)] if candidates.size else embeddings[:0]
+    nearest_reference = None
+    strategy = options.strategy
+    if strategy == "random":
+        picked = np.random.default_rng(options.seed).permutation(candidates.size)[:budget]
+    elif strategy == "top-clip-score":
+        if clip_scores is None:
+            raise ValueError("--strategy top-clip-score needs captions or a prompt")
+        picked = np.argsort(-np.nan_to_num(clip_scores[candidates], nan=-np.inf), kind="stable")[:budget]
+    elif strategy == "kcenter":
+        picked = _kcenter_partitioned(pool, clusters[candidates], budget, options.seed)
+    elif strategy == "cluster-balanced":
+        picked = alg.cluster_balanced(clusters[candidates], budget, options.seed)
+    elif strategy == "targeted":
+        if reference is None or reference.shape[0] == 0:
+            raise ValueError("--strategy targeted needs --reference DIR")
+        chosen, near = alg.targeted_selection(pool, reference, budget)
+        picked = chosen.numpy()
+        nearest_reference = np.full(n, np.nan, dtype=np.float32)
+        nearest_reference[candidates] = near.cpu().numpy()
+    else:
+        raise ValueError(f"unknown --strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[candidates[picked]] = np.arange(len(picked))
+    for i in candidates:
+        if rank[i] < 0:
+            reason[i] = "over_budget"
+    report = {"comparison": _report(pool, picked, options, reference, clip_scores, candidates)}
+    report.update(pool=int(n), errors=int((~ok).sum()), exact_duplicates=reason.count("exact_duplicate"),
+                  near_duplicates=reason.count("near_duplicate"), low_clip_score=reason.count("low_clip_score"),
+                  eligible=int(candidates.size), budget=int(budget), selected=int(len(picked)),
+                  clusters=int(k), clip_score_threshold=threshold)
+    return Selection(reason, duplicate_of, clusters, clip_scores, rank, nearest_reference, report)
+
+
+def _kcenter_partitioned(pool: torch.Tensor, labels: np.ndarray, budget: int, seed: int,
+                         exact_limit: int = 200_000_000) -> np.ndarray:
+    """Greedy k-center over the candidates; over ``exact_limit`` (budget x pool) it runs within
+    each k-means cluster, with the budget shared in proportion to cluster size, to stay near-linear."""
+    if budget * pool.shape[0] <= exact_limit or labels.max() <= 0:
+        return alg.kcenter_greedy(pool, budget, seed).cpu().numpy()
+    clusters = np.unique(labels)
+    sizes = np.array([(labels == c).sum() for c in clusters])
+    picked = []
+    for cluster, count in zip(clusters, alg.allocate(budget, sizes)):
+        members = np.flatnonzero(labels == cluster)
+        if count:
+            local = alg.kcenter_greedy(pool[torch.from_numpy(members)], int(count), seed).cpu().numpy()
+            picked.append(members[local])
+    return np.concatenate(picked) if picked else np.empty(0, dtype=np.int64)
+
+
+def _report(pool: torch.Tensor, picked: np.ndarray, options: SelectOptions, reference, clip_scores,
+            candidates) -> dict:
+    """The selection beside a random subset of the same size, on the properties strategies optimize."""
+    if pool.shape[0] == 0 or len(picked) == 0:
+        return {}
+    rng = np.random.default_rng(options.seed + 1)
+    random_pick = rng.permutation(pool.shape[0])[: len(picked)]
+    out: dict = {}
+    for name, chosen in (("selection", picked), ("random", random_pick)):
+        subset = pool[torch.from_numpy(np.asarray(chosen, dtype=np.int64))]
+        mean_cov, max_cov = alg.coverage(pool, subset, seed=options.seed)
+        out[name] = {"coverage_mean": mean_cov, "coverage_max": max_cov, "diversity": alg.diversity(subset)}
+        if reference is not None and reference.shape[0]:
+            out[name]["reference_mmd"] = alg.mmd(subset, reference)
+        if clip_scores is not None:
+            out[name]["clip_score_mean"] = float(np.nanmean(clip_scores[candidates][chosen]))
+    return out
+
+
+def materialize(items: Sequence[ImageItem], selected: np.ndarray, target: str, mode: str) -> int:
+    """Copy, symlink or hardlink the selected images under ``target``, keeping relative paths."""
+    count = 0
+    for item, keep in zip(items, selected):
+        if not keep:
+            continue
+        destination = Path(target) / item.relpath
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists() or destination.is_symlink():
+            destination.unlink()
+        if mode == "copy":
+            shutil.copy2(item.path, destination)
+        elif mode == "symlink":
+            os.symlink(os.path.abspath(item.path), destination)
+        elif mode == "hardlink":
+            os.link(item.path, destination)
+        else:
+            raise ValueError(f"unknown link mode {mode!r} (symlink or hardlink)")
+        count += 1
+    return count
+
+
+def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOptions, config: RunConfig
+               ) -> tuple[Summary, Selection]:
+    """Embed (through the cache), select, and write the manifest (one row per pool image)."""
+    start = time.monotonic()
+    if options.dedup_threshold is None:
+        options.dedup_threshold = default_dedup_threshold(model)
+    cache_path = options.cache or str(Path(config.output).with_suffix("")) + ".embeddings.parquet"
+    rows, embedded = embed_with_cache(items, model, config, cache_path)
+    ok = np.array([r.get("status") == "ok" and r.get("image_embedding") is not None for r in rows])
+    dim = next((len(r["image_embedding"]) for r in rows if r.get("image_embedding") is not None), 1)
+    matrix = np.zeros((len(rows), dim), dtype=np.float32)
+    for i, r in enumerate(rows):
+        if ok[i]:
+            matrix[i] = np.asarray(r["image_embedding"], dtype=np.float32)
+    embeddings = F.normalize(torch.from_numpy(matrix).to(model.device), dim=1)
+    clip_scores = _clip_scores(items, embeddings, ok, model, options)
+    reference = None
+    reference_embedded = 0
+    if options.reference:
+        ref_rows, reference_embedded = embed_with_cache(options.reference, model, config, cache_path)
+        ref = [np.asarray(r["image_embedding"], dtype=np.float32) for r in ref_rows if r.get("status") == "ok"]
+        if not ref:
+            raise ValueError("no reference image could be embedded")
+        reference = F.normalize(torch.from_numpy(np.stack(ref)).to(model.device), dim=1)
+    selection = select(embeddings, ok, [r.get("content_hash") for r in rows], options, clip_scores, reference)
+    task = SelectTask(options)
+    fields = task.fields()
+    metadata = run_metadata(task, model, config, fields)
+    metadata["selection_report"] = selection.report
+    roots = config.roots or sorted({it.root for it in items})
+    metadata["roots"] = roots
+    writer = ResultsWriter(config.output, fields, metadata, multi_root=len(roots) > 1, overwrite=config.overwrite)
+    out_rows = []
+    for i, (item, row) in enumerate(zip(items, rows)):
+        dup = selection.duplicate_of[i]
+        out_rows.append({
+            "path": item.relpath, "root": item.root, "status": row.get("status") or "error",
+            "error": row.get("error"), "width": row.get("width"), "height": row.get("height"),
+            "selected": bool(selection.rank[i] >= 0), "reason": selection.reason[i],
+            "duplicate_of": items[dup].relpath if dup >= 0 else None,
+            "cluster": int(selection.cluster[i]) if selection.cluster[i] >= 0 else None,
+            "clip_score": None if clip_scores is None or not ok[i] else float(clip_scores[i]),
+            "rank": int(selection.rank[i]) if selection.rank[i] >= 0 else None,
+            "nearest_reference_distance": None if selection.nearest_reference is None
+            or np.isnan(selection.nearest_reference[i]) else float(selection.nearest_reference[i]),
+        })
+    writer.write_rows(out_rows)
+    writer.finalize()
+    elapsed = time.monotonic() - start
+    summary = Summary(task="select-data", inputs=len(items), processed=len(items), ok=int(ok.sum()),
+                      failed=int((~ok).sum()), elapsed_s=elapsed, images_per_s=len(items) / max(elapsed, 1e-9),
+                      output=str(config.output))
+    summary.error_examples = [f"{it.relpath}: {r.get('error')}" for it, r in zip(items, rows)
+                              if r.get("status") != "ok"][:5]
+    summary.task_summary = {**selection.report, "embedded": embedded, "reference_embedded": reference_embedded,
+                            "cache": cache_path, "dedup_threshold": options.dedup_threshold}
+    return summary, selection
+
+
+def _clip_scores(items, embeddings, ok, model, options) -> np.ndarray | None:
+    if options.prompt is None and options.captions is None:
+        return None
+    model.require("text_embedding")
+    encoder = TextEncoder(model)
+    texts = []
+    for item in items:
+        if options.prompt is not None:
+            texts.append(options.prompt)
+        else:
+            found = options.captions.texts_for(item)
+            texts.append(found[0] if found and found[0].strip() else None)
+    scores = np.full(len(items), np.nan, dtype=np.float32)
+    have = [i for i, t in enumerate(texts) if t is not None and ok[i]]
+    if have:
+        text_embeddings = encoder.encode([texts[i] for i in have])
+        values, _ = clip_score(embeddings[torch.tensor(have, device=embeddings.device)], text_embeddings)
+        scores[have] = values.cpu().numpy()
+    return scores
