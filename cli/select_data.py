@@ -31,6 +31,7 @@ def select_data(
         None, "--clip-score-fraction", min=0.0, max=1.0, help="Keep this fraction by CLIP-S (global threshold)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Score every image against this text."),
     captions: Optional[str] = typer.Option(None, "--captions", help="Captions table for the CLIP-score filter."),
+    sidecar: bool = typer.Option(False, "--sidecar", help="Captions from image.txt / image.json ('caption')."),
     path_column: str = typer.Option("path", "--path-column"),
     caption_column: str = typer.Option("caption", "--caption-column"),
     copy_to: Optional[str] = typer.Option(None, "--copy-to", help="Copy the selection here, keeping relative paths."),
@@ -52,6 +53,8 @@ def select_data(
             raise UsageError("--link must be symlink or hardlink")
         if min_clip_score is not None and clip_score_fraction is not None:
             raise UsageError("give --min-clip-score or --clip-score-fraction, not both")
+        if sum([prompt is not None, bool(captions), sidecar]) > 1:
+            raise UsageError("choose one caption source: --prompt, --captions or --sidecar")
         if strategy == "targeted" and not reference:
             raise UsageError("--strategy targeted needs --reference DIR")
         items = find_inputs(common)
@@ -68,6 +71,7 @@ def select_data(
             dedup_threshold=dedup_threshold, dedup_keep=dedup_keep, min_clip_score=min_clip_score,
             clip_score_fraction=clip_score_fraction, prompt=prompt,
             captions=TextTable.read(captions, path_column, caption_column, roots) if captions else None,
+            sidecar=sidecar,
             reference=reference_items, cache=cache)
         summary, selection = run_select(items, model, options, config)
         selected = selection.rank >= 0

@@ -26,11 +26,19 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from visbatch.core.images import ImageItem
+from visbatch.core.images import ImageItem, Record
 from visbatch.core.models import LoadedModel
 from visbatch.core.outputs import ResultsWriter, read_run_metadata
 from visbatch.core.pipeline import RunConfig, Summary, run_metadata, run_pipeline
-from visbatch.core.tasks.clip_score import ClipScoreOptions, ClipScoreTask, TextEncoder, TextTable, clip_score
+from visbatch.core.tasks.clip_score import (
+    ClipScoreOptions,
+    ClipScoreTask,
+    TextEncoder,
+    TextTable,
+    caption_for,
+    clip_score,
+    read_sidecar_caption,
+)
 from visbatch.core.tasks.select import algorithms as alg
 
 STRATEGIES = ("random", "top-clip-score", "kcenter", "cluster-balanced", "targeted")
@@ -51,6 +59,7 @@ class SelectOptions:
     clip_score_fraction: float | None = None
     prompt: str | None = None
     captions: TextTable | None = None
+    sidecar: bool = False
     reference: list[ImageItem] = field(default_factory=list)
     cache: str | None = None
 
@@ -246,7 +255,7 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
                 first_with_hash[hashes[i]] = i
     alive = np.array([r == "kept" for r in reason])
     index = np.flatnonzero(alive)
-    x = embeddings[torch.from_numpy(index)] if index.size else embeddings[:0]
+    x = _rows(embeddings, index)
     clusters = np.full(n, -1, dtype=np.int64)
     k = options.clusters or alg.default_clusters(max(1, index.size))
     centroids = None
@@ -257,7 +266,7 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
     if options.dedup and index.size > 1:
         if options.dedup_keep == "clip-score":
             if clip_scores is None:
-                raise ValueError("--dedup-keep clip-score needs captions or a prompt")
+                raise ValueError("--dedup-keep clip-score needs captions (--captions, --sidecar) or --prompt")
             priority = torch.from_numpy(np.nan_to_num(clip_scores[index], nan=-1.0)).float()
         else:
             priority = (x * centroids[torch.from_numpy(clusters[index])]).sum(dim=1).cpu()
@@ -271,7 +280,7 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
     threshold = None
     if options.min_clip_score is not None or options.clip_score_fraction is not None:
         if clip_scores is None:
-            raise ValueError("--min-clip-score/--clip-score-fraction need captions (--captions/--sidecar) or --prompt")
+            raise ValueError("--min-clip-score/--clip-score-fraction need captions (--captions, --sidecar) or --prompt")
         scores = np.nan_to_num(clip_scores, nan=-np.inf)
         if options.clip_score_fraction is not None:
             # DataComp: one global threshold that keeps the given fraction of the candidates.
@@ -284,14 +293,14 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
     # 4. budget fill.
     candidates = np.flatnonzero(eligible)
     budget = min(budget_count(options.budget, int(ok.sum())), candidates.size)
-    pool = embeddings[torch.from_numpy(candidates)] if candidates.size else embeddings[:0]
+    pool = _rows(embeddings, candidates)
     nearest_reference = None
     strategy = options.strategy
     if strategy == "random":
         picked = np.random.default_rng(options.seed).permutation(candidates.size)[:budget]
     elif strategy == "top-clip-score":
         if clip_scores is None:
-            raise ValueError("--strategy top-clip-score needs captions or a prompt")
+            raise ValueError("--strategy top-clip-score needs captions (--captions, --sidecar) or --prompt")
         picked = np.argsort(-np.nan_to_num(clip_scores[candidates], nan=-np.inf), kind="stable")[:budget]
     elif strategy == "kcenter":
         picked = _kcenter_partitioned(pool, clusters[candidates], budget, options.seed)
@@ -317,6 +326,13 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
                   eligible=int(candidates.size), budget=int(budget), selected=int(len(picked)),
                   clusters=int(k), clip_score_threshold=threshold)
     return Selection(reason, duplicate_of, clusters, clip_scores, rank, nearest_reference, report)
+
+
+def _rows(embeddings: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """``embeddings[index]`` without a copy when the index is every row (a million rows is 2 GB)."""
+    if index.size == embeddings.shape[0]:
+        return embeddings
+    return embeddings[torch.from_numpy(index).to(embeddings.device)]
 
 
 def _kcenter_partitioned(pool: torch.Tensor, labels: np.ndarray, budget: int, seed: int,
@@ -418,7 +434,8 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
             "selected": bool(selection.rank[i] >= 0), "reason": selection.reason[i],
             "duplicate_of": items[dup].relpath if dup >= 0 else None,
             "cluster": int(selection.cluster[i]) if selection.cluster[i] >= 0 else None,
-            "clip_score": None if clip_scores is None or not ok[i] else float(clip_scores[i]),
+            "clip_score": None if clip_scores is None or not ok[i] or np.isnan(clip_scores[i])
+            else float(clip_scores[i]),
             "rank": int(selection.rank[i]) if selection.rank[i] >= 0 else None,
             "nearest_reference_distance": None if selection.nearest_reference is None
             or np.isnan(selection.nearest_reference[i]) else float(selection.nearest_reference[i]),
@@ -437,17 +454,15 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
 
 
 def _clip_scores(items, embeddings, ok, model, options) -> np.ndarray | None:
-    if options.prompt is None and options.captions is None:
+    if options.prompt is None and options.captions is None and not options.sidecar:
         return None
     model.require("text_embedding")
     encoder = TextEncoder(model)
     texts = []
     for item in items:
-        if options.prompt is not None:
-            texts.append(options.prompt)
-        else:
-            found = options.captions.texts_for(item)
-            texts.append(found[0] if found and found[0].strip() else None)
+        record = Record(0, item, extra=read_sidecar_caption(item) if options.sidecar else {})
+        text, _ = caption_for(record, options.prompt, options.captions)
+        texts.append(text)
     scores = np.full(len(items), np.nan, dtype=np.float32)
     have = [i for i, t in enumerate(texts) if t is not None and ok[i]]
     if have:

@@ -29,11 +29,14 @@ def _chunked_nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 6553
     return labels, sims
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0,
+                     max_points_per_centroid: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on the unit sphere (cosine similarity), k-means++-style seeding on a sample.
 
-    Returns ``(labels [n], centroids [k, d])``; centroids are normalized.
+    The centroids are trained on at most ``max_points_per_centroid * k``
+    points (faiss's default rule), then every point is assigned once: the
+    cost stays linear in the pool. Returns ``(labels [n], centroids [k, d])``;
+    centroids are normalized.
     Reference: Dhillon & Modha, "Concept decompositions for large sparse text
     data using clustering", Machine Learning 2001 (spherical k-means), as
     used by SemDeDup.
@@ -52,17 +55,21 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 
         chosen.append(index)
         closest = torch.minimum(closest, 1 - sample @ sample[index])
     centroids = sample[chosen].clone()
+    train = x if n <= max_points_per_centroid * k else \
+        x[torch.randperm(n, generator=generator)[: max_points_per_centroid * k].to(x.device)]
     labels = None
     for _ in range(iterations):
-        new_labels, _ = _chunked_nearest(x, centroids)
+        new_labels, _ = _chunked_nearest(train, centroids)
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, train)
         counts = torch.bincount(labels, minlength=k)
         empty = counts == 0
         sums[empty] = centroids[empty]  # an empty cluster keeps its centre
         centroids = torch.nn.functional.normalize(sums, dim=1)
+    if train is not x or labels is None:
+        labels, _ = _chunked_nearest(x, centroids)
     return labels, centroids
 
 
@@ -236,7 +243,7 @@ def targeted_selection(pool: torch.Tensor, reference: torch.Tensor, budget: int,
 # ----------------------------------------------------------------------------
 
 
-def coverage(pool: torch.Tensor, selected: torch.Tensor, sample: int = 20000, seed: int = 0,
+def coverage(pool: torch.Tensor, selected: torch.Tensor, sample: int = 5000, seed: int = 0,
              chunk: int = 8192) -> tuple[float, float]:
     """(mean, max) cosine distance from pool images to their nearest selected image,
     over a random sample of the pool (the whole pool when smaller)."""
