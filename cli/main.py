@@ -9,6 +9,7 @@ from visbatch.cli.classify import classify
 from visbatch.cli.clip_score import clip_score
 from visbatch.cli.saliency import saliency
 from visbatch.cli.select_data import select_data
+from visbatch.cli.quantize import quantize
 
 app = typer.Typer(
     name="visbatch",
@@ -21,6 +22,7 @@ app.command("classify")(classify)
 app.command("clip-score")(clip_score)
 app.command("saliency")(saliency)
 app.command("select-data")(select_data)
+app.command("quantize")(quantize)
 
 
 def _version_callback(value: bool):

@@ -7,7 +7,8 @@ A spec is resolved in :func:`load_model`, in this order:
 - ``timm:NAME``: a timm classifier, weights from ``--pretrained PATH`` or
   timm's own download;
 - an open_clip model name or ``hf-hub:org/name``, with ``--pretrained``
-  being an open_clip tag (downloaded by open_clip), a local file, or absent.
+  being an open_clip tag (downloaded by open_clip), a local file, or absent;
+- a ``.safetensors`` file written by ``visbatch quantize``.
 
 The result, :class:`LoadedModel`, carries the module on its device and
 precision, its preprocessing (:class:`Preprocess`), what it can do
@@ -621,6 +622,12 @@ def load_model(spec: str, pretrained: str | None = None, device: str | torch.dev
         return MODEL_REGISTRY[spec].loader(pretrained, torch_device, dtype)
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):], pretrained, torch_device, dtype)
+    if spec.endswith(".safetensors") and os.path.isfile(spec):
+        from visbatch.core.tasks.quantize import load_quantized
+
+        if pretrained:
+            raise ValueError("a quantized model file carries its own weights; drop --pretrained")
+        return load_quantized(spec, torch_device, precision)
     import open_clip
 
     if spec.startswith("hf-hub:") or spec in open_clip.list_models():

@@ -1,0 +1,97 @@
+"""`visbatch quantize`: int8/int4 weight-only quantization (RTN, AWQ) with a report."""
+
+import json
+import random
+import sys
+from typing import List, Optional
+
+import typer
+
+from visbatch.cli.common import EXIT_OK, UsageError, fail, guarded, load_model_for
+
+
+def quantize(
+    calib: Optional[str] = typer.Option(None, "--calib", help="Folder of calibration images."),
+    model: str = typer.Option("efficientnet-lite0", "--model", "-m", envvar="VISBATCH_MODEL"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", envvar="VISBATCH_PRETRAINED"),
+    bits: int = typer.Option(8, "--bits", help="8 or 4."),
+    group_size: str = typer.Option("128", "--group-size", help="32, 64, 128 or channel."),
+    method: str = typer.Option("awq", "--method", help="rtn or awq."),
+    towers: str = typer.Option("visual", "--towers", help="CLIP: visual, text or all."),
+    skip: Optional[List[str]] = typer.Option(None, "--skip", help="Layer name pattern to keep (repeatable)."),
+    eval_images: Optional[str] = typer.Option(
+        None, "--eval-images", help="Held-out images for the report (default: 25% of --calib, held out)."),
+    calib_limit: int = typer.Option(256, "--calib-limit", min=1, help="At most this many calibration images."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The quantized .safetensors file."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    inspect: Optional[str] = typer.Option(None, "--inspect", help="Print what a quantized file holds and exit."),
+    device: str = typer.Option("auto", "--device", envvar="VISBATCH_DEVICE"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1),
+    workers: int = typer.Option(0, "--workers", "-j", min=0),
+    as_json: bool = typer.Option(False, "--json", help="Print the end-to-end figures as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Quantize a model's weights to int8/int4, calibrated on images; every subcommand loads the file."""
+    from visbatch.cli.common import CommonOptions
+
+    def job() -> int:
+        import os
+
+        from visbatch.core.images import SourceOptions, find_images
+        from visbatch.core.pipeline import RunConfig
+        from visbatch.core.tasks.quantize import describe_file
+        from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize, write_report
+
+        if inspect:
+            if not os.path.isfile(inspect):
+                raise UsageError(f"--inspect: no file {inspect}")
+            print(json.dumps(describe_file(inspect), indent=None if as_json else 2))
+            return EXIT_OK
+        if bits not in (4, 8):
+            raise UsageError("--bits must be 8 or 4")
+        if method not in ("rtn", "awq"):
+            raise UsageError("--method must be rtn or awq (gptq is not available yet)")
+        if towers not in ("visual", "text", "all"):
+            raise UsageError("--towers must be visual, text or all")
+        if group_size != "channel" and group_size not in ("32", "64", "128", "256"):
+            raise UsageError("--group-size must be 32, 64, 128, 256 or channel")
+        if not calib:
+            raise UsageError("--calib DIR is required (calibration images)")
+        if not output or not output.endswith(".safetensors"):
+            raise UsageError("-o FILE.safetensors is required")
+        if os.path.exists(output) and not overwrite:
+            raise UsageError(f"output {output} exists; pass --overwrite to replace it")
+        items = find_images([calib], SourceOptions())
+        if not items:
+            raise UsageError(f"no images in --calib {calib}")
+        if eval_images:
+            held_out = find_images([eval_images], SourceOptions())
+            calibration = items[:calib_limit]
+        else:
+            shuffled = items[:]
+            random.Random(0).shuffle(shuffled)
+            cut = max(1, len(shuffled) // 4) if len(shuffled) > 1 else 0
+            held_out, calibration = shuffled[:cut] or shuffled, (shuffled[cut:] or shuffled)[:calib_limit]
+        common = CommonOptions(inputs=[], manifest=None, model=model, pretrained=pretrained, device=device,
+                               precision="fp32", batch_size=batch_size, workers=workers, recursive=True, glob=[],
+                               limit=None, shard=None, max_pixels=89_478_485, resume=False, overwrite=overwrite,
+                               fail_on_error=False, json=as_json, quiet=quiet, output=output)
+        loaded = load_model_for(common)
+        config = RunConfig(output=output, batch_size=batch_size, workers=workers, quiet=True)
+        options = QuantizeOptions(bits=bits, group_size=None if group_size == "channel" else int(group_size),
+                                  method=method, towers=towers, skip=list(skip or []))
+        report = run_quantize(loaded, calibration, held_out, output, options, config)
+        report_path = output[: -len(".safetensors")] + ".report.parquet"
+        write_report(report_path, report)
+        figures = {k: v for k, v in report.items() if k not in ("layers", "kept")}
+        if as_json:
+            print(json.dumps(figures))
+        if not quiet:
+            lines = [f"visbatch quantize: {method} int{bits} g{options.group_size or 'channel'}: "
+                     f"{report['quantized_layers']} layers quantized, {report['kept_layers']} kept"]
+            lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in figures.items()]
+            lines += [f"  file: {output}", f"  report: {report_path}"]
+            print("\n".join(lines), file=sys.stderr)
+        return EXIT_OK
+
+    raise typer.Exit(guarded(job))

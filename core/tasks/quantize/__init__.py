@@ -1,0 +1,421 @@
+"""Weight-only int8/int4 quantization (RTN, AWQ) of the models visbatch runs, and its file format.
+
+- :func:`quantization_targets`: which layers are quantized (every linear map
+  in transformer blocks, attention's packed ``in_proj_weight`` included, and
+  1x1 convolutions), and which are kept and why.
+- :func:`calibrate`: per-input-channel activation magnitudes and a bounded
+  sample of input rows per target, from calibration images.
+- :func:`quantize_model`: RTN or AWQ per target; AWQ searches
+  ``s = mean|x|^alpha`` on a 20-point grid for the lowest output error on
+  the calibration rows (Lin et al., "AWQ: Activation-aware Weight
+  Quantization for LLM Compression and Acceleration", MLSys 2024) and keeps
+  ``1/s`` as a per-column scale applied when the weight is materialized.
+- :func:`save_quantized` / :func:`load_quantized`: safetensors with packed
+  weights, fp16 scales, uint8 zero points and JSON metadata; loaded by
+  :func:`visbatch.core.models.load_model` for any ``--model FILE.safetensors``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visbatch.core.models import LoadedModel, ModelError, file_checksum
+from visbatch.core.tasks.quantize.quant import QuantizedWeight, quantize_weight
+
+FORMAT_NAME = "visbatch-quantized"
+FORMAT_VERSION = 1
+ALPHA_GRID = 20
+MAX_CALIBRATION_ROWS = 2048
+
+
+@dataclass
+class Target:
+    name: str  # module path in the model
+    kind: str  # linear | conv1x1 | mha_in_proj
+    module: nn.Module
+
+    def weight(self) -> torch.Tensor:
+        if self.kind == "mha_in_proj":
+            return self.module.in_proj_weight.detach()
+        return self.module.weight.detach().reshape(self.module.weight.shape[0], -1)
+
+
+def quantization_targets(model: LoadedModel, towers: str = "visual", skip: list[str] | None = None
+                         ) -> tuple[list[Target], list[tuple[str, str]]]:
+    """(targets, [(name, why kept)]) for ``towers`` = visual | text | all."""
+    skip = skip or []
+    module = model.module
+    targets, kept = [], []
+    if model.family == "open_clip":
+        prefixes = {"visual": ["visual."], "text": ["transformer."], "all": ["visual.", "transformer."]}[towers]
+    else:
+        if towers == "text":
+            raise ValueError(f"{model.spec} has no text tower")
+        prefixes = [""]
+    classifier = module.get_classifier() if hasattr(module, "get_classifier") else None
+    for name, child in module.named_modules():
+        if not name or not any(name.startswith(p) for p in prefixes):
+            continue
+        kind = None
+        if isinstance(child, nn.MultiheadAttention) and child.in_proj_weight is not None:
+            kind = "mha_in_proj"
+        elif isinstance(child, nn.Linear):
+            kind = "linear"
+        elif isinstance(child, nn.Conv2d):
+            if child.kernel_size == (1, 1) and child.groups == 1:
+                kind = "conv1x1"
+            else:
+                kept.append((name, f"conv {child.kernel_size[0]}x{child.kernel_size[1]}"
+                             + (" depthwise" if child.groups > 1 else "") + " (only 1x1 convolutions are quantized)"))
+                continue
+        else:
+            continue
+        if child is classifier:
+            kept.append((name, "classifier head (kept in full precision)"))
+        elif any(fnmatch.fnmatch(name, pattern) for pattern in skip):
+            kept.append((name, "--skip"))
+        else:
+            targets.append(Target(name, kind, child))
+    for name in ("visual.proj", "text_projection", "token_embedding", "visual.conv1", "positional_embedding"):
+        if any(name.startswith(p) or p == "" for p in prefixes) and (hasattr(module, name.split(".")[0])):
+            kept.append((name, "embedding/projection (kept in full precision)"))
+    return targets, kept
+
+
+# ----------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationStats:
+    abs_sum: torch.Tensor | None = None
+    count: int = 0
+    rows: list = field(default_factory=list)
+    kept_rows: int = 0
+
+    def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
+        self.count += x.shape[0]
+        room = MAX_CALIBRATION_ROWS - self.kept_rows
+        if room > 0:
+            take = x[torch.randperm(x.shape[0], generator=generator)[:room].to(x.device)]
+            self.rows.append(take.cpu())
+            self.kept_rows += take.shape[0]
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def _input_of(target: Target, args) -> torch.Tensor:
+    x = args[0]
+    if target.kind == "conv1x1":
+        return x.permute(0, 2, 3, 1)  # channels last: rows are pixels
+    if target.kind == "mha_in_proj" and not target.module.batch_first:
+        return x.transpose(0, 1)
+    return x
+
+
+def run_images(model: LoadedModel, images_uint8: torch.Tensor) -> torch.Tensor:
+    """The model's main output for a batch: image embeddings (CLIP) or class logits."""
+    x = model.to_input(images_uint8)
+    return model.module.encode_image(x) if model.family == "open_clip" else model.module(x)
+
+
+def calibrate(model: LoadedModel, targets: list[Target], batches) -> dict[str, ActivationStats]:
+    """Collect activation statistics of every target over the uint8 ``batches``."""
+    stats = {t.name: ActivationStats() for t in targets}
+    generator = torch.Generator().manual_seed(0)
+    handles = []
+    for target in targets:
+        def hook(module, args, target=target):
+            stats[target.name].add(_input_of(target, args), generator)
+        handles.append(target.module.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for images in batches:
+                run_images(model, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+# ----------------------------------------------------------------------------
+# Quantization
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedLayer:
+    target: Target
+    weight: QuantizedWeight
+    column_scale: torch.Tensor | None  # 1/s of AWQ, applied to the dequantized weight's columns
+    alpha: float | None
+    weight_error: float  # relative Frobenius error of the effective weight
+    output_error: float  # relative MSE of the layer output on calibration rows (nan without rows)
+
+
+def effective_weight(weight: QuantizedWeight, column_scale: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
+    w = weight.dequantize(torch.float32)
+    if column_scale is not None:
+        w = w * column_scale.float().view(1, -1)
+    return w.to(dtype)
+
+
+def _output_error(w: torch.Tensor, w_hat: torch.Tensor, rows: torch.Tensor | None) -> float:
+    if rows is None or rows.numel() == 0:
+        return float("nan")
+    reference = rows @ w.T
+    return float(((rows @ w_hat.T - reference) ** 2).mean() / reference.pow(2).mean().clamp(min=1e-12))
+
+
+def quantize_layer(target: Target, bits: int, group_size: int | None, method: str,
+                   stats: ActivationStats | None) -> QuantizedLayer:
+    w = target.weight().float().cpu()
+    rows = stats.sample().float() if stats is not None and stats.kept_rows else None
+    best = (quantize_weight(w, bits, group_size), None, 0.0 if method == "awq" else None)
+    if method == "awq" and stats is not None and rows is not None:
+        magnitude = stats.mean_abs().float().cpu().clamp(min=1e-8)
+        best_error = _output_error(w, effective_weight(best[0], None), rows)
+        for alpha in torch.linspace(0, 1, ALPHA_GRID + 1)[1:].tolist():
+            s = magnitude.pow(alpha)
+            s = s / (s.max() * s.min()).sqrt()  # AWQ's normalization keeps scales around 1
+            if not torch.isfinite(s).all():
+                continue
+            candidate = quantize_weight(w * s.view(1, -1), bits, group_size)
+            error = _output_error(w, effective_weight(candidate, 1 / s), rows)
+            if error < best_error:
+                best, best_error = (candidate, (1 / s), alpha), error
+    elif method not in ("rtn", "awq"):
+        raise ValueError(f"unknown method {method!r} (rtn or awq)")
+    weight, column_scale, alpha = best
+    w_hat = effective_weight(weight, column_scale)
+    return QuantizedLayer(target, weight, column_scale, alpha,
+                          float((w_hat - w).norm() / w.norm().clamp(min=1e-12)), _output_error(w, w_hat, rows))
+
+
+# ----------------------------------------------------------------------------
+# Runtime modules
+# ----------------------------------------------------------------------------
+
+
+class QuantizedWeightStore(nn.Module):
+    """Holds a packed weight; materializes the effective weight (cached in ``speed`` mode)."""
+
+    def __init__(self, weight: QuantizedWeight, column_scale: torch.Tensor | None, runtime: str = "speed"):
+        super().__init__()
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("scales", weight.scales.half())
+        self.register_buffer("zeros", weight.zeros)
+        if column_scale is not None:
+            self.register_buffer("column_scale", column_scale.float())
+        else:
+            self.column_scale = None
+        self.bits, self.group_size, self.shape = weight.bits, weight.group_size, tuple(weight.shape)
+        self.runtime = runtime
+        self._cache: torch.Tensor | None = None
+
+    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._cache is not None and self._cache.dtype == dtype and self._cache.device == self.qweight.device:
+            return self._cache
+        weight = QuantizedWeight(self.qweight, self.scales.float(), self.zeros, self.bits, self.group_size, self.shape)
+        w = effective_weight(weight, self.column_scale, dtype)
+        if self.runtime == "speed":
+            self._cache = w
+        return w
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, store: QuantizedWeightStore, bias: torch.Tensor | None):
+        super().__init__()
+        self.store = store
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.out_features, self.in_features = store.shape
+
+    def forward(self, x):
+        return F.linear(x, self.store.materialize(x.dtype), self.bias)
+
+
+class QuantConv1x1(nn.Module):
+    def __init__(self, store: QuantizedWeightStore, bias, stride, padding, dilation):
+        super().__init__()
+        self.store = store
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.out_channels, self.in_channels = store.shape
+
+    def forward(self, x):
+        w = self.store.materialize(x.dtype).view(*self.store.shape, 1, 1)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _install_mha(module: nn.MultiheadAttention, store: QuantizedWeightStore) -> None:
+    """Attention keeps its module; its packed in_proj_weight is materialized before each call."""
+    del module.in_proj_weight
+    module.in_proj_store = store
+    module.in_proj_weight = None
+
+    def materialize(mod, args, kwargs):
+        dtype = args[0].dtype if args else kwargs["query"].dtype
+        mod.in_proj_weight = mod.in_proj_store.materialize(dtype)
+
+    module.register_forward_pre_hook(materialize, with_kwargs=True)
+
+
+def install(model: nn.Module, layers: dict[str, tuple[str, QuantizedWeightStore]]) -> None:
+    """Replace each quantized layer (name -> (kind, store)) in ``model``."""
+    for name, (kind, store) in layers.items():
+        original = model.get_submodule(name)
+        if kind == "linear":
+            _set_submodule(model, name, QuantLinear(store, original.bias))
+        elif kind == "conv1x1":
+            _set_submodule(model, name, QuantConv1x1(store, original.bias, original.stride, original.padding,
+                                                     original.dilation))
+        elif kind == "mha_in_proj":
+            _install_mha(original, store)
+        else:
+            raise ModelError(f"unknown quantized layer kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------
+# File format
+# ----------------------------------------------------------------------------
+
+
+def save_quantized(path: str, model: LoadedModel, layers: list[QuantizedLayer], config: dict) -> int:
+    """Write the file atomically; returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    quantized_weights = {f"{layer.target.name}.weight" if layer.target.kind != "mha_in_proj"
+                         else f"{layer.target.name}.in_proj_weight" for layer in layers}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()
+               if k not in quantized_weights}
+    layer_meta = {}
+    for layer in layers:
+        prefix = f"__quant__.{layer.target.name}"
+        tensors[f"{prefix}.qweight"] = layer.weight.qweight.contiguous()
+        tensors[f"{prefix}.scales"] = layer.weight.scales.half().contiguous()
+        tensors[f"{prefix}.zeros"] = layer.weight.zeros.contiguous()
+        if layer.column_scale is not None:
+            tensors[f"{prefix}.column_scale"] = layer.column_scale.float().contiguous()
+        layer_meta[layer.target.name] = {"kind": layer.target.kind, "shape": list(layer.weight.shape),
+                                         "group_size": layer.weight.group_size, "alpha": layer.alpha}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps({**config, "layers": layer_meta, "source": model.describe()}),
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def read_quantized_config(path: str) -> dict:
+    """The metadata of a quantized file, validated. Raises ModelError with a clear message."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:
+        raise ModelError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}")
+    if metadata.get("format") != FORMAT_NAME:
+        raise ModelError(f"{path} is a safetensors file but not one written by visbatch quantize; "
+                         "pass plain weights with --pretrained instead")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ModelError(f"{path} has format version {version}; this visbatch reads version {FORMAT_VERSION}")
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, ValueError):
+        raise ModelError(f"{path}: quantization metadata is missing or corrupt")
+    for key in ("method", "bits", "source", "layers"):
+        if key not in config:
+            raise ModelError(f"{path}: quantization metadata has no {key!r}")
+    if config["bits"] not in (4, 8):
+        raise ModelError(f"{path}: unsupported bit width {config['bits']}")
+    return config
+
+
+def load_quantized(path: str, device, precision: str, runtime: str | None = None) -> LoadedModel:
+    """Rebuild the source architecture, load the kept tensors and install the quantized layers."""
+    from safetensors.torch import load_file
+
+    from visbatch.core.models import _finish, load_model
+
+    config = read_quantized_config(path)
+    source = config["source"]
+    runtime = runtime or os.environ.get("VISBATCH_QUANT_RUNTIME", "speed")
+    if runtime not in ("speed", "memory"):
+        raise ValueError("runtime must be speed or memory")
+    spec = source["spec"]
+    base_pretrained = "none" if spec.startswith("timm:") else None
+    model = load_model(spec, base_pretrained, device="cpu", precision="fp32")
+    tensors = load_file(path, device="cpu")
+    layers = {}
+    for name, info in config["layers"].items():
+        prefix = f"__quant__.{name}"
+        try:
+            weight = QuantizedWeight(tensors.pop(f"{prefix}.qweight"), tensors.pop(f"{prefix}.scales").float(),
+                                     tensors.pop(f"{prefix}.zeros"), config["bits"], info["group_size"],
+                                     tuple(info["shape"]))
+        except KeyError as exc:
+            raise ModelError(f"{path}: tensors of quantized layer {name} are missing ({exc})")
+        column_scale = tensors.pop(f"{prefix}.column_scale", None)
+        layers[name] = (info["kind"], QuantizedWeightStore(weight, column_scale, runtime))
+    if any(k.startswith("__quant__.") for k in tensors):
+        raise ModelError(f"{path}: quantized tensors without metadata")
+    try:
+        install(model.module, layers)
+    except AttributeError as exc:
+        raise ModelError(f"{path}: does not fit {spec}: {exc}")
+    missing, unexpected = model.module.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if ".store." not in k and "in_proj_store" not in k
+               and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ModelError(f"{path} does not fit {spec}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    from visbatch.core.models import resolve_device, resolve_precision
+
+    model.device = device if isinstance(device, torch.device) else resolve_device(device)
+    model.dtype = resolve_precision(precision, model.device)
+    model.spec = path
+    model.pretrained = None
+    model.checksum = file_checksum(path)
+    model.is_random = bool(source.get("random_weights"))
+    model.notes.append(f"quantized {config['method']} int{config['bits']} from {spec}")
+    for store in model.module.modules():
+        if isinstance(store, QuantizedWeightStore):
+            store._cache = None
+    return _finish(model)
+
+
+def describe_file(path: str) -> dict:
+    """What a quantized file holds (for ``visbatch quantize --inspect``)."""
+    config = read_quantized_config(path)
+    kinds: dict[str, int] = {}
+    for info in config["layers"].values():
+        kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
+    return {"file": path, "bytes": os.path.getsize(path), "method": config["method"], "bits": config["bits"],
+            "group_size": config.get("group_size"), "source_model": config["source"].get("spec"),
+            "source_checksum": config["source"].get("checksum"), "towers": config.get("towers"),
+            "quantized_layers": len(config["layers"]), "layer_kinds": kinds,
+            "kept_layers": config.get("kept", []), "calibration": config.get("calibration")}

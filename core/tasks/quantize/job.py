@@ -1,0 +1,124 @@
+"""The quantize job: calibrate, quantize, measure on held-out images, write the file and report."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from visbatch.core.images import ImageItem
+from visbatch.core.models import LoadedModel
+from visbatch.core.pipeline import RunConfig, make_loader
+from visbatch.core.tasks.quantize import (
+    QuantizedWeightStore,
+    calibrate,
+    install,
+    quantization_targets,
+    quantize_layer,
+    run_images,
+    save_quantized,
+)
+
+
+@dataclass
+class QuantizeOptions:
+    bits: int = 8
+    group_size: int | None = 128  # None: per channel
+    method: str = "awq"
+    towers: str = "visual"
+    skip: list[str] = field(default_factory=list)
+
+
+def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig):
+    for batch in make_loader(items, model, config):
+        if batch.images.shape[0]:
+            yield batch.images
+
+
+def _outputs(model: LoadedModel, module: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    original = model.module
+    model.module = module
+    try:
+        with torch.inference_mode():
+            return torch.cat([run_images(model, images).float().cpu() for images in batches])
+    finally:
+        model.module = original
+
+
+def _throughput(model: LoadedModel, module: torch.nn.Module, batch: torch.Tensor, repeats: int = 3) -> float:
+    _outputs(model, module, [batch])  # warm-up (and the speed-mode weight cache)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        _outputs(model, module, [batch])
+    return repeats * batch.shape[0] / (time.perf_counter() - start)
+
+
+def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Sequence[ImageItem], output: str,
+                 options: QuantizeOptions, config: RunConfig) -> dict:
+    """Quantize ``model`` and write ``output``; returns the report (end-to-end figures and layers)."""
+    targets, kept = quantization_targets(model, options.towers, options.skip)
+    if not targets:
+        raise ValueError(f"nothing to quantize in {model.spec} (towers={options.towers}, skip={options.skip})")
+    text_targets = [t for t in targets if not t.name.startswith("visual.")] if model.family == "open_clip" else []
+    stats = calibrate(model, [t for t in targets if t not in text_targets], _batches(calib, model, config))
+    layers = []
+    for target in targets:
+        # The text tower sees no calibration images: its layers are rounded to nearest.
+        method = "rtn" if target in text_targets else options.method
+        layers.append(quantize_layer(target, options.bits, options.group_size, method, stats.get(target.name)))
+    quantized_module = copy.deepcopy(model.module)
+    install(quantized_module, {layer.target.name: (layer.target.kind,
+                                                   QuantizedWeightStore(layer.weight, layer.column_scale))
+                               for layer in layers})
+    quantized_module.to(model.device)
+    eval_batches = list(_batches(held_out, model, config))
+    before = _outputs(model, model.module, eval_batches)
+    after = _outputs(model, quantized_module, eval_batches)
+    cosine = F.cosine_similarity(before, after, dim=1)
+    report = {
+        "method": options.method, "bits": options.bits,
+        "group_size": options.group_size or "channel", "towers": options.towers,
+        "quantized_layers": len(layers), "kept_layers": len(kept),
+        "eval_images": int(before.shape[0]),
+        "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+        "output_mse": float(((before - after) ** 2).mean()),
+    }
+    if model.family != "open_clip":
+        report["top1_agreement"] = float((before.argmax(1) == after.argmax(1)).float().mean())
+    report["bytes_before"] = int(sum(t.numel() * t.element_size() for t in model.module.state_dict().values()))
+    calibration = {"images": len(calib), "rows_per_layer": max((s.kept_rows for s in stats.values()), default=0)}
+    file_config = {"method": options.method, "bits": options.bits, "group_size": options.group_size,
+                   "towers": options.towers, "skip": options.skip, "calibration": calibration,
+                   "kept": [f"{name}: {why}" for name, why in kept]}
+    report["bytes_after"] = save_quantized(output, model, layers, file_config)
+    if eval_batches:
+        report["images_per_s_before"] = _throughput(model, model.module, eval_batches[0])
+        report["images_per_s_after"] = _throughput(model, quantized_module, eval_batches[0])
+    report["layers"] = [
+        {"layer": layer.target.name, "kind": layer.target.kind, "shape": list(layer.weight.shape),
+         "alpha": layer.alpha, "weight_error": layer.weight_error, "output_error": layer.output_error}
+        for layer in layers
+    ]
+    report["kept"] = [{"layer": name, "reason": why} for name, why in kept]
+    return report
+
+
+def write_report(path: str, report: dict) -> None:
+    """Per-layer Parquet report with the end-to-end figures in its metadata."""
+    import json
+
+    rows = report["layers"] + [{"layer": k["layer"], "kind": "kept: " + k["reason"], "shape": None, "alpha": None,
+                                "weight_error": None, "output_error": None} for k in report["kept"]]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        pa.field("layer", pa.string()), pa.field("kind", pa.string()), pa.field("shape", pa.list_(pa.int64())),
+        pa.field("alpha", pa.float64()), pa.field("weight_error", pa.float64()),
+        pa.field("output_error", pa.float64())]))
+    summary = {k: v for k, v in report.items() if k not in ("layers", "kept")}
+    table = table.replace_schema_metadata({b"visbatch": json.dumps(summary).encode()})
+    pq.write_table(table, path)
