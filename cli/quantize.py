@@ -1,4 +1,4 @@
-"""`visbatch quantize`: int8/int4 weight-only quantization (RTN, AWQ) with a report."""
+"""`visbatch quantize`: int8/int4 weight-only quantization (RTN, AWQ, GPTQ) with a report."""
 
 import json
 import random
@@ -16,7 +16,9 @@ def quantize(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", envvar="VISBATCH_PRETRAINED"),
     bits: int = typer.Option(8, "--bits", help="8 or 4."),
     group_size: str = typer.Option("128", "--group-size", help="32, 64, 128 or channel."),
-    method: str = typer.Option("awq", "--method", help="rtn or awq."),
+    method: str = typer.Option("gptq", "--method", help="rtn, awq or gptq (the most accurate here: see README)."),
+    act_order: bool = typer.Option(False, "--act-order", help="gptq: columns by decreasing Hessian diagonal "
+                                   "(needs --group-size channel)."),
     towers: str = typer.Option("visual", "--towers", help="CLIP: visual, text or all."),
     skip: Optional[List[str]] = typer.Option(None, "--skip", help="Layer name pattern to keep (repeatable)."),
     eval_images: Optional[str] = typer.Option(
@@ -49,8 +51,10 @@ def quantize(
             return EXIT_OK
         if bits not in (4, 8):
             raise UsageError("--bits must be 8 or 4")
-        if method not in ("rtn", "awq"):
-            raise UsageError("--method must be rtn or awq (gptq is not available yet)")
+        if method not in ("rtn", "awq", "gptq"):
+            raise UsageError("--method must be rtn, awq or gptq")
+        if act_order and (method != "gptq" or group_size != "channel"):
+            raise UsageError("--act-order goes with --method gptq and --group-size channel")
         if towers not in ("visual", "text", "all"):
             raise UsageError("--towers must be visual, text or all")
         if group_size != "channel" and group_size not in ("32", "64", "128", "256"):
@@ -79,7 +83,7 @@ def quantize(
         loaded = load_model_for(common)
         config = RunConfig(output=output, batch_size=batch_size, workers=workers, quiet=True)
         options = QuantizeOptions(bits=bits, group_size=None if group_size == "channel" else int(group_size),
-                                  method=method, towers=towers, skip=list(skip or []))
+                                  method=method, towers=towers, skip=list(skip or []), act_order=act_order)
         report = run_quantize(loaded, calibration, held_out, output, options, config)
         report_path = output[: -len(".safetensors")] + ".report.parquet"
         write_report(report_path, report)

@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 quantization (RTN, AWQ) of the models visbatch runs, and its file format.
+"""Weight-only int8/int4 quantization (RTN, AWQ, GPTQ) of the models visbatch runs, and its file format.
 
 - :func:`quantization_targets`: which layers are quantized (every linear map
   in transformer blocks, attention's packed ``in_proj_weight`` included, and
@@ -9,7 +9,9 @@
   ``s = mean|x|^alpha`` on a 20-point grid for the lowest output error on
   the calibration rows (Lin et al., "AWQ: Activation-aware Weight
   Quantization for LLM Compression and Acceleration", MLSys 2024) and keeps
-  ``1/s`` as a per-column scale applied when the weight is materialized.
+  ``1/s`` as a per-column scale applied when the weight is materialized;
+  GPTQ spreads each column's rounding error with the inverse Hessian of
+  the calibration inputs (:func:`~visbatch.core.tasks.quantize.quant.gptq_quantize`).
 - :func:`save_quantized` / :func:`load_quantized`: safetensors with packed
   weights, fp16 scales, uint8 zero points and JSON metadata; loaded by
   :func:`visbatch.core.models.load_model` for any ``--model FILE.safetensors``.
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visbatch.core.models import LoadedModel, ModelError, file_checksum
-from visbatch.core.tasks.quantize.quant import QuantizedWeight, quantize_weight
+from visbatch.core.tasks.quantize.quant import QuantizedWeight, gptq_quantize, quantize_weight
 
 FORMAT_NAME = "visbatch-quantized"
 FORMAT_VERSION = 1
@@ -182,9 +184,14 @@ def _output_error(w: torch.Tensor, w_hat: torch.Tensor, rows: torch.Tensor | Non
 
 
 def quantize_layer(target: Target, bits: int, group_size: int | None, method: str,
-                   stats: ActivationStats | None) -> QuantizedLayer:
+                   stats: ActivationStats | None, act_order: bool = False) -> QuantizedLayer:
     w = target.weight().float().cpu()
     rows = stats.sample().float() if stats is not None and stats.kept_rows else None
+    if method == "gptq" and rows is not None:
+        quantized = gptq_quantize(w, rows, bits, group_size, act_order=act_order)
+        w_hat = quantized.dequantize()
+        return QuantizedLayer(target, quantized, None, None, float((w_hat - w).norm() / w.norm().clamp(min=1e-12)),
+                              _output_error(w, w_hat, rows))
     best = (quantize_weight(w, bits, group_size), None, 0.0 if method == "awq" else None)
     if method == "awq" and stats is not None and rows is not None:
         magnitude = stats.mean_abs().float().cpu().clamp(min=1e-8)
@@ -198,8 +205,8 @@ def quantize_layer(target: Target, bits: int, group_size: int | None, method: st
             error = _output_error(w, effective_weight(candidate, 1 / s), rows)
             if error < best_error:
                 best, best_error = (candidate, (1 / s), alpha), error
-    elif method not in ("rtn", "awq"):
-        raise ValueError(f"unknown method {method!r} (rtn or awq)")
+    elif method not in ("rtn", "awq", "gptq"):
+        raise ValueError(f"unknown method {method!r} (rtn, awq or gptq)")
     weight, column_scale, alpha = best
     w_hat = effective_weight(weight, column_scale)
     return QuantizedLayer(target, weight, column_scale, alpha,
@@ -243,6 +250,12 @@ class QuantLinear(nn.Module):
         self.store = store
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.out_features, self.in_features = store.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight, for code that reads ``.weight`` directly (nn.MultiheadAttention's
+        out_proj is used that way)."""
+        return self.store.materialize(self.bias.dtype if self.bias is not None else torch.float32)
 
     def forward(self, x):
         return F.linear(x, self.store.materialize(x.dtype), self.bias)

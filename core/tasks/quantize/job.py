@@ -30,9 +30,10 @@ from visbatch.core.tasks.quantize import (
 class QuantizeOptions:
     bits: int = 8
     group_size: int | None = 128  # None: per channel
-    method: str = "awq"
+    method: str = "gptq"
     towers: str = "visual"
     skip: list[str] = field(default_factory=list)
+    act_order: bool = False
 
 
 def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig):
@@ -71,7 +72,8 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
     for target in targets:
         # The text tower sees no calibration images: its layers are rounded to nearest.
         method = "rtn" if target in text_targets else options.method
-        layers.append(quantize_layer(target, options.bits, options.group_size, method, stats.get(target.name)))
+        layers.append(quantize_layer(target, options.bits, options.group_size, method, stats.get(target.name),
+                                     options.act_order))
     quantized_module = copy.deepcopy(model.module)
     install(quantized_module, {layer.target.name: (layer.target.kind,
                                                    QuantizedWeightStore(layer.weight, layer.column_scale))
@@ -93,7 +95,7 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
         report["top1_agreement"] = float((before.argmax(1) == after.argmax(1)).float().mean())
     report["bytes_before"] = int(sum(t.numel() * t.element_size() for t in model.module.state_dict().values()))
     calibration = {"images": len(calib), "rows_per_layer": max((s.kept_rows for s in stats.values()), default=0)}
-    file_config = {"method": options.method, "bits": options.bits, "group_size": options.group_size,
+    file_config = {"method": options.method, "act_order": options.act_order, "bits": options.bits, "group_size": options.group_size,
                    "towers": options.towers, "skip": options.skip, "calibration": calibration,
                    "kept": [f"{name}: {why}" for name, why in kept]}
     report["bytes_after"] = save_quantized(output, model, layers, file_config)

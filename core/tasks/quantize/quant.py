@@ -84,3 +84,68 @@ def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
     low = packed & 0x0F
     high = packed >> 4
     return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)[:, :columns]
+
+
+def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``w`` [out, cols] (range including 0), as in quantize_weight."""
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    levels = 2 ** bits - 1
+    span = hi - lo
+    scale = torch.where(span <= 0, torch.ones_like(span), span / levels)
+    return scale, torch.round(-lo / scale).clamp(0, levels)
+
+
+def gptq_quantize(weight: torch.Tensor, rows: torch.Tensor, bits: int, group_size: int | None,
+                  damp: float = 0.01, block: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+    Pre-trained Transformers", ICLR 2023): quantize columns one at a time and spread each
+    column's rounding error over the columns not yet quantized, weighted by the inverse
+    Hessian ``H = 2 X^T X / n`` of the layer's calibration inputs ``rows`` [n, in]
+    (``damp`` x mean diagonal added; lazy updates in blocks of ``block`` columns).
+    ``act_order`` quantizes columns in order of decreasing ``H`` diagonal (per-channel
+    scales only, so the stored layout stays in the original column order).
+    """
+    if act_order and group_size is not None:
+        raise ValueError("act-order needs per-channel scales (--group-size channel)")
+    w = weight.detach().float().clone()
+    out_features, in_features = w.shape
+    x = rows.float()
+    h = 2 * x.T @ x / max(x.shape[0], 1)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    group = in_features if group_size is None else group_size
+    groups = -(-in_features // group)
+    scales = torch.ones(out_features, groups)
+    zeros = torch.zeros(out_features, groups)
+    if group_size is None:
+        scales[:, 0], zeros[:, 0] = _group_params(w, bits)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    levels = 2 ** bits - 1
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    for start in range(0, in_features, block):
+        end = min(start + block, in_features)
+        w1 = w[:, start:end].clone()
+        errors = torch.zeros_like(w1)
+        h1 = hinv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if group_size is not None and column % group == 0:
+                g = column // group
+                span = torch.cat([w1[:, i:], w[:, end:]], dim=1)[:, :group]
+                scales[:, g], zeros[:, g] = _group_params(span, bits)
+            g = 0 if group_size is None else column // group
+            q = (torch.round(w1[:, i] / scales[:, g]) + zeros[:, g]).clamp(0, levels)
+            dequantized = (q - zeros[:, g]) * scales[:, g]
+            codes[:, perm[column]] = q.to(torch.uint8)
+            error = (w1[:, i] - dequantized) / h1[i, i]
+            w1[:, i:] -= error.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ hinv[start:end, end:]
+    packed = pack_int4(codes) if bits == 4 else codes
+    return QuantizedWeight(packed, scales.contiguous(), zeros.to(torch.uint8).contiguous(), bits, group,
+                           (out_features, in_features))
