@@ -72,3 +72,15 @@ def copy_fixtures(tmp_path: Path) -> Path:
     target = tmp_path / "photos"
     shutil.copytree(FIXTURE_IMAGES, target)
     return target
+
+
+def assert_usage_error(command: str, inputs, output, args, message: str) -> None:
+    """``visbatch COMMAND INPUTS -o OUTPUT ARGS`` on CPU exits 2 with ``message`` on stderr, no traceback."""
+    from typer.testing import CliRunner
+
+    from visbatch.cli.main import app
+
+    result = CliRunner().invoke(app, [command, "--device", "cpu", "--workers", "0", str(inputs),
+                                      "-o", str(output), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output

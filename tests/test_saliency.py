@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import assert_usage_error
 from visbatch.cli.main import app
 from visbatch.core.images import decode_image, pil_to_uint8_chw, resize_and_crop
 from visbatch.core.models import find_spatial_layer, load_model
@@ -412,10 +413,7 @@ def test_cli_smooth_wrapper_and_rise(fixture_images, tmp_path):
     (["--model", "test-tiny-clip"], "exactly one of --prompt"),
 ])
 def test_cli_usage_errors(fixture_images, tmp_path, args, message):
-    result = runner.invoke(app, ["saliency", "--device", "cpu", "--workers", "0", str(fixture_images),
-                                 "-o", str(tmp_path / "o.parquet"), *args])
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr
+    assert_usage_error("saliency", fixture_images, tmp_path / "o.parquet", args, message)
 
 
 def test_list_methods():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import assert_usage_error
 from visbatch.cli.main import app
 from visbatch.core.tasks.select import SelectOptions, select
 from visbatch.core.tasks.select import algorithms as alg
@@ -208,10 +209,7 @@ def test_caption_filter_datacomp_fraction(tmp_path):
     (["--min-clip-score", "0.2"], "need captions"),
 ])
 def test_usage_errors(fixture_images, tmp_path, args, message):
-    result = runner.invoke(app, ["select-data", "--device", "cpu", "--workers", "0", str(fixture_images),
-                                 "-o", str(tmp_path / "m.parquet"), *args])
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr
+    assert_usage_error("select-data", fixture_images, tmp_path / "m.parquet", args, message)
 
 
 def test_caption_sources_feed_the_clip_filter(fixture_images, tmp_path):
