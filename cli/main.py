@@ -10,6 +10,7 @@ from visbatch.cli.clip_score import clip_score
 from visbatch.cli.saliency import saliency
 from visbatch.cli.select_data import select_data
 from visbatch.cli.quantize import quantize
+from visbatch.cli import detect_aigi
 
 app = typer.Typer(
     name="visbatch",
@@ -23,6 +24,7 @@ app.command("clip-score")(clip_score)
 app.command("saliency")(saliency)
 app.command("select-data")(select_data)
 app.command("quantize")(quantize)
+app.add_typer(detect_aigi.app, name="detect-aigi")
 
 
 def _version_callback(value: bool):

@@ -76,6 +76,9 @@ class Task(Protocol):
     # Optional: ``annotate``, a picklable callable(ImageItem) -> dict run in the
     # decode workers; its dict lands in ``Record.extra`` (sidecar captions,
     # file fingerprints).
+    # Optional: ``geometry``, the CPU resize/crop when the task needs another
+    # than the model's (detectors that must see pixels at native resolution);
+    # overlays and peaks then map through it.
     # Optional: ``reduce(table) -> table``, the reduce stage over everything
     # gathered (all rows of the run, resumed ones included), run once after
     # the map stage; it keeps one row per input and may fill columns that
@@ -232,9 +235,9 @@ def _worker_init(_worker_id: int) -> None:
 
 def make_loader(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig,
                 display_size: int | None = None, keep_original: bool = False,
-                annotate=None) -> torch.utils.data.DataLoader:
-    dataset = ImageDataset(items, model.preprocess.geometry, config.max_pixels, display_size, keep_original,
-                           annotate)
+                annotate=None, geometry=None) -> torch.utils.data.DataLoader:
+    dataset = ImageDataset(items, geometry or model.preprocess.geometry, config.max_pixels, display_size,
+                           keep_original, annotate)
     workers = max(0, int(config.workers))
     # The user chose the worker count; torch's "more workers than cores" advice is noise here.
     warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
@@ -304,7 +307,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
         items = todo
     overlay_writer = OverlayWriter(config.overlays) if config.overlays else None
     loader = make_loader(items, model, config, display_size=config.overlay_size if overlay_writer else None,
-                         annotate=getattr(task, "annotate", None))
+                         annotate=getattr(task, "annotate", None), geometry=getattr(task, "geometry", None))
     progress = Progress(len(items), config.quiet, config.log_interval, task.name)
     start = time.monotonic()
     try:
@@ -355,7 +358,7 @@ def _process_batch(task, model, batch: Batch, writer: ResultsWriter, overlay_wri
         for record, heatmap in zip(ok_records, output.overlays):
             if heatmap is None or record.display is None:
                 continue
-            box = crop_box(record.width, record.height, model.preprocess.geometry)
+            box = crop_box(record.width, record.height, getattr(task, "geometry", None) or model.preprocess.geometry)
             picture = render_overlay(record.display, heatmap, config.overlay_colormap, config.overlay_alpha,
                                      config.overlay_style, config.overlay_signed, box)
             overlay_writer.submit(record.item, picture)

@@ -1,0 +1,454 @@
+"""detect-aigi: labelled inputs, the feature task, training, the detector file, scoring and evaluation."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from visbatch.core.images import Geometry, ImageItem, InputError, Record, SourceOptions, find_images
+from visbatch.core.models import LoadedModel, ModelError, file_checksum
+from visbatch.core.pipeline import MapOutput
+from visbatch.core.tasks.aigi.classifier import LogisticModel
+from visbatch.core.tasks.aigi.features import (
+    BITPLANE_NAMES,
+    NPR_NAMES,
+    SPECTRUM_NAMES,
+    bitplane_features,
+    npr_features,
+    spectrum_features,
+)
+
+FEATURE_GROUPS = ("embedding", "npr", "bitplane", "spectrum")
+ARTEFACT_GROUPS = ("npr", "bitplane", "spectrum")
+POLICIES = ("crop", "resize")
+DETECTOR_FORMAT = "visbatch-aigi-detector"
+DETECTOR_VERSION = 1
+
+
+# ----------------------------------------------------------------------------
+# Labelled inputs
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledItems:
+    items: list[ImageItem]
+    labels: list[int]  # 1 = fake
+    generators: list[str]
+
+
+def read_labelled_root(root: str) -> LabelledItems:
+    """ForenSynths/UnivFD layout: ``ROOT/0_real``, ``ROOT/1_fake``, or ``ROOT/<generator>/0_real|1_fake``
+    (also one level deeper: ``ROOT/<generator>/<class>/0_real``)."""
+    if not os.path.isdir(root):
+        raise InputError(f"input not found: {root}")
+    out = LabelledItems([], [], [])
+    for item in find_images([root], SourceOptions()):
+        parts = item.relpath.split("/")
+        label_dirs = [i for i, p in enumerate(parts[:-1]) if p in ("0_real", "1_fake")]
+        if not label_dirs:
+            continue
+        at = label_dirs[-1]
+        out.items.append(item)
+        out.labels.append(1 if parts[at] == "1_fake" else 0)
+        out.generators.append(parts[0] if at > 0 else "default")
+    if not out.items:
+        raise InputError(f"{root}: no images under 0_real/ or 1_fake/ folders")
+    return out
+
+
+def read_labelled_folders(real: Sequence[str], fake: Sequence[str]) -> LabelledItems:
+    out = LabelledItems([], [], [])
+    for label, folders in ((0, real), (1, fake)):
+        for folder in folders:
+            found = find_images([folder], SourceOptions())
+            if not found:
+                raise InputError(f"no images in {folder}")
+            out.items += found
+            out.labels += [label] * len(found)
+            out.generators += ["default"] * len(found)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------
+
+
+def jpeg_round_trip(pixels: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """Re-encode uint8 [B, 3, H, W] images as JPEG and decode them again (on CPU)."""
+    out = []
+    for image in pixels.cpu():
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=quality)
+        out.append(torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()).permute(2, 0, 1))
+    return torch.stack(out).to(pixels.device)
+
+
+@dataclass
+class FeatureExtractor:
+    """Feature vector of uint8 crops: the chosen groups, concatenated, with their names."""
+
+    model: LoadedModel | None
+    groups: tuple[str, ...]
+    raw_embedding: bool = False  # UnivFD's head reads unnormalized embeddings
+
+    def names(self, embedding_dim: int = 0) -> list[str]:
+        names: list[str] = []
+        for group in self.groups:
+            names += {"npr": NPR_NAMES, "bitplane": BITPLANE_NAMES, "spectrum": SPECTRUM_NAMES,
+                      "embedding": [f"emb_{i}" for i in range(embedding_dim)]}[group]
+        return names
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        parts = []
+        x = pixels.float() / 255
+        for group in self.groups:
+            if group == "npr":
+                parts.append(npr_features(x))
+            elif group == "bitplane":
+                parts.append(bitplane_features(pixels))
+            elif group == "spectrum":
+                parts.append(spectrum_features(x))
+            elif group == "embedding":
+                size = self.model.preprocess.geometry.crop
+                resized = F.interpolate(pixels.float(), size=size, mode="bilinear", antialias=True,
+                                        align_corners=False).round().clamp(0, 255).to(torch.uint8)
+                embedding = self.model.encode_image(self.model.to_input(resized)).float()
+                parts.append(embedding if self.raw_embedding else F.normalize(embedding, dim=-1))
+            else:
+                raise ValueError(f"unknown feature group {group!r} (choose from {', '.join(FEATURE_GROUPS)})")
+        return torch.cat([p.float().to(pixels.device) for p in parts], dim=1)
+
+
+def policy_geometry(policy: str, size: int) -> Geometry:
+    """``crop``: centre crop at native resolution (padding small images); ``resize``: shortest side to
+    ``size`` then centre crop (destroys up-sampling traces: warned about for artefact groups)."""
+    if policy == "crop":
+        return Geometry(resize=0, crop=(size, size), resize_mode="none")
+    if policy == "resize":
+        return Geometry(resize=size, crop=(size, size), interpolation="bilinear")
+    raise ValueError(f"unknown policy {policy!r} (crop or resize)")
+
+
+class FeatureTask:
+    """Map stage shared by train and eval: one feature vector per image."""
+
+    name = "detect-aigi-features"
+
+    def __init__(self, extractor: FeatureExtractor, geometry: Geometry, normalize_format: bool = False):
+        self.extractor, self.geometry, self.normalize_format = extractor, geometry, normalize_format
+
+    def fields(self):
+        return [pa.field("features", pa.list_(pa.float32()))]
+
+    def options(self):
+        return {"groups": list(self.extractor.groups), "geometry": self.geometry.as_dict(),
+                "normalize_format": self.normalize_format}
+
+    def map(self, images, records):
+        if self.normalize_format:
+            images = jpeg_round_trip(images)
+        return MapOutput([{"features": f.cpu().numpy()} for f in self.extractor(images)])
+
+    def summary(self):
+        return {}
+
+
+# ----------------------------------------------------------------------------
+# The detector file
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Detector:
+    classifier: LogisticModel
+    groups: tuple[str, ...]
+    feature_names: list[str]
+    platt: tuple[float, float]
+    threshold: float
+    policy: str
+    size: int
+    backbone: dict | None
+    training: dict = field(default_factory=dict)
+    raw_embedding: bool = False
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier.logits(features.cpu())
+
+    def probability(self, features: torch.Tensor) -> torch.Tensor:
+        a, b = self.platt
+        return torch.sigmoid(a * self.logits(features) + b)
+
+    def group_scores(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each group's share of the logit (calibration slope applied)."""
+        contributions = self.classifier.contributions(features.cpu()) * self.platt[0]
+        out, start = {}, 0
+        for group in self.groups:
+            width = sum(1 for n in self.feature_names if _group_of(n) == group)
+            out[group] = contributions[:, start:start + width].sum(dim=1)
+            start += width
+        return out
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"mean": self.classifier.mean.cpu(), "std": self.classifier.std.cpu(),
+                   "weight": self.classifier.weight.cpu(), "bias": self.classifier.bias.cpu().reshape(1)}
+        metadata = {"format": DETECTOR_FORMAT, "format_version": str(DETECTOR_VERSION), "config": json.dumps({
+            "groups": list(self.groups), "feature_names": self.feature_names, "platt": list(self.platt),
+            "threshold": self.threshold, "policy": self.policy, "size": self.size, "backbone": self.backbone,
+            "training": self.training, "raw_embedding": self.raw_embedding})}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Detector":
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise ModelError(f"detector not found: {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise ModelError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}")
+        if metadata.get("format") != DETECTOR_FORMAT:
+            raise ModelError(f"{path} is not a visbatch detector (train one with `visbatch detect-aigi train`)")
+        if metadata.get("format_version") != str(DETECTOR_VERSION):
+            raise ModelError(f"{path}: detector format version {metadata.get('format_version')} is not supported")
+        config = json.loads(metadata["config"])
+        classifier = LogisticModel(tensors["mean"].float(), tensors["std"].float(), tensors["weight"].float(),
+                                   tensors["bias"].float().reshape(()))
+        return cls(classifier, tuple(config["groups"]), config["feature_names"], tuple(config["platt"]),
+                   config["threshold"], config["policy"], config["size"], config["backbone"], config["training"],
+                   config.get("raw_embedding", False))
+
+    def check_backbone(self, model: LoadedModel | None) -> None:
+        """Refuse a backbone other than the one the detector was trained with."""
+        if self.backbone is None:
+            return
+        if model is None or model.checksum != self.backbone.get("checksum"):
+            got = "none" if model is None else f"{model.spec} ({model.checksum[:19]}...)"
+            raise ModelError(f"the detector was trained on backbone {self.backbone.get('spec')} "
+                             f"({str(self.backbone.get('checksum'))[:19]}...), not {got}; pass the same --model")
+
+
+def _group_of(name: str) -> str:
+    if name.startswith("emb_"):
+        return "embedding"
+    if name.startswith("npr_"):
+        return "npr"
+    if name.startswith("bit"):
+        return "bitplane"
+    return "spectrum"
+
+
+def univfd_detector(path: str, backbone: LoadedModel) -> Detector:
+    """UnivFD's released linear head (a state dict with ``weight`` [1, D] and ``bias`` [1]) on raw
+    image embeddings (Ojha et al., CVPR 2023), as a visbatch detector (no calibration: Platt (1, 0))."""
+    from visbatch.core.models import load_state_dict_file
+
+    state = load_state_dict_file(path)
+    state = {k.split(".")[-1]: v for k, v in state.items()}
+    if "weight" not in state or "bias" not in state:
+        raise ModelError(f"{path}: expected a linear head with 'weight' and 'bias'")
+    weight, bias = state["weight"].float(), state["bias"].float()
+    if weight.ndim != 2 or weight.shape[0] != 1:
+        raise ModelError(f"{path}: head weight has shape {tuple(weight.shape)}, expected [1, D]")
+    dim = weight.shape[1]
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, *backbone.preprocess.geometry.crop, dtype=torch.uint8)
+        backbone_dim = backbone.encode_image(backbone.to_input(probe)).shape[-1]
+    if backbone_dim != dim:
+        raise ModelError(f"{path}: head expects {dim}-d features but {backbone.spec} gives {backbone_dim}-d "
+                         "(UnivFD's head needs --model ViT-L-14 --pretrained openai)")
+    # UnivFD applies its head to the embedding as it comes out of the image tower (not normalized).
+    classifier = LogisticModel(torch.zeros(dim), torch.ones(dim), weight[0], bias[0])
+    return Detector(classifier, ("embedding",), [f"emb_{i}" for i in range(dim)], (1.0, 0.0), 0.5, "resize",
+                    min(backbone.preprocess.geometry.crop), backbone.describe(), {"source": f"UnivFD head {path}"},
+                    raw_embedding=True)
+
+
+# ----------------------------------------------------------------------------
+# Training, scoring, evaluation
+# ----------------------------------------------------------------------------
+
+
+def stratified_split(labels: Sequence[int], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices with ``holdout`` of each class held out."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    train, held = [], []
+    for value in (0, 1):
+        index = rng.permutation(np.flatnonzero(labels == value))
+        cut = max(1, int(round(len(index) * holdout))) if len(index) > 1 else 0
+        held += index[:cut].tolist()
+        train += index[cut:].tolist()
+    return np.sort(train), np.sort(held)
+
+
+def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_names, policy, size, backbone,
+                   holdout: float = 0.25, seed: int = 0, l2: float = 1e-2) -> tuple[Detector, dict]:
+    """Fit on the training split, calibrate (Platt) and choose the threshold on the held-out split."""
+    from visbatch.core.tasks.aigi.classifier import (
+        auroc,
+        average_precision,
+        choose_threshold,
+        expected_calibration_error,
+        fit_logistic,
+        fit_platt,
+    )
+
+    labels = torch.tensor(data.labels)
+    if labels.sum() == 0 or labels.sum() == len(labels):
+        raise InputError("training needs both real and fake images")
+    train, held = stratified_split(data.labels, holdout, seed)
+    classifier = fit_logistic(features[train], labels[train], l2=l2)
+    held_logits = classifier.logits(features[held])
+    platt = fit_platt(held_logits, labels[held])
+    held_p = torch.sigmoid(platt[0] * held_logits + platt[1])
+    threshold = choose_threshold(held_p, labels[held])
+    summary = {}
+    for generator in sorted(set(data.generators)):
+        mask = [g == generator for g in data.generators]
+        summary[generator] = {"real": int(sum(1 for m, y in zip(mask, data.labels) if m and y == 0)),
+                              "fake": int(sum(1 for m, y in zip(mask, data.labels) if m and y == 1))}
+    report = {"train": len(train), "held_out": len(held), "held_out_ap": average_precision(labels[held], held_p),
+              "held_out_auroc": auroc(labels[held], held_p), "held_out_ece": expected_calibration_error(held_p,
+                                                                                                      labels[held]),
+              "threshold": threshold, "platt": list(platt), "per_generator": summary}
+    detector = Detector(classifier, tuple(groups), feature_names, platt, threshold, policy, size, backbone,
+                        training=report)
+    return detector, report
+
+
+def evaluate(labels: Sequence[int], generators: Sequence[str], p_fake: torch.Tensor, threshold: float) -> list[dict]:
+    """One row per generator plus ``all``: AP, AUROC, accuracy at 0.5 and at the threshold, per-class accuracy."""
+    from visbatch.core.tasks.aigi.classifier import auroc, average_precision
+
+    labels_t = torch.tensor(list(labels))
+    rows = []
+    for generator in sorted(set(generators)) + ["all"]:
+        mask = torch.tensor([generator == "all" or g == generator for g in generators])
+        y, p = labels_t[mask], p_fake[mask]
+        real, fake = y == 0, y == 1
+        rows.append({
+            "generator": generator, "n_real": int(real.sum()), "n_fake": int(fake.sum()),
+            "ap": average_precision(y, p) if fake.any() else float("nan"),
+            "auroc": auroc(y, p),
+            "acc_at_0_5": float(((p >= 0.5).long() == y).float().mean()),
+            "acc_at_threshold": float(((p >= threshold).long() == y).float().mean()),
+            "real_acc": float((p[real] < threshold).float().mean()) if real.any() else float("nan"),
+            "fake_acc": float((p[fake] >= threshold).float().mean()) if fake.any() else float("nan"),
+        })
+    return rows
+
+
+def format_confounds(data: LabelledItems) -> list[str]:
+    """Warnings where real and fake differ in file format, size or JPEG quality (the classic confound)."""
+    warnings = []
+    stats = {0: {"formats": {}, "pixels": [], "quality": []}, 1: {"formats": {}, "pixels": [], "quality": []}}
+    for item, label in zip(data.items, data.labels):
+        try:
+            with Image.open(item.path) as img:
+                fmt = img.format or "?"
+                stats[label]["formats"][fmt] = stats[label]["formats"].get(fmt, 0) + 1
+                stats[label]["pixels"].append(img.size[0] * img.size[1])
+                if fmt == "JPEG" and getattr(img, "quantization", None):
+                    table = img.quantization.get(0)
+                    stats[label]["quality"].append(float(np.mean(table)) if table else np.nan)
+        except OSError:
+            continue
+    real, fake = stats[0], stats[1]
+    if set(real["formats"]) != set(fake["formats"]):
+        warnings.append(f"real images are {dict(real['formats'])} but fake images are {dict(fake['formats'])}: "
+                        "a detector can learn the file format; use --normalize-format")
+    if real["pixels"] and fake["pixels"]:
+        a, b = np.median(real["pixels"]), np.median(fake["pixels"])
+        if max(a, b) > 1.5 * min(a, b):
+            warnings.append(f"median image size differs (real {a:.0f} px, fake {b:.0f} px): size can give the answer")
+    if real["quality"] and fake["quality"]:
+        a, b = np.nanmedian(real["quality"]), np.nanmedian(fake["quality"])
+        if abs(a - b) > 0.25 * max(a, b, 1e-9):
+            warnings.append(f"JPEG quantization differs (mean luminance table: real {a:.1f}, fake {b:.1f}): "
+                            "compression can give the answer; use --normalize-format")
+    return warnings
+
+
+class ScoreTask:
+    """``score``: calibrated p_fake, a label, each group's share, optional TTA and patch heatmaps."""
+
+    name = "detect-aigi"
+
+    def __init__(self, detector: Detector, extractor: FeatureExtractor, tta: bool = False, heatmaps: bool = False,
+                 tiles: int = 4):
+        self.detector, self.extractor, self.tta, self.heatmaps, self.tiles = detector, extractor, tta, heatmaps, tiles
+        self.geometry = policy_geometry(detector.policy, detector.size)
+        self._counts = {"real": 0, "fake": 0, "unsure": 0}
+
+    def fields(self):
+        fields = [pa.field("p_fake", pa.float32()), pa.field("label", pa.string())]
+        fields += [pa.field(f"score_{g}", pa.float32()) for g in self.detector.groups]
+        if self.tta:
+            fields += [pa.field("p_fake_jpeg", pa.float32()), pa.field("p_fake_resized", pa.float32())]
+        return fields
+
+    def options(self):
+        return {"threshold": self.detector.threshold, "policy": self.detector.policy, "size": self.detector.size,
+                "groups": list(self.detector.groups), "tta": self.tta,
+                "tta_variants": "JPEG quality 90 re-encode; 0.9x bilinear resize" if self.tta else None}
+
+    def _probability(self, pixels):
+        return self.detector.probability(self.extractor(pixels))
+
+    def map(self, images, records):
+        features = self.extractor(images)
+        p = self.detector.probability(features)
+        groups = self.detector.group_scores(features)
+        fake = p >= self.detector.threshold
+        labels = ["fake" if f else "real" for f in fake.tolist()]
+        rows = [{"p_fake": float(p[i]), "label": labels[i],
+                 **{f"score_{g}": float(v[i]) for g, v in groups.items()}} for i in range(len(records))]
+        if self.tta:
+            jpeg = self._probability(jpeg_round_trip(images, 90))
+            size = images.shape[-1]
+            small = F.interpolate(images.float(), scale_factor=0.9, mode="bilinear", antialias=True,
+                                  align_corners=False)
+            pad = size - small.shape[-1]
+            resized = F.pad(small, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), mode="reflect")
+            resized = self._probability(resized.round().clamp(0, 255).to(torch.uint8))
+            for i, row in enumerate(rows):
+                row.update(p_fake_jpeg=float(jpeg[i]), p_fake_resized=float(resized[i]))
+                verdicts = {bool(p[i] >= self.detector.threshold), bool(jpeg[i] >= self.detector.threshold),
+                            bool(resized[i] >= self.detector.threshold)}
+                if len(verdicts) > 1:
+                    row["label"] = "unsure"
+        for row in rows:
+            self._counts[row["label"]] += 1
+        overlays = self._tile_maps(images) if self.heatmaps else None
+        return MapOutput(rows, overlays)
+
+    def _tile_maps(self, images) -> list[np.ndarray]:
+        """p_fake of each of ``tiles x tiles`` patches of the crop (evidence from every patch)."""
+        b, _, h, w = images.shape
+        th, tw = h // self.tiles, w // self.tiles
+        patches = images[:, :, : th * self.tiles, : tw * self.tiles].unfold(2, th, th).unfold(3, tw, tw)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, th, tw)
+        p = self._probability(patches.contiguous()).view(b, self.tiles, self.tiles)
+        return list(p.cpu().numpy())
+
+    def summary(self):
+        return {f"labelled_{k}": v for k, v in self._counts.items()}

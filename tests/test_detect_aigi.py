@@ -1,0 +1,156 @@
+"""detect-aigi: train/score/eval from the CLI, the detector file, UnivFD heads, real generated images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from visbatch.cli.main import app
+from visbatch.core.images import decode_image, pil_to_uint8_chw
+from visbatch.core.models import ModelError, load_model
+from visbatch.core.tasks.aigi.classifier import average_precision, fit_logistic
+from visbatch.core.tasks.aigi.detector import Detector, FeatureExtractor, read_labelled_root, univfd_detector
+
+runner = CliRunner()
+PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/rocket.jpg", "space/astronaut.jpg"]
+
+
+def invoke(*args, expect=0):
+    result = runner.invoke(app, ["detect-aigi", *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def upsampled_root(tmp_path_factory, fixture_images):
+    """ROOT/<generator>/0_real|1_fake: real crops, and the same crops 2x up-sampled two ways."""
+    root = tmp_path_factory.mktemp("aigi")
+    rng = np.random.default_rng(0)
+    kernel = torch.tensor([[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    for k, name in enumerate(PHOTOS):
+        array = np.asarray(decode_image(str(fixture_images / name)))
+        for j in range(3):
+            y, x = rng.integers(0, array.shape[0] - 128), rng.integers(0, array.shape[1] - 128)
+            crop = array[y:y + 128, x:x + 128]
+            small = F.avg_pool2d(torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float(), 2)
+            nearest = small.repeat_interleave(2, -2).repeat_interleave(2, -1)
+            inserted = torch.zeros(1, 3, 128, 128)
+            inserted[..., ::2, ::2] = small
+            tconv = F.conv2d(F.pad(inserted, (1, 1, 1, 1), mode="reflect"), kernel, groups=3)
+            for generator, fake in (("nearest", nearest), ("tconv", tconv)):
+                for label, image in (("0_real", crop), ("1_fake", fake[0].permute(1, 2, 0).round().clamp(0, 255)
+                                                        .byte().numpy())):
+                    folder = root / generator / label
+                    folder.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image).save(folder / f"{k}_{j}.png")
+    return root
+
+
+def test_train_score_eval_round_trip(upsampled_root, tmp_path):
+    detector = tmp_path / "det.safetensors"
+    report = json.loads(invoke("train", upsampled_root, "--features", "npr,bitplane,spectrum", "--size", "128",
+                               "-o", detector, "--device", "cpu", "--json").stdout.strip().splitlines()[-1])
+    assert report["held_out_ap"] > 0.9 and set(report["per_generator"]) == {"nearest", "tconv"}
+    assert (tmp_path / "det.features.parquet").exists()
+    loaded = Detector.load(str(detector))
+    assert loaded.groups == ("npr", "bitplane", "spectrum") and loaded.policy == "crop" and loaded.backbone is None
+    assert 0 < loaded.threshold < 1 and loaded.training["held_out"] >= 6
+    out = tmp_path / "eval.parquet"
+    invoke("eval", upsampled_root, "--detector", detector, "-o", out, "--device", "cpu", "--min-ap", "0.9")
+    rows = {r["generator"]: r for r in pq.read_table(out).to_pylist()}
+    assert set(rows) == {"nearest", "tconv", "all"}
+    assert rows["all"]["n_real"] == 24 and rows["all"]["n_fake"] == 24 and rows["all"]["ap"] > 0.9
+    for column in ("auroc", "acc_at_0_5", "acc_at_threshold", "real_acc", "fake_acc"):
+        assert 0 <= rows["all"][column] <= 1
+    gate = runner.invoke(app, ["detect-aigi", "eval", str(upsampled_root), "--detector", str(detector), "-o",
+                               str(out), "--overwrite", "--device", "cpu", "--min-ap", "1.01"])
+    assert gate.exit_code == 1 and "below --min-ap" in gate.stderr
+    scores = tmp_path / "scores.parquet"
+    invoke("score", upsampled_root / "tconv", "--detector", detector, "-o", scores, "--device", "cpu",
+           "--workers", "0", "--tta", "--heatmaps", tmp_path / "maps")
+    table = pq.read_table(scores).to_pylist()
+    assert len(table) == 24 and {r["label"] for r in table} <= {"real", "fake", "unsure"}
+    for r in table:
+        logit_share = r["score_npr"] + r["score_bitplane"] + r["score_spectrum"]
+        assert np.isfinite(logit_share) and 0 <= r["p_fake_jpeg"] <= 1 and 0 <= r["p_fake_resized"] <= 1
+        verdicts = {r[k] >= loaded.threshold for k in ("p_fake", "p_fake_jpeg", "p_fake_resized")}
+        assert (r["label"] == "unsure") == (len(verdicts) > 1)
+    assert len(list((tmp_path / "maps").rglob("*.png"))) == 24
+
+
+def test_embedding_backbone_is_recorded_and_enforced(upsampled_root, tmp_path):
+    detector = tmp_path / "d.safetensors"
+    invoke("train", upsampled_root / "tconv", "--features", "embedding,spectrum", "--model", "test-tiny-cnn",
+           "--size", "128", "-o", detector, "--device", "cpu")
+    loaded = Detector.load(str(detector))
+    assert loaded.backbone["spec"] == "test-tiny-cnn" and any(n.startswith("emb_") for n in loaded.feature_names)
+    ok = runner.invoke(app, ["detect-aigi", "score", str(upsampled_root / "tconv"), "--detector", str(detector),
+                             "-o", str(tmp_path / "s.parquet"), "--device", "cpu", "--workers", "0"])
+    assert ok.exit_code == 0, ok.output  # the detector's own backbone by default
+    wrong = runner.invoke(app, ["detect-aigi", "score", str(upsampled_root / "tconv"), "--detector",
+                                str(detector), "--model", "test-tiny-vit", "-o", str(tmp_path / "t.parquet"),
+                                "--device", "cpu"])
+    assert wrong.exit_code == 3 and "trained on backbone test-tiny-cnn" in wrong.stderr
+
+
+def test_univfd_head_loading(tmp_path):
+    tiny = load_model("test-tiny-clip", device="cpu")
+    head = tmp_path / "fc_weights.pth"
+    torch.save({"weight": torch.randn(1, 32), "bias": torch.zeros(1)}, head)
+    detector = univfd_detector(str(head), tiny)
+    assert detector.raw_embedding and detector.classifier.weight.shape == (32,)
+    torch.save({"fc.weight": torch.randn(1, 768), "fc.bias": torch.zeros(1)}, head)
+    with pytest.raises(ModelError, match="768-d features but test-tiny-clip gives 32-d"):
+        univfd_detector(str(head), tiny)
+    torch.save({"weight": torch.randn(2, 32), "bias": torch.zeros(2)}, head)
+    with pytest.raises(ModelError, match=r"expected \[1, D\]"):
+        univfd_detector(str(head), tiny)
+
+
+def test_format_confound_warning_and_bad_detector(tmp_path, upsampled_root):
+    root = tmp_path / "mixed"
+    for label, fmt in (("0_real", "JPEG"), ("1_fake", "PNG")):
+        (root / label).mkdir(parents=True)
+        for i, path in enumerate(sorted((upsampled_root / "tconv" / label).glob("*.png"))[:6]):
+            Image.open(path).save(root / label / f"{i}.{fmt.lower().replace('jpeg', 'jpg')}", format=fmt)
+    result = runner.invoke(app, ["detect-aigi", "train", str(root), "--features", "spectrum", "--size", "128",
+                                 "-o", str(tmp_path / "d.safetensors"), "--device", "cpu"])
+    assert result.exit_code == 0 and "can learn the file format" in result.stderr
+    assert "--normalize-format" in result.stderr
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"junk")
+    r = runner.invoke(app, ["detect-aigi", "eval", str(root), "--detector", str(bad), "-o", str(tmp_path / "e.pq")])
+    assert r.exit_code == 3 and "not a readable safetensors file" in r.stderr
+    r = runner.invoke(app, ["detect-aigi", "train", "--real", str(root / "0_real"), "-o", str(tmp_path / "y.safetensors")])
+    assert r.exit_code == 2 and "--real and --fake" in r.stderr
+
+
+def test_real_generated_images_cross_validated(fixture_images):
+    """29 text-to-image outputs against 24 crops of 8 public-domain photos, processed identically.
+
+    Measured 2026-11-23 (4 folds grouped by source image; chance AP = 29/53 = 0.547):
+    spectrum features AP 0.712 (AUROC 0.60); all artefact features AP 0.655; the efficientnet-lite0
+    embedding AP 0.585 (AUROC 0.50), i.e. at chance on this set (see the issue note).
+    """
+    data = read_labelled_root(str(fixture_images.parent / "aigi"))
+    pixels = torch.stack([pil_to_uint8_chw(decode_image(item.path)) for item in data.items])
+    labels = torch.tensor(data.labels)
+    sources = [item.relpath.split("/")[-1].rsplit("_", 1)[0] if y == 0 else item.relpath
+               for item, y in zip(data.items, data.labels)]
+    rng = np.random.default_rng(0)
+    fold_of = {s: int(rng.integers(0, 4)) for s in sorted(set(sources))}
+    folds = np.array([fold_of[s] for s in sources])
+    features = FeatureExtractor(None, ("spectrum",))(pixels)
+    scores = torch.zeros(len(labels))
+    for fold in range(4):
+        train, test = folds != fold, folds == fold
+        scores[test] = fit_logistic(features[train], labels[train]).logits(features[test])
+    chance = float(labels.float().mean())
+    assert average_precision(labels, scores) > chance + 0.1
