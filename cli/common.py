@@ -246,3 +246,12 @@ def overlay_settings(overlays, overlay_size, colormap, alpha, overlay_style) -> 
         raise UsageError(f"--overlay-style {overlay_style!r}: choose blend or side-by-side")
     return dict(overlays=overlays, overlay_size=overlay_size, overlay_colormap=colormap,
                 overlay_alpha=alpha, overlay_style=overlay_style)
+
+
+# Options of the commands that do not take the job options (quantize, detect-aigi train/eval).
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", envvar="VISBATCH_DEVICE")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode worker processes.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]

@@ -8,9 +8,11 @@ from typing import List, Optional
 import typer
 
 from visbatch.cli.common import (
-    EXIT_OK, EXIT_SOME_FAILED, AlphaOpt, ColormapOpt, OverlaySizeOpt, OverlayStyleOpt, UsageError,
-    find_inputs, finish, guarded, job_command, overlay_settings, pipeline_config,
+    EXIT_OK, EXIT_SOME_FAILED, AlphaOpt, BatchSizeOpt, ColormapOpt, DeviceOpt, JsonOpt, OverlaySizeOpt,
+    OverlayStyleOpt, OverwriteOpt, QuietOpt, UsageError, WorkersOpt, find_inputs, finish, guarded, job_command,
+    overlay_settings, pipeline_config,
 )
+NormalizeFormatOpt = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95.")
 
 app = typer.Typer(help="Train, score and evaluate detectors of AI-generated images.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -70,14 +72,14 @@ def train(
     holdout: float = typer.Option(0.25, "--holdout", min=0.05, max=0.9, help="Share held out for calibration."),
     seed: int = typer.Option(0, "--seed"),
     l2: float = typer.Option(1e-2, "--l2", min=0.0, help="L2 regularisation of the logistic regression."),
-    normalize_format: bool = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95."),
+    normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detector.safetensors", "--output", "-o"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    device: str = typer.Option("auto", "--device", envvar="VISBATCH_DEVICE"),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1),
-    workers: int = typer.Option(0, "--workers", "-j", min=0),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 16,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Train a calibrated detector from labelled folders and write it as safetensors + JSON metadata."""
     from visbatch.core.tasks.aigi.detector import (
@@ -186,14 +188,14 @@ def evaluate_command(
     model: str = typer.Option("detector", "--model", "-m", help="Backbone (default: the detector's)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained"),
     min_ap: Optional[float] = typer.Option(None, "--min-ap", help="Exit 1 when the overall AP is below this."),
-    normalize_format: bool = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95."),
+    normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detect-aigi-eval.parquet", "--output", "-o"),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    device: str = typer.Option("auto", "--device", envvar="VISBATCH_DEVICE"),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1),
-    workers: int = typer.Option(0, "--workers", "-j", min=0),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 16,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Per generator and overall AP, AUROC and accuracies of a detector on a labelled root."""
     import pyarrow as pa

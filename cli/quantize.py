@@ -7,7 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from visbatch.cli.common import EXIT_OK, UsageError, fail, guarded, load_model_for
+from visbatch.cli.common import (
+    EXIT_OK, BatchSizeOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, UsageError, WorkersOpt, guarded,
+    load_model_for,
+)
 
 
 def quantize(
@@ -25,13 +28,13 @@ def quantize(
         None, "--eval-images", help="Held-out images for the report (default: 25% of --calib, held out)."),
     calib_limit: int = typer.Option(256, "--calib-limit", min=1, help="At most this many calibration images."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The quantized .safetensors file."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: OverwriteOpt = False,
     inspect: Optional[str] = typer.Option(None, "--inspect", help="Print what a quantized file holds and exit."),
-    device: str = typer.Option("auto", "--device", envvar="VISBATCH_DEVICE"),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1),
-    workers: int = typer.Option(0, "--workers", "-j", min=0),
-    as_json: bool = typer.Option(False, "--json", help="Print the end-to-end figures as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 16,
+    workers: WorkersOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Quantize a model's weights to int8/int4, calibrated on images; every subcommand loads the file."""
     from visbatch.cli.common import CommonOptions
