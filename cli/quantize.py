@@ -27,6 +27,10 @@ def quantize(
     eval_images: Optional[str] = typer.Option(
         None, "--eval-images", help="Held-out images for the report (default: 25% of --calib, held out)."),
     calib_limit: int = typer.Option(256, "--calib-limit", min=1, help="At most this many calibration images."),
+    calib_prompts: Optional[str] = typer.Option(
+        None, "--calib-prompts", help="Text file, one prompt per line: calibrates a CLIP text tower."),
+    calib_captions: Optional[str] = typer.Option(
+        None, "--calib-captions", help="Captions table (caption column): calibrates a CLIP text tower."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The quantized .safetensors file."),
     overwrite: OverwriteOpt = False,
     inspect: Optional[str] = typer.Option(None, "--inspect", help="Print what a quantized file holds and exit."),
@@ -85,8 +89,22 @@ def quantize(
                                fail_on_error=False, json=as_json, quiet=quiet, output=output)
         loaded = load_model_for(common)
         config = RunConfig(output=output, batch_size=batch_size, workers=workers, quiet=True)
+        texts = []
+        if calib_prompts:
+            try:
+                with open(calib_prompts, encoding="utf-8") as f:
+                    texts += [line.strip() for line in f if line.strip()]
+            except OSError as exc:
+                raise UsageError(f"cannot read --calib-prompts {calib_prompts}: {exc.strerror or exc}")
+        if calib_captions:
+            from visbatch.core.images import read_table_file
+
+            texts += [str(r["caption"]) for r in read_table_file(calib_captions) if r.get("caption")]
+        if texts and loaded.family != "open_clip":
+            raise UsageError("--calib-prompts/--calib-captions calibrate a CLIP text tower; this model has none")
         options = QuantizeOptions(bits=bits, group_size=None if group_size == "channel" else int(group_size),
-                                  method=method, towers=towers, skip=list(skip or []), act_order=act_order)
+                                  method=method, towers=towers, skip=list(skip or []), act_order=act_order,
+                                  texts=texts)
         report = run_quantize(loaded, calibration, held_out, output, options, config)
         report_path = output[: -len(".safetensors")] + ".report.parquet"
         write_report(report_path, report)

@@ -125,13 +125,19 @@ def test_tiny_clip_attention_in_proj_is_quantized_and_loads_everywhere(tmp_path,
     for i in range(6):
         write_image(calib / f"{i}.png", size=(80, 72), seed=i)
     out = tmp_path / "tiny.safetensors"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car on a street\ntwo people walking on a beach at sunset\n")
     result = runner.invoke(app, ["quantize", "--model", "test-tiny-clip", "--calib", str(calib), "--bits", "4",
-                                 "--group-size", "32", "--towers", "all", "-o", str(out), "--device", "cpu",
-                                 "--json"], catch_exceptions=False)
+                                 "--group-size", "32", "--towers", "all", "--calib-prompts", str(prompts),
+                                 "--method", "awq", "-o", str(out), "--device", "cpu", "--json"],
+                           catch_exceptions=False)
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["bytes_after"] < figures["bytes_before"]
     config = read_quantized_config(str(out))
+    assert config["calibration"]["texts"] == 3
+    # With calibration texts the text tower gets AWQ too (a searched alpha, not plain rounding).
+    assert config["layers"]["transformer.resblocks.0.mlp.c_fc"]["alpha"] is not None
     for tower in ("visual.transformer", "transformer"):
         for block in range(2):
             assert config["layers"][f"{tower}.resblocks.{block}.attn"]["kind"] == "mha_in_proj"

@@ -135,8 +135,10 @@ def run_images(model: LoadedModel, images_uint8: torch.Tensor) -> torch.Tensor:
     return model.module.encode_image(x) if model.family == "open_clip" else model.module(x)
 
 
-def calibrate(model: LoadedModel, targets: list[Target], batches) -> dict[str, ActivationStats]:
-    """Collect activation statistics of every target over the uint8 ``batches``."""
+def calibrate(model: LoadedModel, targets: list[Target], batches, texts: list[str] | None = None,
+              text_batch: int = 64) -> dict[str, ActivationStats]:
+    """Collect activation statistics of every target over the uint8 image ``batches`` (and, for a
+    CLIP text tower, over the ``texts``)."""
     stats = {t.name: ActivationStats() for t in targets}
     generator = torch.Generator().manual_seed(0)
     handles = []
@@ -148,6 +150,8 @@ def calibrate(model: LoadedModel, targets: list[Target], batches) -> dict[str, A
         with torch.inference_mode():
             for images in batches:
                 run_images(model, images)
+            for start in range(0, len(texts or []), text_batch):
+                model.encode_text(model.tokenize(texts[start:start + text_batch]))
     finally:
         for handle in handles:
             handle.remove()

@@ -34,6 +34,7 @@ class QuantizeOptions:
     towers: str = "visual"
     skip: list[str] = field(default_factory=list)
     act_order: bool = False
+    texts: list[str] = field(default_factory=list)  # calibration texts for a CLIP text tower
 
 
 def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig):
@@ -67,11 +68,13 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
     if not targets:
         raise ValueError(f"nothing to quantize in {model.spec} (towers={options.towers}, skip={options.skip})")
     text_targets = [t for t in targets if not t.name.startswith("visual.")] if model.family == "open_clip" else []
-    stats = calibrate(model, [t for t in targets if t not in text_targets], _batches(calib, model, config))
+    texts = options.texts if text_targets else []
+    stats = calibrate(model, [t for t in targets if t not in text_targets or texts],
+                      _batches(calib, model, config), texts)
     layers = []
     for target in targets:
-        # The text tower sees no calibration images: its layers are rounded to nearest.
-        method = "rtn" if target in text_targets else options.method
+        # Without calibration texts the text tower's layers are rounded to nearest.
+        method = "rtn" if target in text_targets and not texts else options.method
         layers.append(quantize_layer(target, options.bits, options.group_size, method, stats.get(target.name),
                                      options.act_order))
     quantized_module = copy.deepcopy(model.module)
@@ -94,7 +97,7 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
     if model.family != "open_clip":
         report["top1_agreement"] = float((before.argmax(1) == after.argmax(1)).float().mean())
     report["bytes_before"] = int(sum(t.numel() * t.element_size() for t in model.module.state_dict().values()))
-    calibration = {"images": len(calib), "rows_per_layer": max((s.kept_rows for s in stats.values()), default=0)}
+    calibration = {"images": len(calib), "texts": len(texts), "rows_per_layer": max((s.kept_rows for s in stats.values()), default=0)}
     file_config = {"method": options.method, "act_order": options.act_order, "bits": options.bits, "group_size": options.group_size,
                    "towers": options.towers, "skip": options.skip, "calibration": calibration,
                    "kept": [f"{name}: {why}" for name, why in kept]}
