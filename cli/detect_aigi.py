@@ -35,11 +35,11 @@ def _features_for(data, extractor, geometry, normalize_format, model, output, ba
     config = RunConfig(output=output, batch_size=batch_size, workers=workers, quiet=quiet, overwrite=True)
     run_pipeline(FeatureTask(extractor, geometry, normalize_format), model, data.items, config)
     rows = pq.read_table(output).to_pylist()
+    # A single-root output has no root column: every row is under that root.
     by_key = {(r.get("root", data.items[0].root), r["path"]): r for r in rows}
     keep, vectors, errors = [], [], []
     for i, item in enumerate(data.items):
-        row = by_key[(item.root, item.relpath)] if (item.root, item.relpath) in by_key else by_key.get(
-            (data.items[0].root, item.relpath))
+        row = by_key.get((item.root, item.relpath))
         if row is not None and row["status"] == "ok":
             keep.append(i)
             vectors.append(np.asarray(row["features"], dtype=np.float32))

@@ -158,12 +158,13 @@ def embed_with_cache(items: Sequence[ImageItem], model: LoadedModel, config: Run
             for row in table:
                 rows[_key(row.get("root", roots[0]), row["path"])] = row
     ordered = [rows[_key(it.root, it.relpath)] for it in items]
-    _write_cache(cache_path, ordered, items, model)
+    _write_cache(cache_path, cached, ordered, items, model)
     return ordered, len(todo)
 
 
-def _write_cache(path: str, rows: list[dict], items: Sequence[ImageItem], model: LoadedModel) -> None:
-    existing = read_cache(path, model) if os.path.exists(path) else {}
+def _write_cache(path: str, existing: dict, rows: list[dict], items: Sequence[ImageItem],
+                 model: LoadedModel) -> None:
+    """The cache's earlier rows (``existing``, as read by :func:`read_cache`) updated with this run's."""
     merged = dict(existing)
     for item, row in zip(items, rows):
         merged[_key(item.root, item.relpath)] = {**row, "root": item.root}
