@@ -86,6 +86,24 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
             print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
 
+@app.command("merge")
+def merge(
+    parts: list[str] = typer.Argument(..., help="Parquet outputs of the same job's --shard I/N runs."),
+    output: str = typer.Option(..., "--output", "-o", help="The merged Parquet file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+):
+    """Merge the outputs of --shard runs of one job into one file, in sorted path order."""
+    from visbatch.cli.common import EXIT_OK, guarded
+    from visbatch.core.outputs import merge_outputs
+
+    def job() -> int:
+        rows = merge_outputs(parts, output, overwrite)
+        print(f"visbatch merge: {rows} rows from {len(parts)} parts into {output}", file=sys.stderr)
+        return EXIT_OK
+
+    raise typer.Exit(guarded(job))
+
+
 def main() -> None:
     try:
         app()

@@ -427,3 +427,69 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def iter_rows(path: str | os.PathLike, columns: Iterable[str] | None = None) -> list[dict]:
     """All rows of an output file as dicts (for tests and small outputs)."""
     return pq.read_table(path, columns=list(columns) if columns else None).to_pylist()
+
+
+def merge_outputs(parts: list[str], output: str, overwrite: bool = False) -> int:
+    """Merge the Parquet outputs of ``--shard I/N`` runs into one, in sorted path order.
+
+    The parts must come from the same task, model and columns (their
+    ``visbatch`` metadata says so); a path present in two parts is an error
+    (shards never overlap). Written atomically; returns the row count.
+    """
+    if not parts:
+        raise OutputError("merge needs at least one part")
+    if os.path.exists(output) and not overwrite:
+        raise OutputError(f"output {output} exists; pass --overwrite to replace it")
+    metas, tables = [], []
+    for part in parts:
+        if not os.path.isfile(part):
+            raise OutputError(f"part not found: {part}")
+        try:
+            tables.append(pq.read_table(part))
+        except Exception as exc:
+            raise OutputError(f"cannot read {part}: {str(exc).splitlines()[0]}")
+        metas.append(read_run_metadata(part))
+    first = metas[0]
+    for part, meta in zip(parts[1:], metas[1:]):
+        for key in ("task", "schema"):
+            if meta.get(key) != first.get(key):
+                raise OutputError(f"{part} differs from {parts[0]} in {key}; only parts of one job can be merged")
+        if (meta.get("model") or {}).get("checksum") != (first.get("model") or {}).get("checksum"):
+            raise OutputError(f"{part} was made with other weights than {parts[0]}")
+    schemas = {t.schema.remove_metadata() for t in tables}
+    if len(schemas) > 1:
+        raise OutputError("the parts have different columns")
+    roots = sorted({r for meta in metas for r in meta.get("roots", [])})
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    if "root" not in table.column_names:
+        part_roots = [(meta.get("roots") or [""])[0] for meta in metas]
+        if len(set(part_roots)) > 1:
+            root_column = pa.array([r for r, t in zip(part_roots, tables) for _ in range(t.num_rows)])
+            table = table.add_column(table.schema.get_field_index("path") + 1, ROOT_FIELD, root_column)
+    keys = ["root", "path"] if "root" in table.column_names else ["path"]
+    table = table.sort_by([(k, "ascending") for k in keys])
+    key_columns = [table.column(k).to_numpy(zero_copy_only=False) for k in keys]
+    same = np.ones(max(table.num_rows - 1, 0), dtype=bool)
+    for column in key_columns:
+        same &= column[1:] == column[:-1]
+    if same.any():
+        at = int(np.flatnonzero(same)[0])
+        raise OutputError(f"{key_columns[-1][at]} appears in two parts (were the shards of different jobs?)")
+    meta = {**first, "roots": roots, "rows": table.num_rows, "merged_from": [os.path.abspath(p) for p in parts],
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if any(m.get("task_options") != first.get("task_options") for m in metas):
+        meta.pop("task_options", None)  # they differ: no single set describes the merged rows
+    schema = table.schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for start in range(0, max(table.num_rows, 1), ROW_GROUP_SIZE):
+                writer.write_table(table.slice(start, ROW_GROUP_SIZE).cast(schema))
+        os.replace(tmp, out)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return table.num_rows

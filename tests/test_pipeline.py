@@ -327,3 +327,27 @@ def test_reduce_stage_sees_every_row_including_resumed(image_folder, tmp_path):
     assert sorted(r["rank"] for r in table) == list(range(10))
     by_rank = sorted(table, key=lambda r: r["rank"])
     assert all(a["brightness"] >= b["brightness"] for a, b in zip(by_rank, by_rank[1:]))
+
+
+def test_shard_outputs_merge_back_to_the_whole_run(image_folder, tmp_path):
+    whole = tmp_path / "whole.parquet"
+    assert classify(image_folder, "-o", whole).exit_code == 0
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"part-{i}.parquet"
+        assert classify(image_folder, "--shard", f"{i}/3", "-o", part).exit_code == 0
+        parts.append(str(part))
+    merged = tmp_path / "merged.parquet"
+    result = invoke("merge", *parts, "-o", merged)
+    assert result.exit_code == 0
+    drop = ("top_probs",)
+    a = [{k: v for k, v in r.items() if k not in drop} for r in rows(whole)]
+    b = [{k: v for k, v in r.items() if k not in drop} for r in rows(merged)]
+    assert a == b
+    assert read_run_metadata(merged)["merged_from"] == [os.path.abspath(p) for p in parts]
+    again = runner.invoke(app, ["merge", parts[0], parts[0], "-o", str(tmp_path / "dup.parquet")])
+    assert again.exit_code == 2 and "appears in two parts" in again.stderr
+    other = tmp_path / "other.parquet"
+    invoke("classify", "--model", "test-tiny-vit", "--device", "cpu", "--workers", "0", image_folder, "-o", other)
+    mixed = runner.invoke(app, ["merge", parts[0], str(other), "-o", str(tmp_path / "mixed.parquet")])
+    assert mixed.exit_code == 2 and "other weights" in mixed.stderr
