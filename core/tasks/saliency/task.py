@@ -24,7 +24,7 @@ from visbatch.core.tasks.clip_score import (
     read_sidecar_caption,
 )
 from visbatch.core.tasks.saliency.attention import attention_modules
-from visbatch.core.tasks.saliency.methods import METHODS, LayerAccess, rise_masks
+from visbatch.core.tasks.saliency.methods import METHODS, LayerAccess, rise_masks, target_scores
 from visbatch.core.tasks.saliency.metrics import compact_maps, concentration, deletion_insertion_auc, peaks
 
 
@@ -156,32 +156,24 @@ class SaliencyTask:
             self.texts = None  # per-image captions, encoded per batch
             self.annotate = read_sidecar_caption if o.sidecar else None
 
+    def _cosines(self, x: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self.model.module.encode_image(x).float(), dim=-1)
+        return image @ texts.T
+
     def _forward_for(self, texts: torch.Tensor | None):
         """forward(x) -> [N, K]: logits for classifiers, image-text cosines (or logits) for CLIP."""
         if not self.is_clip:
             return lambda x: self.model.module(x).float()
         scale = self.logit_scale if self.config.score == "logit" else 1.0
-
-        def forward(x):
-            image = F.normalize(self.model.module.encode_image(x).float(), dim=-1)
-            return scale * image @ texts.T
-
-        return forward
+        return lambda x: scale * self._cosines(x, texts)
 
     def _eval_score_fn(self, texts):
         """The curve of deletion/insertion: a probability where there are classes, else the cosine."""
         if not self.is_clip:
-            return lambda x, t: self.model.module(x).float().softmax(dim=-1).gather(1, t.view(-1, 1)).squeeze(1)
+            return lambda x, t: target_scores(self.model.module(x).float().softmax(dim=-1), t)
         if self.config.labels:
-            def label_probability(x, t):
-                image = F.normalize(self.model.module.encode_image(x).float(), dim=-1)
-                return (self.logit_scale * image @ texts.T).softmax(dim=-1).gather(1, t.view(-1, 1)).squeeze(1)
-            return label_probability
-
-        def cosine(x, t):
-            image = F.normalize(self.model.module.encode_image(x).float(), dim=-1)
-            return (image @ texts.T).gather(1, t.view(-1, 1)).squeeze(1)
-        return cosine
+            return lambda x, t: target_scores((self.logit_scale * self._cosines(x, texts)).softmax(dim=-1), t)
+        return lambda x, t: target_scores(self._cosines(x, texts), t)
 
     # -- Task interface ---------------------------------------------------------------------------
 
@@ -266,12 +258,12 @@ class SaliencyTask:
             targets = None  # the top output
         if targets is None and self.spec.picks_targets and not o.smooth:
             result = self._attribute(forward, x, None, kept_records)
-            targets, target_scores = result.extras["targets"], result.extras["scores"]
+            targets, explained = result.extras["targets"], result.extras["scores"]
         else:
             with torch.no_grad():
                 outputs = forward(x)
             targets = outputs.argmax(dim=1) if targets is None else targets
-            target_scores = outputs.gather(1, targets.view(-1, 1)).squeeze(1)
+            explained = target_scores(outputs, targets)
             result = self._attribute(forward, x, targets, kept_records)
         maps = result.maps.detach().float()
         peak_x, peak_y = peaks(maps)
@@ -289,7 +281,7 @@ class SaliencyTask:
             x0, y0, x1, y1 = crop_box(record.width, record.height, self.model.preprocess.geometry)
             row = {
                 "method": o.method if not o.smooth else f"smooth-{o.method}",
-                "target": names[n], "target_index": int(targets[n]), "target_score": float(target_scores[n]),
+                "target": names[n], "target_index": int(targets[n]), "target_score": float(explained[n]),
                 "peak_x": float(np.clip(x0 + (x1 - x0) * float(peak_x[n]), 0, 1)),
                 "peak_y": float(np.clip(y0 + (y1 - y0) * float(peak_y[n]), 0, 1)),
                 "concentration": float(focus[n]),
