@@ -85,9 +85,12 @@ def quantization_targets(model: LoadedModel, towers: str = "visual", skip: list[
             kept.append((name, "--skip"))
         else:
             targets.append(Target(name, kind, child))
-    for name in ("visual.proj", "text_projection", "token_embedding", "visual.conv1", "positional_embedding"):
-        if any(name.startswith(p) or p == "" for p in prefixes) and (hasattr(module, name.split(".")[0])):
-            kept.append((name, "embedding/projection (kept in full precision)"))
+    if model.family == "open_clip":
+        embeddings = {"visual": ["visual.conv1", "visual.positional_embedding", "visual.proj"],
+                      "text": ["token_embedding", "positional_embedding", "text_projection"]}
+        for tower in ("visual", "text") if towers == "all" else (towers,):
+            kept += [(name, "embedding/projection (kept in full precision)") for name in embeddings[tower]
+                     if name not in {k for k, _ in kept}]
     return targets, kept
 
 
