@@ -47,6 +47,7 @@ class CommonOptions:
     json: bool
     quiet: bool
     output: Optional[str]
+    runtime: str = "speed"
 
 
 def _common_parameters(default_model: str, default_pretrained: Optional[str]) -> list:
@@ -74,6 +75,10 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
         opt("precision", Annotated[str, typer.Option(
             "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.",
             envvar="VISBATCH_PRECISION")], "auto"),
+        opt("runtime", Annotated[str, typer.Option(
+            "--runtime", help="For a quantized --model FILE: speed keeps each dequantized weight (as fast as "
+            "the original, memory as the original); memory dequantizes per batch (packed size in memory).",
+            envvar="VISBATCH_RUNTIME")], "speed"),
         opt("batch_size", Annotated[Optional[int], typer.Option(
             "--batch-size", "-b", min=1, help="Images per batch (default: 64 on CUDA, 8 on CPU, where small "
             "batches stay in cache).", envvar="VISBATCH_BATCH_SIZE", show_default=False)], None),
@@ -196,7 +201,9 @@ def find_inputs(common: CommonOptions):
 def load_model_for(common: CommonOptions):
     from visbatch.core.models import load_model
 
-    return load_model(common.model, common.pretrained, common.device, common.precision)
+    if common.runtime not in ("speed", "memory"):
+        raise UsageError("--runtime must be speed or memory")
+    return load_model(common.model, common.pretrained, common.device, common.precision, runtime=common.runtime)
 
 
 def pipeline_config(common: CommonOptions, task_name: str, model, **overlay):

@@ -22,6 +22,8 @@ def quantize(
     method: str = typer.Option("gptq", "--method", help="rtn, awq or gptq (the most accurate here: see README)."),
     act_order: bool = typer.Option(False, "--act-order", help="gptq: columns by decreasing Hessian diagonal "
                                    "(needs --group-size channel)."),
+    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="awq: search a clipping range per "
+                                  "output row and group (not for attention's q/k)."),
     towers: str = typer.Option("visual", "--towers", help="CLIP: visual, text or all."),
     skip: Optional[List[str]] = typer.Option(None, "--skip", help="Layer name pattern to keep (repeatable)."),
     eval_images: Optional[str] = typer.Option(
@@ -104,6 +106,7 @@ def quantize(
             raise UsageError("--calib-prompts/--calib-captions calibrate a CLIP text tower; this model has none")
         options = QuantizeOptions(bits=bits, group_size=None if group_size == "channel" else int(group_size),
                                   method=method, towers=towers, skip=list(skip or []), act_order=act_order,
+                                  awq_clip=awq_clip,
                                   texts=texts)
         report = run_quantize(loaded, calibration, held_out, output, options, config)
         report_path = output[: -len(".safetensors")] + ".report.parquet"

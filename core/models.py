@@ -609,7 +609,7 @@ def known_model_names() -> list[str]:
 
 
 def load_model(spec: str, pretrained: str | None = None, device: str | torch.device = "auto",
-               precision: str = "auto") -> LoadedModel:
+               precision: str = "auto", runtime: str | None = None) -> LoadedModel:
     """Resolve ``spec`` (see module docstring) into a :class:`LoadedModel`.
 
     Raises :class:`UnknownModelError` (with the closest valid names) for a spec
@@ -627,7 +627,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str | torch.dev
 
         if pretrained:
             raise ValueError("a quantized model file carries its own weights; drop --pretrained")
-        return load_quantized(spec, torch_device, precision)
+        return load_quantized(spec, torch_device, precision, runtime)
     import open_clip
 
     if spec.startswith("hf-hub:") or spec in open_clip.list_models():

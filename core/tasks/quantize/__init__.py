@@ -3,15 +3,17 @@
 - :func:`quantization_targets`: which layers are quantized (every linear map
   in transformer blocks, attention's packed ``in_proj_weight`` included, and
   1x1 convolutions), and which are kept and why.
-- :func:`calibrate`: per-input-channel activation magnitudes and a bounded
-  sample of input rows per target, from calibration images.
-- :func:`quantize_model`: RTN or AWQ per target; AWQ searches
-  ``s = mean|x|^alpha`` on a 20-point grid for the lowest output error on
-  the calibration rows (Lin et al., "AWQ: Activation-aware Weight
-  Quantization for LLM Compression and Acceleration", MLSys 2024) and keeps
-  ``1/s`` as a per-column scale applied when the weight is materialized;
-  GPTQ spreads each column's rounding error with the inverse Hessian of
-  the calibration inputs (:func:`~visbatch.core.tasks.quantize.quant.gptq_quantize`).
+- :mod:`~visbatch.core.tasks.quantize.blockwise`: calibration and
+  quantization block by block along the model's chain of blocks, AWQ
+  measured on each block's output with its scales folded into LayerNorms.
+- :func:`calibrate` + :func:`quantize_layer`: the one-pass path for layers
+  outside any chain (statistics of every layer from one pass; AWQ measured
+  on the layer's own output, its ``1/s`` kept as an explicit column scale).
+- :mod:`~visbatch.core.tasks.quantize.awq`: AWQ's scale and clip searches;
+  :mod:`~visbatch.core.tasks.quantize.quant`: rounding, packing and GPTQ.
+- :class:`QuantizedWeightStore`, :class:`QuantLinear`, :class:`QuantConv1x1`:
+  the runtime layers (``speed`` caches the dequantized weight, ``memory``
+  does not).
 - :func:`save_quantized` / :func:`load_quantized`: safetensors with packed
   weights, fp16 scales, uint8 zero points and JSON metadata; loaded by
   :func:`visbatch.core.models.load_model` for any ``--model FILE.safetensors``.
@@ -29,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from visbatch.core.models import LoadedModel, ModelError, file_checksum
+from visbatch.core.tasks.quantize.awq import scaled_effective_weight, search_clip, search_scale
 from visbatch.core.tasks.quantize.quant import QuantizedWeight, gptq_quantize, quantize_weight
 
 FORMAT_NAME = "visbatch-quantized"
 FORMAT_VERSION = 1
-ALPHA_GRID = 20
 MAX_CALIBRATION_ROWS = 2048
 
 
@@ -174,6 +176,7 @@ class QuantizedLayer:
     alpha: float | None
     weight_error: float  # relative Frobenius error of the effective weight
     output_error: float  # relative MSE of the layer output on calibration rows (nan without rows)
+    folded_into: str | None = None  # the LayerNorm that absorbed AWQ's scales (no column_scale then)
 
 
 def effective_weight(weight: QuantizedWeight, column_scale: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
@@ -190,34 +193,44 @@ def _output_error(w: torch.Tensor, w_hat: torch.Tensor, rows: torch.Tensor | Non
     return float(((rows @ w_hat.T - reference) ** 2).mean() / reference.pow(2).mean().clamp(min=1e-12))
 
 
+def feeds_softmax(target: Target) -> bool:
+    """Attention's query/key projections (packed or not): AWQ leaves them unclipped, since a
+    clipped q or k distorts every attention weight."""
+    return target.kind == "mha_in_proj" or target.name.rsplit(".", 1)[-1] in ("qkv", "q_proj", "k_proj", "q", "k")
+
+
 def quantize_layer(target: Target, bits: int, group_size: int | None, method: str,
-                   stats: ActivationStats | None, act_order: bool = False) -> QuantizedLayer:
+                   stats: ActivationStats | None, act_order: bool = False, awq_clip: bool = False
+                   ) -> QuantizedLayer:
+    """One layer on its own: RTN; GPTQ on the sampled input rows; AWQ with the alpha search
+    measured on this layer's output (an explicit input scale is kept). Without calibration rows,
+    GPTQ and AWQ fall back to rounding."""
+    if method not in ("rtn", "awq", "gptq"):
+        raise ValueError(f"unknown method {method!r} (rtn, awq or gptq)")
     w = target.weight().float().cpu()
     rows = stats.sample().float() if stats is not None and stats.kept_rows else None
+    column_scale, alpha = None, None
     if method == "gptq" and rows is not None:
         quantized = gptq_quantize(w, rows, bits, group_size, act_order=act_order)
-        w_hat = quantized.dequantize()
-        return QuantizedLayer(target, quantized, None, None, float((w_hat - w).norm() / w.norm().clamp(min=1e-12)),
-                              _output_error(w, w_hat, rows))
-    best = (quantize_weight(w, bits, group_size), None, 0.0 if method == "awq" else None)
-    if method == "awq" and stats is not None and rows is not None:
-        magnitude = stats.mean_abs().float().cpu().clamp(min=1e-8)
-        best_error = _output_error(w, effective_weight(best[0], None), rows)
-        for alpha in torch.linspace(0, 1, ALPHA_GRID + 1)[1:].tolist():
-            s = magnitude.pow(alpha)
-            s = s / (s.max() * s.min()).sqrt()  # AWQ's normalization keeps scales around 1
-            if not torch.isfinite(s).all():
-                continue
-            candidate = quantize_weight(w * s.view(1, -1), bits, group_size)
-            error = _output_error(w, effective_weight(candidate, 1 / s), rows)
-            if error < best_error:
-                best, best_error = (candidate, (1 / s), alpha), error
-    elif method not in ("rtn", "awq", "gptq"):
-        raise ValueError(f"unknown method {method!r} (rtn, awq or gptq)")
-    weight, column_scale, alpha = best
-    w_hat = effective_weight(weight, column_scale)
-    return QuantizedLayer(target, weight, column_scale, alpha,
-                          float((w_hat - w).norm() / w.norm().clamp(min=1e-12)), _output_error(w, w_hat, rows))
+        effective = quantized.dequantize()
+    elif method == "awq" and rows is not None:
+        reference = rows @ w.T
+        energy = reference.pow(2).mean().clamp(min=1e-12)
+
+        def evaluate(candidates):
+            return float((rows @ candidates[0].T - reference).pow(2).mean() / energy)
+
+        alpha, s, _ = search_scale([w], stats.mean_abs().float().cpu(), bits, group_size, evaluate)
+        clip = (search_clip(w * s.view(1, -1), rows / s.view(1, -1), bits, group_size)
+                if awq_clip and not feeds_softmax(target) else None)
+        quantized, effective = scaled_effective_weight(w, s, bits, group_size, clip)
+        column_scale = 1 / s
+    else:
+        quantized = quantize_weight(w, bits, group_size)
+        effective = quantized.dequantize()
+    return QuantizedLayer(target, quantized, column_scale, alpha,
+                          float((effective - w).norm() / w.norm().clamp(min=1e-12)),
+                          _output_error(w, effective, rows))
 
 
 # ----------------------------------------------------------------------------
@@ -320,14 +333,18 @@ def install(model: nn.Module, layers: dict[str, tuple[str, QuantizedWeightStore]
 # ----------------------------------------------------------------------------
 
 
-def save_quantized(path: str, model: LoadedModel, layers: list[QuantizedLayer], config: dict) -> int:
-    """Write the file atomically; returns its size in bytes."""
+def save_quantized(path: str, model: LoadedModel, layers: list[QuantizedLayer], config: dict,
+                   overrides: dict[str, torch.Tensor] | None = None) -> int:
+    """Write the file atomically; returns its size in bytes. ``overrides`` replace kept tensors
+    (LayerNorm parameters that absorbed AWQ's scales)."""
     from safetensors.torch import save_file
 
     quantized_weights = {f"{layer.target.name}.weight" if layer.target.kind != "mha_in_proj"
                          else f"{layer.target.name}.in_proj_weight" for layer in layers}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()
                if k not in quantized_weights}
+    for name, value in (overrides or {}).items():
+        tensors[name] = value.detach().cpu().contiguous()
     layer_meta = {}
     for layer in layers:
         prefix = f"__quant__.{layer.target.name}"
@@ -337,7 +354,8 @@ def save_quantized(path: str, model: LoadedModel, layers: list[QuantizedLayer], 
         if layer.column_scale is not None:
             tensors[f"{prefix}.column_scale"] = layer.column_scale.float().contiguous()
         layer_meta[layer.target.name] = {"kind": layer.target.kind, "shape": list(layer.weight.shape),
-                                         "group_size": layer.weight.group_size, "alpha": layer.alpha}
+                                         "group_size": layer.weight.group_size, "alpha": layer.alpha,
+                                         "scales_folded_into": layer.folded_into}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -384,9 +402,9 @@ def load_quantized(path: str, device, precision: str, runtime: str | None = None
 
     config = read_quantized_config(path)
     source = config["source"]
-    runtime = runtime or os.environ.get("VISBATCH_QUANT_RUNTIME", "speed")
+    runtime = runtime or os.environ.get("VISBATCH_RUNTIME", "speed")
     if runtime not in ("speed", "memory"):
-        raise ValueError("runtime must be speed or memory")
+        raise ValueError(f"runtime must be speed or memory, not {runtime!r}")
     spec = source["spec"]
     base_pretrained = "none" if spec.startswith("timm:") else None
     model = load_model(spec, base_pretrained, device="cpu", precision="fp32")

@@ -24,6 +24,7 @@ from visbatch.core.tasks.quantize import (
     run_images,
     save_quantized,
 )
+from visbatch.core.tasks.quantize.blockwise import capture_chain_inputs, find_chains, quantize_chain
 
 
 @dataclass
@@ -34,6 +35,7 @@ class QuantizeOptions:
     towers: str = "visual"
     skip: list[str] = field(default_factory=list)
     act_order: bool = False
+    awq_clip: bool = True  # AWQ's weight-clipping search
     texts: list[str] = field(default_factory=list)  # calibration texts for a CLIP text tower
 
 
@@ -61,6 +63,49 @@ def _throughput(model: LoadedModel, module: torch.nn.Module, batch: torch.Tensor
     return repeats * batch.shape[0] / (time.perf_counter() - start)
 
 
+def quantize_targets(model: LoadedModel, targets: list, calib_batches: list[torch.Tensor], texts: list[str],
+                     options: QuantizeOptions) -> tuple[list, dict[str, torch.Tensor]]:
+    """Quantize every target: block by block inside chains (bounded memory, AWQ measured on block
+    outputs), one pass for the rest. Returns (layers, parameter overrides of folded LayerNorms)."""
+    chains, loose = find_chains(model, targets)
+    layers, overrides = [], {}
+    for chain in chains:
+        chain_targets = [t for t in targets if t.name.startswith(chain.container + ".")]
+        if chain.tower == "text" and not texts:
+            loose += chain_targets  # no calibration texts: rounded to nearest below
+            continue
+        if chain.tower == "text":
+            chunks = [texts[i:i + 64] for i in range(0, len(texts), 64)]
+            drive = lambda: (lambda chunk=chunk: model.encode_text(model.tokenize(chunk)) for chunk in chunks)  # noqa: E731
+        else:
+            drive = lambda: (lambda images=images: run_images(model, images) for images in calib_batches)  # noqa: E731
+        inputs = capture_chain_inputs(chain, drive)
+        if inputs is None:
+            loose += chain_targets
+            continue
+        chain_layers, chain_overrides = quantize_chain(chain, chain_targets, inputs, options.bits, options.group_size,
+                                                       options.method, options.act_order, options.awq_clip)
+        layers += chain_layers
+        overrides.update(chain_overrides)
+    text_names = {t.name for t in targets if model.family == "open_clip" and not t.name.startswith("visual.")}
+    calibrated = [t for t in loose if t.name not in text_names or texts]
+    stats = calibrate(model, calibrated, calib_batches, texts) if calibrated else {}
+    for target in loose:
+        # Without calibration texts the text tower's layers are rounded to nearest.
+        method = options.method if target.name in stats else "rtn"
+        layers.append(quantize_layer(target, options.bits, options.group_size, method, stats.get(target.name),
+                                     options.act_order, options.awq_clip))
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(layers, key=lambda layer: order[layer.target.name]), overrides
+
+
+def apply_overrides(module: torch.nn.Module, overrides: dict[str, torch.Tensor]) -> None:
+    """Copy folded LayerNorm parameters into ``module``."""
+    with torch.no_grad():
+        for name, value in overrides.items():
+            module.get_parameter(name).copy_(value)
+
+
 def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Sequence[ImageItem], output: str,
                  options: QuantizeOptions, config: RunConfig) -> dict:
     """Quantize ``model`` and write ``output``; returns the report (end-to-end figures and layers)."""
@@ -69,15 +114,10 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
         raise ValueError(f"nothing to quantize in {model.spec} (towers={options.towers}, skip={options.skip})")
     text_targets = [t for t in targets if not t.name.startswith("visual.")] if model.family == "open_clip" else []
     texts = options.texts if text_targets else []
-    stats = calibrate(model, [t for t in targets if t not in text_targets or texts],
-                      _batches(calib, model, config), texts)
-    layers = []
-    for target in targets:
-        # Without calibration texts the text tower's layers are rounded to nearest.
-        method = "rtn" if target in text_targets and not texts else options.method
-        layers.append(quantize_layer(target, options.bits, options.group_size, method, stats.get(target.name),
-                                     options.act_order))
+    calib_batches = list(_batches(calib, model, config))
+    layers, overrides = quantize_targets(model, targets, calib_batches, texts, options)
     quantized_module = copy.deepcopy(model.module)
+    apply_overrides(quantized_module, overrides)
     install(quantized_module, {layer.target.name: (layer.target.kind,
                                                    QuantizedWeightStore(layer.weight, layer.column_scale))
                                for layer in layers})
@@ -97,17 +137,19 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
     if model.family != "open_clip":
         report["top1_agreement"] = float((before.argmax(1) == after.argmax(1)).float().mean())
     report["bytes_before"] = int(sum(t.numel() * t.element_size() for t in model.module.state_dict().values()))
-    calibration = {"images": len(calib), "texts": len(texts), "rows_per_layer": max((s.kept_rows for s in stats.values()), default=0)}
-    file_config = {"method": options.method, "act_order": options.act_order, "bits": options.bits, "group_size": options.group_size,
-                   "towers": options.towers, "skip": options.skip, "calibration": calibration,
+    calibration = {"images": len(calib), "texts": len(texts)}
+    file_config = {"method": options.method, "act_order": options.act_order, "awq_clip": options.awq_clip,
+                   "bits": options.bits, "group_size": options.group_size, "towers": options.towers,
+                   "skip": options.skip, "calibration": calibration,
                    "kept": [f"{name}: {why}" for name, why in kept]}
-    report["bytes_after"] = save_quantized(output, model, layers, file_config)
+    report["bytes_after"] = save_quantized(output, model, layers, file_config, overrides)
     if eval_batches:
         report["images_per_s_before"] = _throughput(model, model.module, eval_batches[0])
         report["images_per_s_after"] = _throughput(model, quantized_module, eval_batches[0])
     report["layers"] = [
         {"layer": layer.target.name, "kind": layer.target.kind, "shape": list(layer.weight.shape),
-         "alpha": layer.alpha, "weight_error": layer.weight_error, "output_error": layer.output_error}
+         "alpha": layer.alpha, "scales_folded_into": layer.folded_into,
+         "weight_error": layer.weight_error, "output_error": layer.output_error}
         for layer in layers
     ]
     report["kept"] = [{"layer": name, "reason": why} for name, why in kept]
@@ -119,10 +161,12 @@ def write_report(path: str, report: dict) -> None:
     import json
 
     rows = report["layers"] + [{"layer": k["layer"], "kind": "kept: " + k["reason"], "shape": None, "alpha": None,
-                                "weight_error": None, "output_error": None} for k in report["kept"]]
+                                "scales_folded_into": None, "weight_error": None, "output_error": None}
+                               for k in report["kept"]]
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         pa.field("layer", pa.string()), pa.field("kind", pa.string()), pa.field("shape", pa.list_(pa.int64())),
-        pa.field("alpha", pa.float64()), pa.field("weight_error", pa.float64()),
+        pa.field("alpha", pa.float64()), pa.field("scales_folded_into", pa.string()),
+        pa.field("weight_error", pa.float64()),
         pa.field("output_error", pa.float64())]))
     summary = {k: v for k, v in report.items() if k not in ("layers", "kept")}
     table = table.replace_schema_metadata({b"visbatch": json.dumps(summary).encode()})

@@ -42,8 +42,12 @@ class QuantizedWeight:
         return self.qweight.numel() + self.scales.numel() * 2 + self.zeros.numel()  # scales stored as fp16
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None) -> QuantizedWeight:
-    """Asymmetric group-wise quantization (see module docstring). ``group_size=None``: per channel."""
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None,
+                    clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """Asymmetric group-wise quantization (see module docstring). ``group_size=None``: per channel.
+
+    ``clip`` [out, groups] in (0, 1] shrinks each group's range [min, max] before rounding
+    (AWQ's clipping: values outside saturate, the rest get a finer step)."""
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
     w = weight.detach().float()
@@ -60,6 +64,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None) -> 
     # The range always includes 0: zero points stay in range and 0 is exact.
     lo = grouped.amin(dim=-1).clamp(max=0)
     hi = grouped.amax(dim=-1).clamp(min=0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
     levels = 2 ** bits - 1
     span = hi - lo
     empty = span <= 0  # an all-zero group
