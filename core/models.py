@@ -110,6 +110,45 @@ class LoadedModel:
         features = self.module.forward_features(x)
         return self.module.forward_head(features, pre_logits=True)
 
+    @property
+    def has_patch_tokens(self) -> bool:
+        """Whether :meth:`encode_patches` works: a ViT pooled by its class token."""
+        if self.family == "open_clip":
+            visual = self.module.visual
+            return (getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
+                    and hasattr(visual, "output_tokens") and hasattr(visual, "conv1"))
+        return getattr(self.module, "global_pool", None) == "token" and hasattr(self.module, "patch_embed")
+
+    def encode_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch-token embeddings [B, grid_h, grid_w, D] in the space of :meth:`encode_image`, for
+        ViTs whose image embedding is their class token passed through the final norm (and, in
+        open_clip, the projection): each patch token goes through the same norm and projection.
+        ModelError for other models (CNNs, attention- or average-pooled ViTs)."""
+        self.require("image_embedding")
+        if not self.has_patch_tokens:
+            raise ModelError(f"{self.spec} is not a class-token ViT: no patch-token embeddings")
+        if self.family == "open_clip":
+            visual = self.module.visual
+            visual.output_tokens = True
+            try:
+                _, tokens = visual(x)
+            finally:
+                visual.output_tokens = False
+            if getattr(visual, "final_ln_after_pool", False):
+                tokens = visual.ln_post(tokens)
+            if visual.proj is not None:
+                tokens = tokens @ visual.proj
+            patch = visual.conv1.kernel_size
+        else:
+            module = self.module
+            tokens = module.forward_features(x)[:, module.num_prefix_tokens:]
+            tokens = module.fc_norm(tokens)
+            patch = module.patch_embed.patch_size
+        grid_h, grid_w = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+        if grid_h * grid_w != tokens.shape[1]:
+            raise ModelError(f"{self.spec}: {tokens.shape[1]} patch tokens do not form a {grid_h}x{grid_w} grid")
+        return tokens.reshape(x.shape[0], grid_h, grid_w, -1)
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embeddings (not normalized) of token ids [B, context_length]."""
         self.require("text_embedding")

@@ -100,6 +100,36 @@ def test_embedding_backbone_is_recorded_and_enforced(upsampled_root, tmp_path):
     assert wrong.exit_code == 3 and "trained on backbone test-tiny-cnn" in wrong.stderr
 
 
+def test_vit_detector_heatmaps_come_from_patch_tokens(upsampled_root, tmp_path):
+    detector = tmp_path / "vit.safetensors"
+    invoke("train", upsampled_root / "tconv", "--features", "embedding,spectrum", "--model", "test-tiny-vit",
+           "--size", "128", "-o", detector, "--device", "cpu")
+    scores = tmp_path / "s.parquet"
+    invoke("score", upsampled_root / "tconv" / "1_fake", "--detector", detector, "-o", scores, "--device", "cpu",
+           "--workers", "0", "--heatmaps", tmp_path / "maps")
+    meta = json.loads(pq.read_schema(scores).metadata[b"visbatch"])
+    assert meta["task_options"]["heatmap"] == "ViT patch tokens"
+    assert len(list((tmp_path / "maps").rglob("*.png"))) == 12
+    # The patch map swaps each patch token's embedding in for the image embedding and keeps the
+    # other groups: with every patch equal to the image embedding it is the image's p_fake.
+    from visbatch.core.tasks.aigi.detector import ScoreTask
+
+    loaded = Detector.load(str(detector))
+    backbone = load_model("test-tiny-vit", device="cpu")
+    extractor = FeatureExtractor(backbone, loaded.groups)
+    task = ScoreTask(loaded, extractor, heatmaps=True)
+    pixels = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    features = extractor(pixels)
+    width = sum(n.startswith("emb_") for n in loaded.feature_names)
+    extractor.patch_embeddings = lambda images: features[:, :width].view(2, 1, 1, width).expand(2, 14, 14, width)
+    maps = task._patch_maps(pixels, features)
+    p = loaded.probability(features)
+    assert maps[0].shape == (14, 14) and np.allclose(maps[0], float(p[0])) and np.allclose(maps[1], float(p[1]))
+    cnn = ScoreTask(loaded, FeatureExtractor(load_model("test-tiny-cnn", device="cpu"), loaded.groups),
+                    heatmaps=True)
+    assert cnn.options()["heatmap"] == "4x4 tiles"
+
+
 def test_univfd_head_loading(tmp_path):
     tiny = load_model("test-tiny-clip", device="cpu")
     head = tmp_path / "fc_weights.pth"

@@ -121,14 +121,29 @@ class FeatureExtractor:
             elif group == "spectrum":
                 parts.append(spectrum_features(x))
             elif group == "embedding":
-                size = self.model.preprocess.geometry.crop
-                resized = F.interpolate(pixels.float(), size=size, mode="bilinear", antialias=True,
-                                        align_corners=False).round().clamp(0, 255).to(torch.uint8)
-                embedding = self.model.encode_image(self.model.to_input(resized)).float()
+                embedding = self.model.encode_image(self._model_input(pixels)).float()
                 parts.append(embedding if self.raw_embedding else F.normalize(embedding, dim=-1))
             else:
                 raise ValueError(f"unknown feature group {group!r} (choose from {', '.join(FEATURE_GROUPS)})")
         return torch.cat([p.float().to(pixels.device) for p in parts], dim=1)
+
+
+    def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.model.preprocess.geometry.crop
+        resized = F.interpolate(pixels.float(), size=size, mode="bilinear", antialias=True,
+                                align_corners=False).round().clamp(0, 255).to(torch.uint8)
+        return self.model.to_input(resized)
+
+    @property
+    def has_patch_embeddings(self) -> bool:
+        return "embedding" in self.groups and self.model is not None and self.model.has_patch_tokens
+
+    @torch.inference_mode()
+    def patch_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, grid_h, grid_w, D]: each ViT patch token's embedding, normalized as the image
+        embedding is (see :meth:`LoadedModel.encode_patches`)."""
+        patches = self.model.encode_patches(self._model_input(pixels)).float()
+        return patches if self.raw_embedding else F.normalize(patches, dim=-1)
 
 
 def policy_geometry(policy: str, size: int) -> Geometry:
@@ -396,6 +411,7 @@ class ScoreTask:
     def __init__(self, detector: Detector, extractor: FeatureExtractor, tta: bool = False, heatmaps: bool = False,
                  tiles: int = 4):
         self.detector, self.extractor, self.tta, self.heatmaps, self.tiles = detector, extractor, tta, heatmaps, tiles
+        self.patch_heatmaps = heatmaps and extractor.has_patch_embeddings
         self.geometry = policy_geometry(detector.policy, detector.size)
         self._counts = {"real": 0, "fake": 0, "unsure": 0}
 
@@ -409,7 +425,9 @@ class ScoreTask:
     def options(self):
         return {"threshold": self.detector.threshold, "policy": self.detector.policy, "size": self.detector.size,
                 "groups": list(self.detector.groups), "tta": self.tta,
-                "tta_variants": "JPEG quality 90 re-encode; 0.9x bilinear resize" if self.tta else None}
+                "tta_variants": "JPEG quality 90 re-encode; 0.9x bilinear resize" if self.tta else None,
+                "heatmap": None if not self.heatmaps else (
+                    "ViT patch tokens" if self.patch_heatmaps else f"{self.tiles}x{self.tiles} tiles")}
 
     def _probability(self, pixels):
         return self.detector.probability(self.extractor(pixels))
@@ -438,8 +456,22 @@ class ScoreTask:
                     row["label"] = "unsure"
         for row in rows:
             self._counts[row["label"]] += 1
-        overlays = self._tile_maps(images) if self.heatmaps else None
+        overlays = None
+        if self.patch_heatmaps:
+            overlays = self._patch_maps(images, features)
+        elif self.heatmaps:
+            overlays = self._tile_maps(images)
         return MapOutput(rows, overlays)
+
+    def _patch_maps(self, images, features) -> list[np.ndarray]:
+        """p_fake of each ViT patch: the image's feature vector with its embedding replaced by the
+        patch token's embedding (the other groups keep their image-level values)."""
+        patches = self.extractor.patch_embeddings(images)  # [B, gh, gw, D]
+        b, gh, gw, d = patches.shape
+        columns = [i for i, name in enumerate(self.detector.feature_names) if name.startswith("emb_")]
+        per_patch = features.float().cpu().repeat_interleave(gh * gw, dim=0)
+        per_patch[:, columns] = patches.reshape(b * gh * gw, d).cpu()
+        return list(self.detector.probability(per_patch).view(b, gh, gw).numpy())
 
     def _tile_maps(self, images) -> list[np.ndarray]:
         """p_fake of each of ``tiles x tiles`` patches of the crop (evidence from every patch)."""
