@@ -42,7 +42,7 @@ def main() -> None:
     extractor = FeatureExtractor(model, groups)
     data = read_labelled_root(str(REPO / "fixtures" / "aigi"))
     features = extractor(torch.stack([pil_to_uint8_chw(decode_image(i.path)) for i in data.items]).to(model.device))
-    detector, _ = train_detector(features.cpu(), data, groups, extractor.names(features.shape[1] - 14), "crop", 256,
+    detector, _ = train_detector(features.cpu(), data, groups, extractor.names(), "crop", 256,
                                  model.describe())
     tmp = Path(tempfile.mkdtemp())
     make_folder(tmp / "images", args.images)

@@ -60,7 +60,7 @@ def train(
     real: Optional[List[str]] = typer.Option(None, "--real", help="Folder of real images (repeatable)."),
     fake: Optional[List[str]] = typer.Option(None, "--fake", help="Folder of generated images (repeatable)."),
     features: str = typer.Option("npr,bitplane,spectrum,embedding", "--features",
-                                 help="Comma-separated groups: embedding, npr, bitplane, spectrum."),
+                                 help="Comma-separated groups: embedding, layers, npr, bitplane, spectrum."),
     model: str = typer.Option("efficientnet-lite0", "--model", "-m", help="Backbone of the embedding group.",
                               envvar="VISBATCH_MODEL"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", envvar="VISBATCH_PRETRAINED"),
@@ -83,7 +83,7 @@ def train(
 ):
     """Train a calibrated detector from labelled folders and write it as safetensors + JSON metadata."""
     from visbatch.core.tasks.aigi.detector import (
-        ARTEFACT_GROUPS, FEATURE_GROUPS, POLICIES, FeatureExtractor, format_confounds, policy_geometry,
+        ARTEFACT_GROUPS, BACKBONE_GROUPS, FEATURE_GROUPS, POLICIES, FeatureExtractor, format_confounds, policy_geometry,
         read_labelled_folders, read_labelled_root, train_detector, univfd_detector,
     )
 
@@ -113,7 +113,7 @@ def train(
         if policy == "resize" and any(g in ARTEFACT_GROUPS for g in groups):
             _say(quiet, "visbatch: warning: --policy resize resamples every image, which erases the up-sampling "
                         "traces the npr, bitplane and spectrum groups look for")
-        backbone = _load_backbone(model, pretrained, device) if "embedding" in groups else None
+        backbone = _load_backbone(model, pretrained, device) if any(g in BACKBONE_GROUPS for g in groups) else None
         host = backbone or _load_backbone("test-tiny-cnn", None, device)  # only carries device and dtype
         extractor = FeatureExtractor(backbone, groups)
         geometry = policy_geometry(policy, size)
@@ -124,7 +124,9 @@ def train(
             _say(quiet, f"visbatch: warning: not used: {error}")
         kept = type(data)([data.items[i] for i in keep], [data.labels[i] for i in keep],
                           [data.generators[i] for i in keep])
-        names = extractor.names(vectors.shape[1] - len(extractor.names(0)))
+        names = extractor.names()
+        if len(names) != vectors.shape[1]:
+            raise RuntimeError(f"{vectors.shape[1]} features but {len(names)} names")
         detector, report = train_detector(vectors, kept, groups, names, policy, size,
                                           backbone.describe() if backbone else None, holdout, seed, l2)
         detector.training["normalize_format"] = normalize_format
@@ -171,7 +173,9 @@ def score(
 
 
 def _backbone_for(detector, common):
-    if "embedding" not in detector.groups:
+    from visbatch.core.tasks.aigi.detector import BACKBONE_GROUPS
+
+    if not any(group in BACKBONE_GROUPS for group in detector.groups):
         return None
     spec = detector.backbone["spec"] if common.model == "detector" else common.model
     pretrained = common.pretrained if common.pretrained is not None else (

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from visbatch.core.images import Geometry
@@ -148,6 +149,25 @@ class LoadedModel:
         if grid_h * grid_w != tokens.shape[1]:
             raise ModelError(f"{self.spec}: {tokens.shape[1]} patch tokens do not form a {grid_h}x{grid_w} grid")
         return tokens.reshape(x.shape[0], grid_h, grid_w, -1)
+
+    def encode_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, sum of widths]: the output of each block (ViTs) or stage (CNNs) of the image tower,
+        mean-pooled over space (a ViT's patch tokens) and L2-normalized, then the L2-normalized
+        image embedding, from one forward pass."""
+        self.require("image_embedding")
+        if self.family == "open_clip":
+            visual = self.module.visual
+            if not hasattr(visual, "forward_intermediates"):
+                raise ModelError(f"{self.spec}: its image tower does not expose intermediate features")
+            out = visual.forward_intermediates(x)
+            maps, final = out["image_intermediates"], out["image_features"]
+        else:
+            if not hasattr(self.module, "forward_intermediates"):
+                raise ModelError(f"{self.spec}: this timm model does not expose intermediate features")
+            last, maps = self.module.forward_intermediates(x)
+            final = self.module.forward_head(last, pre_logits=True)
+        pooled = [F.normalize(m.float().mean(dim=(2, 3)), dim=-1) for m in maps]
+        return torch.cat(pooled + [F.normalize(final.float(), dim=-1)], dim=1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embeddings (not normalized) of token ids [B, context_length]."""

@@ -27,7 +27,8 @@ from visbatch.core.tasks.aigi.features import (
     spectrum_features,
 )
 
-FEATURE_GROUPS = ("embedding", "npr", "bitplane", "spectrum")
+FEATURE_GROUPS = ("embedding", "layers", "npr", "bitplane", "spectrum")
+BACKBONE_GROUPS = ("embedding", "layers")  # groups that run the --model backbone
 ARTEFACT_GROUPS = ("npr", "bitplane", "spectrum")
 POLICIES = ("crop", "resize")
 DETECTOR_FORMAT = "visbatch-aigi-detector"
@@ -101,12 +102,17 @@ class FeatureExtractor:
     model: LoadedModel | None
     groups: tuple[str, ...]
     raw_embedding: bool = False  # UnivFD's head reads unnormalized embeddings
+    _widths: dict | None = field(default=None, repr=False)  # columns per group, known after a call
 
-    def names(self, embedding_dim: int = 0) -> list[str]:
+    def names(self) -> list[str]:
+        """Feature names in column order (the backbone groups' widths come from one tiny probe)."""
+        if self._widths is None:
+            self(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+        fixed = {"npr": NPR_NAMES, "bitplane": BITPLANE_NAMES, "spectrum": SPECTRUM_NAMES}
+        prefix = {"embedding": "emb", "layers": "layers"}
         names: list[str] = []
         for group in self.groups:
-            names += {"npr": NPR_NAMES, "bitplane": BITPLANE_NAMES, "spectrum": SPECTRUM_NAMES,
-                      "embedding": [f"emb_{i}" for i in range(embedding_dim)]}[group]
+            names += fixed[group] if group in fixed else [f"{prefix[group]}_{i}" for i in range(self._widths[group])]
         return names
 
     @torch.inference_mode()
@@ -123,10 +129,12 @@ class FeatureExtractor:
             elif group == "embedding":
                 embedding = self.model.encode_image(self._model_input(pixels)).float()
                 parts.append(embedding if self.raw_embedding else F.normalize(embedding, dim=-1))
+            elif group == "layers":
+                parts.append(self.model.encode_layers(self._model_input(pixels)).float())
             else:
                 raise ValueError(f"unknown feature group {group!r} (choose from {', '.join(FEATURE_GROUPS)})")
+        self._widths = {group: part.shape[1] for group, part in zip(self.groups, parts)}
         return torch.cat([p.float().to(pixels.device) for p in parts], dim=1)
-
 
     def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         size = self.model.preprocess.geometry.crop
@@ -264,6 +272,8 @@ class Detector:
 def _group_of(name: str) -> str:
     if name.startswith("emb_"):
         return "embedding"
+    if name.startswith("layers_"):
+        return "layers"
     if name.startswith("npr_"):
         return "npr"
     if name.startswith("bit"):
