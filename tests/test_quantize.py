@@ -335,3 +335,38 @@ def test_usage_errors(tmp_path, fixture_images, args, message):
                                  "--device", "cpu", *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+def test_int4_kernel_layout_matches_pytorch_tinygemm_semantics():
+    """The scale/zero conversion, checked with PyTorch's CPU build of the same kernel family
+    (``w = (q - 8) * scale + zero``); the CUDA kernel itself is verified per layer at first use."""
+    from visbatch.core.tasks.quantize.kernels import swap_nibbles, tinygemm_scale_and_zero
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    quantized = quantize_weight(w, 4, 64)
+    q = unpack_int4(quantized.qweight, 256).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    scale_and_zero = tinygemm_scale_and_zero(quantized.scales, quantized.zeros).bfloat16()
+    x = torch.randn(8, 256).bfloat16()
+    got = torch._weight_int4pack_mm_for_cpu(x, packed, 64, scale_and_zero).float()
+    expected = x.float() @ quantized.dequantize().T
+    assert float((got - expected).norm() / expected.norm()) < 1e-2
+    swapped = swap_nibbles(quantized.qweight)
+    assert torch.equal(swapped >> 4, q[:, 0::2].to(torch.uint8)) and torch.equal(swapped & 0x0F, q[:, 1::2].to(torch.uint8))
+
+
+def test_kernel_is_used_only_when_it_agrees_with_the_dequantized_weight():
+    from visbatch.core.tasks.quantize.kernels import verified_kernel
+
+    w = torch.randn(32, 64)
+    good = verified_kernel(lambda: (lambda x: x.float() @ w.T), w, 64, "cpu")
+    wrong = verified_kernel(lambda: (lambda x: x.float() @ (w * 1.5).T), w, 64, "cpu")
+
+    def broken():
+        raise RuntimeError("no kernel image for this device")
+
+    assert good is not None and wrong is None and verified_kernel(broken, w, 64, "cpu") is None
+    # On CPU the store never takes the kernel path: memory mode dequantizes per call.
+    store = QuantizedWeightStore(quantize_weight(w, 4, 32), None, runtime="memory")
+    assert store.kernel_for(torch.randn(2, 64).bfloat16()) is None

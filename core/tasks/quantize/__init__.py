@@ -32,6 +32,7 @@ from torch import nn
 
 from visbatch.core.models import LoadedModel, ModelError, file_checksum
 from visbatch.core.tasks.quantize.awq import scaled_effective_weight, search_clip, search_scale
+from visbatch.core.tasks.quantize.kernels import Int4Kernel, int4_kernel_applies, verified_kernel
 from visbatch.core.tasks.quantize.quant import QuantizedWeight, gptq_quantize, quantize_weight
 
 FORMAT_NAME = "visbatch-quantized"
@@ -253,12 +254,30 @@ class QuantizedWeightStore(nn.Module):
         self.bits, self.group_size, self.shape = weight.bits, weight.group_size, tuple(weight.shape)
         self.runtime = runtime
         self._cache: torch.Tensor | None = None
+        self._kernel = None  # Int4Kernel, or False once found unusable; memory mode on CUDA only
+
+    def kernel_for(self, x: torch.Tensor):
+        """The packed int4 CUDA kernel for a bf16 input in ``memory`` mode, verified on first use;
+        None means dequantize-then-matmul (see :mod:`~visbatch.core.tasks.quantize.kernels`)."""
+        if self.runtime != "memory" or x.dtype != torch.bfloat16 or self._kernel is False:
+            return None
+        if not int4_kernel_applies(self.bits, self.group_size, self.shape, x.device):
+            return None
+        if self._kernel is None:
+            reference = effective_weight(self._packed(), self.column_scale, torch.float32).to(x.device)
+            self._kernel = verified_kernel(
+                lambda: Int4Kernel(self.qweight, self.scales, self.zeros, self.group_size, self.shape,
+                                   self.column_scale, x.device),
+                reference, self.shape[1], x.device) or False
+        return self._kernel or None
+
+    def _packed(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales.float(), self.zeros, self.bits, self.group_size, self.shape)
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         if self._cache is not None and self._cache.dtype == dtype and self._cache.device == self.qweight.device:
             return self._cache
-        weight = QuantizedWeight(self.qweight, self.scales.float(), self.zeros, self.bits, self.group_size, self.shape)
-        w = effective_weight(weight, self.column_scale, dtype)
+        w = effective_weight(self._packed(), self.column_scale, dtype)
         if self.runtime == "speed":
             self._cache = w
         return w
@@ -278,6 +297,10 @@ class QuantLinear(nn.Module):
         return self.store.materialize(self.bias.dtype if self.bias is not None else torch.float32)
 
     def forward(self, x):
+        kernel = self.store.kernel_for(x)
+        if kernel is not None:
+            out = kernel(x)
+            return out + self.bias.to(out.dtype) if self.bias is not None else out
         return F.linear(x, self.store.materialize(x.dtype), self.bias)
 
 
