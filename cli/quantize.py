@@ -33,6 +33,8 @@ def quantize(
         None, "--calib-prompts", help="Text file, one prompt per line: calibrates a CLIP text tower."),
     calib_captions: Optional[str] = typer.Option(
         None, "--calib-captions", help="Captions table (caption column): calibrates a CLIP text tower."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="CLIP: comma-separated zero-shot labels; the "
+                                         "report gives label_agreement on the held-out images."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The quantized .safetensors file."),
     overwrite: OverwriteOpt = False,
     inspect: Optional[str] = typer.Option(None, "--inspect", help="Print what a quantized file holds and exit."),
@@ -102,12 +104,14 @@ def quantize(
             from visbatch.core.images import read_table_file
 
             texts += [str(r["caption"]) for r in read_table_file(calib_captions) if r.get("caption")]
+        label_list = [label.strip() for label in (labels or "").split(",") if label.strip()]
+        if label_list and loaded.family != "open_clip":
+            raise UsageError("--labels measures zero-shot agreement of a CLIP model; classifiers get top1_agreement")
         if texts and loaded.family != "open_clip":
             raise UsageError("--calib-prompts/--calib-captions calibrate a CLIP text tower; this model has none")
         options = QuantizeOptions(bits=bits, group_size=None if group_size == "channel" else int(group_size),
                                   method=method, towers=towers, skip=list(skip or []), act_order=act_order,
-                                  awq_clip=awq_clip,
-                                  texts=texts)
+                                  awq_clip=awq_clip, texts=texts, labels=label_list)
         report = run_quantize(loaded, calibration, held_out, output, options, config)
         report_path = output[: -len(".safetensors")] + ".report.parquet"
         write_report(report_path, report)

@@ -134,7 +134,8 @@ def test_one_pass_awq_never_worse_than_rtn_per_layer(lite0_batches):
 
 def test_awq_folds_scales_into_layernorm_and_file_matches(tmp_path, fixture_images):
     """A ViT: qkv and fc1 read a LayerNorm's output, so AWQ's scales go into that LayerNorm (no
-    explicit scale kept); proj and fc2 keep an explicit input scale. The file reproduces it."""
+    explicit scale kept); proj's go into qkv's value rows; fc2 keeps an explicit input scale. The
+    file reproduces what was measured."""
     calib = tmp_path / "calib"
     for i in range(8):
         write_image(calib / f"{i}.png", size=(64, 64), seed=i)
@@ -149,7 +150,9 @@ def test_awq_folds_scales_into_layernorm_and_file_matches(tmp_path, fixture_imag
             info = layers[f"blocks.{block}.{name}"]
             if info["alpha"]:  # alpha 0 leaves nothing to fold
                 assert info["scales_folded_into"] == f"blocks.{block}.{norm}"
-        assert layers[f"blocks.{block}.attn.proj"]["scales_folded_into"] is None
+        proj = layers[f"blocks.{block}.attn.proj"]
+        assert proj["scales_folded_into"] == (f"blocks.{block}.attn.qkv (value rows)" if proj["alpha"] else None)
+        assert layers[f"blocks.{block}.mlp.fc2"]["scales_folded_into"] is None  # after a GELU: explicit scale
     from safetensors import safe_open
 
     with safe_open(str(out), framework="pt") as f:
@@ -236,11 +239,12 @@ def test_tiny_clip_attention_in_proj_is_quantized_and_loads_everywhere(tmp_path,
     prompts.write_text("a photo of a cat\na red car on a street\ntwo people walking on a beach at sunset\n")
     result = runner.invoke(app, ["quantize", "--model", "test-tiny-clip", "--calib", str(calib), "--bits", "4",
                                  "--group-size", "32", "--towers", "all", "--calib-prompts", str(prompts),
-                                 "--method", "awq", "-o", str(out), "--device", "cpu", "--json"],
-                           catch_exceptions=False)
+                                 "--method", "awq", "-o", str(out), "--device", "cpu", "--json",
+                                 "--labels", "cat,car,beach,tree"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["bytes_after"] < figures["bytes_before"]
+    assert 0 <= figures["label_agreement"] <= 1 and "top1_agreement" not in figures
     config = read_quantized_config(str(out))
     assert config["calibration"]["texts"] == 3
     # With calibration texts the text tower gets AWQ too (a searched alpha, not plain rounding).
@@ -248,7 +252,10 @@ def test_tiny_clip_attention_in_proj_is_quantized_and_loads_everywhere(tmp_path,
     for tower in ("visual.transformer", "transformer"):
         for block in range(2):
             assert config["layers"][f"{tower}.resblocks.{block}.attn"]["kind"] == "mha_in_proj"
-            assert config["layers"][f"{tower}.resblocks.{block}.attn.out_proj"]["kind"] == "linear"
+            out_proj = config["layers"][f"{tower}.resblocks.{block}.attn.out_proj"]
+            assert out_proj["kind"] == "linear" and out_proj["alpha"] is not None  # calibrated, not just rounded
+            if out_proj["alpha"]:  # its scales go into the value rows of the attention's in_proj
+                assert out_proj["scales_folded_into"] == f"{tower}.resblocks.{block}.attn (value rows)"
             assert f"{tower}.resblocks.{block}.mlp.c_fc" in config["layers"]
     report = pq.read_table(str(out)[: -len(".safetensors")] + ".report.parquet").to_pylist()
     assert any(r["kind"].startswith("kept") and r["layer"] == "visual.conv1" for r in report)
@@ -316,6 +323,12 @@ def test_metadata_validation(tmp_path):
                                                             "config": "{not json"})
     with pytest.raises(ModelError, match="corrupt"):
         load_model(str(broken), device="cpu")
+    other_layout = tmp_path / "layout.safetensors"
+    config = {"method": "rtn", "bits": 4, "source": {}, "layers": {}, "layout": "column-major nibbles"}
+    save_file({"w": torch.zeros(2)}, str(other_layout), metadata={
+        "format": "visbatch-quantized", "format_version": "1", "config": json.dumps(config)})
+    with pytest.raises(ModelError, match="unknown weight layout 'column-major nibbles'"):
+        load_model(str(other_layout), device="cpu")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
     write_image(tmp_path / "one.png")
@@ -329,6 +342,7 @@ def test_metadata_validation(tmp_path):
     (["--act-order"], "--act-order"),
     (["--group-size", "100"], "--group-size"),
     (["--towers", "text"], "no text tower"),
+    (["--labels", "cat,dog"], "--labels measures zero-shot agreement of a CLIP model"),
 ])
 def test_usage_errors(tmp_path, fixture_images, args, message):
     result = runner.invoke(app, ["quantize", "--calib", str(fixture_images), "-o", str(tmp_path / "q.safetensors"),
@@ -370,3 +384,22 @@ def test_kernel_is_used_only_when_it_agrees_with_the_dequantized_weight():
     # On CPU the store never takes the kernel path: memory mode dequantizes per call.
     store = QuantizedWeightStore(quantize_weight(w, 4, 32), None, runtime="memory")
     assert store.kernel_for(torch.randn(2, 64).bfloat16()) is None
+
+
+def test_attention_out_proj_input_is_observed():
+    """nn.MultiheadAttention multiplies out_proj.weight inside its own forward, so hooks on out_proj
+    never fire; the recomputed input must reproduce the attention's output through out_proj."""
+    from visbatch.core.tasks.quantize import Target, register_input_hook
+
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        attention = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        seen = []
+        handle = register_input_hook(Target("attn.out_proj", "linear", attention.out_proj, attention), seen.append)
+        x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+        mask = torch.triu(torch.full((5, 5), float("-inf")), diagonal=1)
+        with torch.no_grad():
+            output = attention(x, x, x, need_weights=False, attn_mask=mask)[0]
+        handle.remove()
+        assert len(seen) == 1
+        assert torch.allclose(attention.out_proj(seen[0]), output, atol=1e-5)

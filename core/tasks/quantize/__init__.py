@@ -37,6 +37,10 @@ from visbatch.core.tasks.quantize.quant import QuantizedWeight, gptq_quantize, q
 
 FORMAT_NAME = "visbatch-quantized"
 FORMAT_VERSION = 1
+# How the integers are laid out, recorded in every file and checked on load.
+LAYOUT = ("rows=out_features; int8: uint8 [out, in]; int4: uint8 [out, ceil(in/2)], even column in the low nibble; "
+          "scales fp16 [out, groups], zeros uint8 [out, groups]; w = (q - zero) * scale; "
+          "column_scale fp32 [in] multiplies the weight's columns")
 MAX_CALIBRATION_ROWS = 2048
 
 
@@ -45,6 +49,9 @@ class Target:
     name: str  # module path in the model
     kind: str  # linear | conv1x1 | mha_in_proj
     module: nn.Module
+    # nn.MultiheadAttention whose out_proj this is: it reads out_proj.weight inside its own
+    # forward, so out_proj's hooks never fire (see register_input_hook).
+    attention: nn.MultiheadAttention | None = None
 
     def weight(self) -> torch.Tensor:
         if self.kind == "mha_in_proj":
@@ -87,7 +94,10 @@ def quantization_targets(model: LoadedModel, towers: str = "visual", skip: list[
         elif any(fnmatch.fnmatch(name, pattern) for pattern in skip):
             kept.append((name, "--skip"))
         else:
-            targets.append(Target(name, kind, child))
+            parent_name, _, leaf = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else None
+            attention = parent if isinstance(parent, nn.MultiheadAttention) and leaf == "out_proj" else None
+            targets.append(Target(name, kind, child, attention))
     if model.family == "open_clip":
         embeddings = {"visual": ["visual.conv1", "visual.positional_embedding", "visual.proj"],
                       "text": ["token_embedding", "positional_embedding", "text_projection"]}
@@ -135,6 +145,37 @@ def _input_of(target: Target, args) -> torch.Tensor:
     return x
 
 
+def register_input_hook(target: Target, callback):
+    """Call ``callback(input)`` with the tensor the target's weight multiplies, on every forward.
+    An nn.MultiheadAttention's out_proj is fed inside the attention's own forward: its input is
+    recomputed by running the attention again with an identity output projection."""
+    if target.attention is None:
+        def hook(module, args, kwargs):
+            callback(args[0] if args else kwargs["query"])
+        return target.module.register_forward_pre_hook(hook, with_kwargs=True)
+    busy = [False]
+
+    def attention_hook(module, args, kwargs, output):
+        if busy[0]:
+            return
+        projection = module.out_proj
+        weight, bias = projection.weight.data, None if projection.bias is None else projection.bias.data
+        busy[0] = True
+        try:
+            projection.weight.data = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+            if bias is not None:
+                projection.bias.data = torch.zeros_like(bias)
+            before_projection = module(*args, **{**kwargs, "need_weights": False})[0]
+        finally:
+            projection.weight.data = weight
+            if bias is not None:
+                projection.bias.data = bias
+            busy[0] = False
+        callback(before_projection)
+
+    return target.attention.register_forward_hook(attention_hook, with_kwargs=True)
+
+
 def run_images(model: LoadedModel, images_uint8: torch.Tensor) -> torch.Tensor:
     """The model's main output for a batch: image embeddings (CLIP) or class logits."""
     x = model.to_input(images_uint8)
@@ -149,9 +190,8 @@ def calibrate(model: LoadedModel, targets: list[Target], batches, texts: list[st
     generator = torch.Generator().manual_seed(0)
     handles = []
     for target in targets:
-        def hook(module, args, target=target):
-            stats[target.name].add(_input_of(target, args), generator)
-        handles.append(target.module.register_forward_pre_hook(hook))
+        handles.append(register_input_hook(
+            target, lambda x, target=target: stats[target.name].add(_input_of(target, (x,)), generator)))
     try:
         with torch.inference_mode():
             for images in batches:
@@ -382,7 +422,7 @@ def save_quantized(path: str, model: LoadedModel, layers: list[QuantizedLayer], 
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps({**config, "layers": layer_meta, "source": model.describe()}),
+        "config": json.dumps({**config, "layout": LAYOUT, "layers": layer_meta, "source": model.describe()}),
     }
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
@@ -409,9 +449,11 @@ def read_quantized_config(path: str) -> dict:
         config = json.loads(metadata["config"])
     except (KeyError, ValueError):
         raise ModelError(f"{path}: quantization metadata is missing or corrupt")
-    for key in ("method", "bits", "source", "layers"):
+    for key in ("method", "bits", "source", "layers", "layout"):
         if key not in config:
             raise ModelError(f"{path}: quantization metadata has no {key!r}")
+    if config["layout"] != LAYOUT:
+        raise ModelError(f"{path}: unknown weight layout {config['layout']!r}; this visbatch reads {LAYOUT!r}")
     if config["bits"] not in (4, 8):
         raise ModelError(f"{path}: unsupported bit width {config['bits']}")
     return config
@@ -476,7 +518,7 @@ def describe_file(path: str) -> dict:
     for info in config["layers"].values():
         kinds[info["kind"]] = kinds.get(info["kind"], 0) + 1
     return {"file": path, "bytes": os.path.getsize(path), "method": config["method"], "bits": config["bits"],
-            "group_size": config.get("group_size"), "source_model": config["source"].get("spec"),
+            "group_size": config.get("group_size"), "layout": config["layout"], "source_model": config["source"].get("spec"),
             "source_checksum": config["source"].get("checksum"), "towers": config.get("towers"),
             "quantized_layers": len(config["layers"]), "layer_kinds": kinds,
             "kept_layers": config.get("kept", []), "calibration": config.get("calibration")}

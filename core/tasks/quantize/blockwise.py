@@ -140,7 +140,7 @@ class _Observation:
 
 
 def _observe(block_name: str, block: nn.Module, targets, inputs, generator, outputs: list) -> _Observation:
-    from visbatch.core.tasks.quantize import ActivationStats, _input_of
+    from visbatch.core.tasks.quantize import ActivationStats, _input_of, register_input_hook
 
     observation = _Observation({t.name: ActivationStats() for t in targets})
     first_batch: dict[str, torch.Tensor] = {}
@@ -148,12 +148,11 @@ def _observe(block_name: str, block: nn.Module, targets, inputs, generator, outp
     handles = []
     recording = [True]
     for target in targets:
-        def hook(module, args, kwargs, target=target):
-            raw = args[0] if args else kwargs["query"]
+        def hook(raw, target=target):
             if recording[0]:
                 first_batch[target.name] = raw  # held, so no tensor id is reused while grouping
             observation.stats[target.name].add(_input_of(target, (raw,)), generator)
-        handles.append(target.module.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(register_input_hook(target, hook))
     for name, module in block.named_modules():
         if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
             def norm_hook(mod, args, output, name=name):
@@ -225,82 +224,137 @@ def quantize_chain(chain: Chain, targets, inputs, bits: int, group_size: int | N
             layers += [quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order)
                        for t in block_targets]
         else:
-            search_in, search_out = _search_inputs(inputs, outputs)
-            originals = {t.name: t.weight().float().cpu().clone() for t in block_targets}
-            for index, group in enumerate(observation.groups):
-                layers += _awq_group(block, group, observation, index, originals, search_in, search_out,
-                                     bits, group_size, awq_clip, overrides)
-            for target in block_targets:  # never reached by the block's forward: plain rounding
-                if all(target is not t for g in observation.groups for t in g):
-                    layers.append(quantize_layer(target, bits, group_size, "rtn", observation.stats[target.name]))
+            layers += _awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip,
+                                 overrides)
         inputs = [((output,) + args[1:], kwargs) for (args, kwargs), output in zip(inputs, outputs)]
     return layers, overrides
 
 
-def _awq_group(block, group, observation, index, originals, search_in, search_out, bits, group_size, awq_clip,
-               overrides) -> list:
-    from visbatch.core.tasks.quantize import QuantizedLayer, _output_error, feeds_softmax
+def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip, overrides) -> list:
+    """AWQ for one block, in AutoAWQ's order: search every scale group's alpha on the block
+    output (the other groups in full precision), fold the scales where the block output shows the
+    fold is exact, then clip and quantize every layer."""
+    from visbatch.core.tasks.quantize import QuantizedLayer, _output_error, feeds_softmax, quantize_layer
 
-    stats = observation.stats[group[0].name]
-    magnitude = stats.mean_abs().float().cpu()
-    weights = [originals[t.name] for t in group]
+    search_in, search_out = _search_inputs(inputs, outputs)
+    originals = {t.name: t.weight().float().cpu().clone() for t in block_targets}
+    plans = []
+    for index, group in enumerate(observation.groups):
+        def evaluate(effective, group=group):
+            try:
+                for target, w in zip(group, effective):
+                    _set_weight(target, w)
+                return _block_error(block, search_in, search_out)
+            finally:
+                for target in group:
+                    _set_weight(target, originals[target.name])
 
-    def evaluate(effective):
-        try:
-            for target, w in zip(group, effective):
-                _set_weight(target, w)
-            return _block_error(block, search_in, search_out)
-        finally:
-            for target in group:
-                _set_weight(target, originals[target.name])
-
-    alpha, s, _ = search_scale(weights, magnitude, bits, group_size, evaluate)
-    results = []
-    for target in group:
-        rows = observation.stats[target.name].sample().float()
-        clip = (search_clip(originals[target.name] * s.view(1, -1), rows / s.view(1, -1), bits, group_size)
-                if awq_clip and not feeds_softmax(target) and rows.numel() else None)
-        quantized, effective = scaled_effective_weight(originals[target.name], s, bits, group_size, clip)
-        results.append((target, quantized, effective, rows))
-    folded = index in observation.norm_of_group and alpha > 0 and _fold_is_exact(
-        block, observation.norm_of_group[index][1], s, results, originals, search_in)
-    if folded:
-        norm_name, norm = observation.norm_of_group[index]
-        overrides[f"{norm_name}.weight"] = (norm.weight.detach().float().cpu() / s).to(norm.weight.dtype)
-        if norm.bias is not None:
-            overrides[f"{norm_name}.bias"] = (norm.bias.detach().float().cpu() / s).to(norm.bias.dtype)
+        magnitude = observation.stats[group[0].name].mean_abs().float().cpu()
+        alpha, scale, _ = search_scale([originals[t.name] for t in group], magnitude, bits, group_size, evaluate)
+        plans.append({"group": group, "alpha": alpha, "scale": scale, "folded_into": None,
+                      "norm": observation.norm_of_group.get(index)})
+    for plan in plans:
+        if plan["alpha"]:
+            _fold(block, block_targets, plan, originals, search_in, search_out, overrides)
     layers = []
-    for target, quantized, effective, rows in results:
-        w = originals[target.name]
-        layers.append(QuantizedLayer(
-            target, quantized, None if folded else (1 / s), alpha,
-            float((effective - w).norm() / w.norm().clamp(min=1e-12)), _output_error(w, effective, rows),
-            folded_into=observation.norm_of_group[index][0] if folded else None))
+    for plan in plans:
+        scale = plan["scale"]
+        for target in plan["group"]:
+            w, rows = originals[target.name], observation.stats[target.name].sample().float()
+            clip = (search_clip(w * scale.view(1, -1), rows / scale.view(1, -1), bits, group_size)
+                    if awq_clip and not feeds_softmax(target) and rows.numel() else None)
+            quantized, effective = scaled_effective_weight(w, scale, bits, group_size, clip)
+            original = target.weight().float().cpu()  # errors against the unfolded model
+            effective = _unfold(effective, target, plans)
+            layers.append(QuantizedLayer(
+                target, quantized, None if plan["folded_into"] else 1 / scale, plan["alpha"],
+                float((effective - original).norm() / original.norm().clamp(min=1e-12)),
+                _output_error(original, effective, rows), folded_into=plan["folded_into"]))
+    for target in block_targets:  # never reached by the block's forward: plain rounding
+        if all(target is not t for plan in plans for t in plan["group"]):
+            layers.append(quantize_layer(target, bits, group_size, "rtn", observation.stats[target.name]))
     return layers
 
 
-def _fold_is_exact(block, norm: nn.LayerNorm, s: torch.Tensor, results, originals, search_in) -> bool:
-    """Whether dividing the LayerNorm's affine parameters by ``s`` and multiplying the group's
-    weights by it leaves the block's output unchanged (it does unless something else reads the
-    LayerNorm's output)."""
-    weight, bias = norm.weight.detach().clone(), None if norm.bias is None else norm.bias.detach().clone()
+def _value_producer(target, block_targets):
+    """The layer whose value rows produce ``target``'s input: an attention's output projection
+    reads softmax-weighted values, linear in the value rows of the packed q/k/v projection."""
+    parent, _, leaf = target.name.rpartition(".")
+    for candidate in block_targets:
+        if leaf == "out_proj" and candidate.kind == "mha_in_proj" and candidate.name == parent:
+            return candidate
+        if leaf == "proj" and candidate.kind == "linear" and candidate.name == f"{parent}.qkv":
+            return candidate
+    return None
+
+
+def _value_bias(producer):
+    return producer.module.in_proj_bias if producer.kind == "mha_in_proj" else producer.module.bias
+
+
+def _fold(block, block_targets, plan, originals, search_in, search_out, overrides) -> None:
+    """Fold ``plan``'s scales into the LayerNorm before it or into the value rows of the
+    attention's q/k/v projection, if the block's output stays the same; record the result."""
+    scale, group = plan["scale"], plan["group"]
+    changes = [(_weight_parameter(t), originals[t.name] * scale.view(1, -1)) for t in group]
+    if plan["norm"] is not None:
+        norm_name, norm = plan["norm"]
+        folded = [(norm.weight, norm.weight.detach().float().cpu() / scale)]
+        if norm.bias is not None:
+            folded.append((norm.bias, norm.bias.detach().float().cpu() / scale))
+        if _keeps_block_output(block, changes + folded, search_in, search_out):
+            overrides[f"{norm_name}.weight"] = folded[0][1].to(norm.weight.dtype)
+            if norm.bias is not None:
+                overrides[f"{norm_name}.bias"] = folded[1][1].to(norm.bias.dtype)
+            plan["folded_into"] = norm_name
+        return
+    producer = _value_producer(group[0], block_targets) if len(group) == 1 else None
+    if producer is None:
+        return
+    width = scale.numel()
+    values = originals[producer.name].clone()
+    if values.shape[0] != 3 * width:
+        return
+    values[2 * width:] /= scale.view(-1, 1)
+    folded = [(_weight_parameter(producer), values)]
+    bias = _value_bias(producer)
+    if bias is not None:
+        new_bias = bias.detach().float().cpu().clone()
+        new_bias[2 * width:] /= scale
+        folded.append((bias, new_bias))
+    if _keeps_block_output(block, changes + folded, search_in, search_out):
+        originals[producer.name] = values  # the q/k/v projection is quantized with its value rows scaled
+        if bias is not None:
+            name = f"{producer.name}.in_proj_bias" if producer.kind == "mha_in_proj" else f"{producer.name}.bias"
+            overrides[name] = new_bias.to(bias.dtype)
+        plan["folded_into"] = f"{producer.name} (value rows)"
+        plan["unfold_rows"] = (producer.name, width)
+
+
+def _unfold(effective, target, plans):
+    """The effective weight in the original model's terms, for the error columns of the report
+    (a LayerNorm fold needs nothing: ``Q(W s) / s`` is already in the original input's terms)."""
+    for other in plans:  # this layer's value rows hold another group's folded scale
+        if other.get("unfold_rows", (None,))[0] == target.name:
+            width = other["unfold_rows"][1]
+            effective = effective.clone()
+            effective[2 * width:] *= other["scale"].view(-1, 1)
+    return effective
+
+
+def _weight_parameter(target):
+    return target.module.in_proj_weight if target.kind == "mha_in_proj" else target.module.weight
+
+
+def _keeps_block_output(block, changes, search_in, search_out) -> bool:
+    """Whether the block's output on the search inputs stays the same (up to float rounding)
+    with the parameters replaced by ``changes`` [(parameter, new value)]."""
+    saved = [(parameter, parameter.detach().clone()) for parameter, _ in changes]
     try:
-        for target, _, effective, _ in results:
-            _set_weight(target, effective)
-        explicit = [_first(block(*args, **kwargs)).float() for args, kwargs in search_in]
-        for target, _, effective, _ in results:
-            _set_weight(target, effective * s.view(1, -1))
-        scale = s.to(weight.device, weight.dtype)
-        norm.weight.data.div_(scale)
-        if bias is not None:
-            norm.bias.data.div_(scale)
-        folded = [_first(block(*args, **kwargs)).float() for args, kwargs in search_in]
+        for parameter, value in changes:
+            parameter.data.copy_(value.reshape(parameter.shape).to(parameter.device, parameter.dtype))
+        error = _block_error(block, search_in, search_out)
     finally:
-        norm.weight.data.copy_(weight)
-        if bias is not None:
-            norm.bias.data.copy_(bias)
-        for target, *_ in results:
-            _set_weight(target, originals[target.name])
-    difference = sum(float((a - b).pow(2).sum()) for a, b in zip(explicit, folded))
-    energy = sum(float(a.pow(2).sum()) for a in explicit)
-    return difference <= FOLD_TOLERANCE ** 2 * max(energy, 1e-12)
+        for parameter, value in saved:
+            parameter.data.copy_(value)
+    return error <= FOLD_TOLERANCE ** 2

@@ -36,6 +36,7 @@ class QuantizeOptions:
     skip: list[str] = field(default_factory=list)
     act_order: bool = False
     awq_clip: bool = True  # AWQ's weight-clipping search
+    labels: list[str] = field(default_factory=list)  # CLIP: zero-shot labels for label_agreement
     texts: list[str] = field(default_factory=list)  # calibration texts for a CLIP text tower
 
 
@@ -53,6 +54,20 @@ def _outputs(model: LoadedModel, module: torch.nn.Module, batches: list[torch.Te
             return torch.cat([run_images(model, images).float().cpu() for images in batches])
     finally:
         model.module = original
+
+
+def _zero_shot(model: LoadedModel, module: torch.nn.Module, labels: list[str], images: torch.Tensor) -> torch.Tensor:
+    """Index of the best label per image with ``module``'s own text tower (quantized or not)."""
+    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE
+
+    original = model.module
+    model.module = module
+    try:
+        with torch.inference_mode():
+            texts = model.encode_text(model.tokenize([DEFAULT_TEMPLATE.format(label) for label in labels])).float()
+    finally:
+        model.module = original
+    return (F.normalize(images, dim=-1) @ F.normalize(texts.cpu(), dim=-1).T).argmax(dim=1)
 
 
 def _throughput(model: LoadedModel, module: torch.nn.Module, batch: torch.Tensor, repeats: int = 3) -> float:
@@ -136,6 +151,10 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
     }
     if model.family != "open_clip":
         report["top1_agreement"] = float((before.argmax(1) == after.argmax(1)).float().mean())
+    elif options.labels:
+        report["label_agreement"] = float((_zero_shot(model, model.module, options.labels, before)
+                                           == _zero_shot(model, quantized_module, options.labels, after))
+                                          .float().mean())
     report["bytes_before"] = int(sum(t.numel() * t.element_size() for t in model.module.state_dict().values()))
     calibration = {"images": len(calib), "texts": len(texts)}
     file_config = {"method": options.method, "act_order": options.act_order, "awq_clip": options.awq_clip,
