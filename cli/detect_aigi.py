@@ -67,8 +67,10 @@ def train(
     univfd_head: Optional[str] = typer.Option(None, "--univfd-head", help="Use UnivFD's released linear head "
                                               "(weight [1, 768], bias) instead of training (--model ViT-L-14 "
                                               "--pretrained openai)."),
-    policy: str = typer.Option("crop", "--policy", help="crop (native resolution, default) or resize."),
-    size: int = typer.Option(256, "--size", min=32, help="Side of the crop the detector looks at."),
+    policy: str = typer.Option("crop", "--policy", help="crop (native resolution, default), resize, or tiles "
+                               "(--tiles x --tiles native-resolution tiles of --size, features averaged)."),
+    size: int = typer.Option(256, "--size", min=32, help="Side of the crop (or tile) the detector looks at."),
+    tiles: int = typer.Option(3, "--tiles", min=1, max=16, help="With --policy tiles: tiles per side."),
     holdout: float = typer.Option(0.25, "--holdout", min=0.05, max=0.9, help="Share held out for calibration."),
     seed: int = typer.Option(0, "--seed"),
     l2: float = typer.Option(1e-2, "--l2", min=0.0, help="L2 regularisation of the logistic regression."),
@@ -83,8 +85,8 @@ def train(
 ):
     """Train a calibrated detector from labelled folders and write it as safetensors + JSON metadata."""
     from visbatch.core.tasks.aigi.detector import (
-        ARTEFACT_GROUPS, BACKBONE_GROUPS, FEATURE_GROUPS, POLICIES, FeatureExtractor, format_confounds, policy_geometry,
-        read_labelled_folders, read_labelled_root, train_detector, univfd_detector,
+        ARTEFACT_GROUPS, BACKBONE_GROUPS, FEATURE_GROUPS, POLICIES, FeatureExtractor, Tiling, format_confounds,
+        policy_geometry, read_labelled_folders, read_labelled_root, train_detector, univfd_detector,
     )
 
     def job() -> int:
@@ -102,7 +104,7 @@ def train(
         if not groups or unknown:
             raise UsageError(f"--features: unknown {unknown} (choose from {', '.join(FEATURE_GROUPS)})")
         if policy not in POLICIES:
-            raise UsageError("--policy must be crop or resize")
+            raise UsageError("--policy must be crop, resize or tiles")
         if root and (real or fake):
             raise UsageError("give a labelled ROOT or --real/--fake, not both")
         if not root and not (real and fake):
@@ -115,8 +117,9 @@ def train(
                         "traces the npr, bitplane and spectrum groups look for")
         backbone = _load_backbone(model, pretrained, device) if any(g in BACKBONE_GROUPS for g in groups) else None
         host = backbone or _load_backbone("test-tiny-cnn", None, device)  # only carries device and dtype
-        extractor = FeatureExtractor(backbone, groups)
-        geometry = policy_geometry(policy, size)
+        tile_count = tiles if policy == "tiles" else 1
+        extractor = FeatureExtractor(backbone, groups, tiling=Tiling(size, tile_count) if policy == "tiles" else None)
+        geometry = policy_geometry(policy, size, tile_count)
         keep, vectors, errors = _features_for(data, extractor, geometry, normalize_format, host,
                                               output[: -len(".safetensors")] + ".features.parquet", batch_size,
                                               workers, quiet)
@@ -128,7 +131,8 @@ def train(
         if len(names) != vectors.shape[1]:
             raise RuntimeError(f"{vectors.shape[1]} features but {len(names)} names")
         detector, report = train_detector(vectors, kept, groups, names, policy, size,
-                                          backbone.describe() if backbone else None, holdout, seed, l2)
+                                          backbone.describe() if backbone else None, holdout, seed, l2,
+                                          tiles=tile_count)
         detector.training["normalize_format"] = normalize_format
         detector.training["unreadable"] = len(errors)
         detector.save(output)
@@ -163,8 +167,8 @@ def score(
         items = find_inputs(common)
         backbone = _backbone_for(loaded, common)
         host = backbone or _load_backbone("test-tiny-cnn", None, common.device)
-        task = ScoreTask(loaded, FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding), tta=tta,
-                         heatmaps=bool(heatmaps))
+        extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
+        task = ScoreTask(loaded, extractor, tta=tta, heatmaps=bool(heatmaps))
         settings = overlay_settings(heatmaps, overlay_size, colormap, alpha, overlay_style)
         summary = run_pipeline(task, host, items, pipeline_config(common, "detect-aigi", host, **settings))
         return finish(summary, common)
@@ -225,8 +229,8 @@ def evaluate_command(
                                fail_on_error=False, json=as_json, quiet=quiet, output=output)
         backbone = _backbone_for(loaded, common)
         host = backbone or _load_backbone("test-tiny-cnn", None, device)
-        extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding)
-        keep, vectors, errors = _features_for(data, extractor, policy_geometry(loaded.policy, loaded.size),
+        extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
+        keep, vectors, errors = _features_for(data, extractor, policy_geometry(loaded.policy, loaded.size, loaded.tiles),
                                               normalize_format, host, output + ".features.parquet", batch_size,
                                               workers, True)
         p_fake = loaded.probability(vectors) if len(keep) else torch.empty(0)

@@ -207,3 +207,36 @@ def test_real_generated_images_cross_validated(fixture_images):
     assert mean_cross_validated_ap(("layers",)) > chance + 0.1
     assert mean_cross_validated_ap(("npr", "bitplane", "spectrum")) > chance + 0.08
     assert mean_cross_validated_ap(("embedding",)) > chance + 0.02
+
+def test_tiles_policy_averages_the_tiles_inside_the_image(upsampled_root, tmp_path):
+    from types import SimpleNamespace
+
+    from visbatch.core.tasks.aigi.detector import Tiling
+
+    tiling = Tiling(256, 3)  # a 768 px centre square
+    wide = SimpleNamespace(width=700, height=500)  # rows: only the middle tile is >= half inside
+    small = SimpleNamespace(width=100, height=100)  # smaller than a tile: the centre tile alone
+    inside = tiling.inside([wide, small])
+    assert inside[0].view(3, 3).tolist() == [[False] * 3, [True] * 3, [False] * 3]
+    assert inside[1].nonzero().flatten().tolist() == [4]
+    extractor = FeatureExtractor(None, ("spectrum", "npr"), tiling=Tiling(64, 2))
+    pixels = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    records = [SimpleNamespace(width=128, height=128), SimpleNamespace(width=128, height=60)]
+    features = extractor.image_features(pixels, records)
+    tiles = extractor(Tiling(64, 2).split(pixels)).view(2, 4, -1)
+    assert torch.allclose(features[0], tiles[0].mean(0), atol=1e-5)
+    assert torch.allclose(features[1], tiles[1].mean(0), atol=1e-5)  # 60 px high: each row of tiles half inside
+    # Trained and used end to end: 2x2 tiles of 64 px cover these 128 px images at native resolution.
+    detector = tmp_path / "tiles.safetensors"
+    invoke("train", upsampled_root, "--features", "npr,spectrum", "--policy", "tiles", "--tiles", "2", "--size", "64",
+           "-o", detector, "--device", "cpu")
+    loaded = Detector.load(str(detector))
+    assert loaded.policy == "tiles" and loaded.tiles == 2 and loaded.size == 64
+    out = tmp_path / "eval.parquet"
+    invoke("eval", upsampled_root, "--detector", detector, "-o", out, "--device", "cpu", "--min-ap", "0.9")
+    scores = tmp_path / "s.parquet"
+    invoke("score", upsampled_root / "nearest", "--detector", detector, "-o", scores, "--device", "cpu",
+           "--workers", "0", "--heatmaps", tmp_path / "maps", "--tta")
+    meta = json.loads(pq.read_schema(scores).metadata[b"visbatch"])
+    assert meta["task_options"]["tiles"] == 2 and meta["task_options"]["heatmap"].startswith("2x2 tiles of 64 px")
+    assert len(list((tmp_path / "maps").rglob("*.png"))) == 24

@@ -30,7 +30,7 @@ from visbatch.core.tasks.aigi.features import (
 FEATURE_GROUPS = ("embedding", "layers", "npr", "bitplane", "spectrum")
 BACKBONE_GROUPS = ("embedding", "layers")  # groups that run the --model backbone
 ARTEFACT_GROUPS = ("npr", "bitplane", "spectrum")
-POLICIES = ("crop", "resize")
+POLICIES = ("crop", "resize", "tiles")
 DETECTOR_FORMAT = "visbatch-aigi-detector"
 DETECTOR_VERSION = 1
 
@@ -96,13 +96,65 @@ def jpeg_round_trip(pixels: torch.Tensor, quality: int = 95) -> torch.Tensor:
 
 
 @dataclass
+class Tiling:
+    """``--policy tiles``: the centre (k * size) square at native resolution, cut into k x k tiles
+    of the detector's size. An image's features are the mean over the tiles that lie inside it
+    (at least half of their area; the best-covered one for an image smaller than a tile): the
+    classifier is linear, so that is the mean of the tiles' logits, evidence from every tile."""
+
+    size: int
+    per_side: int
+
+    def split(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, k*size, k*size] -> [B * k * k, 3, size, size], tiles in row-major order."""
+        b, c = images.shape[:2]
+        k, n = self.per_side, self.size
+        tiles = images[:, :, : k * n, : k * n].unfold(2, n, n).unfold(3, n, n)  # [B, C, k, k, n, n]
+        return tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * k * k, c, n, n).contiguous()
+
+    def inside(self, records) -> torch.Tensor:
+        """[B, k*k] bool: the tiles that show the image rather than the padding around it."""
+        k, n = self.per_side, self.size
+        side = k * n
+        masks = []
+        for record in records:
+            h, w = min(record.height or side, side), min(record.width or side, side)
+            top, left = (side - h) // 2, (side - w) // 2
+            edges = torch.arange(k) * n
+            rows = ((torch.minimum(edges + n, torch.tensor(top + h)) - torch.maximum(edges, torch.tensor(top)))
+                    .clamp(min=0) / n)
+            cols = ((torch.minimum(edges + n, torch.tensor(left + w)) - torch.maximum(edges, torch.tensor(left)))
+                    .clamp(min=0) / n)
+            cover = (rows.view(-1, 1) * cols.view(1, -1)).flatten()
+            mask = cover >= 0.5
+            if not mask.any():
+                mask = cover == cover.max()
+            masks.append(mask)
+        return torch.stack(masks)
+
+
+@dataclass
 class FeatureExtractor:
     """Feature vector of uint8 crops: the chosen groups, concatenated, with their names."""
 
     model: LoadedModel | None
     groups: tuple[str, ...]
     raw_embedding: bool = False  # UnivFD's head reads unnormalized embeddings
+    tiling: Tiling | None = None  # --policy tiles
     _widths: dict | None = field(default=None, repr=False)  # columns per group, known after a call
+
+    def tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, k*k, D]: the features of each tile (``tiling`` set)."""
+        tiles = self.tiling.split(pixels)
+        return self(tiles).view(pixels.shape[0], self.tiling.per_side ** 2, -1)
+
+    def image_features(self, pixels: torch.Tensor, records) -> torch.Tensor:
+        """[B, D]: the features of each image under the policy (the tiles' mean for ``tiles``)."""
+        if self.tiling is None:
+            return self(pixels)
+        per_tile = self.tile_features(pixels)
+        inside = self.tiling.inside(records).to(per_tile.device).float().unsqueeze(-1)
+        return (per_tile * inside).sum(dim=1) / inside.sum(dim=1)
 
     def names(self) -> list[str]:
         """Feature names in column order (the backbone groups' widths come from one tiny probe)."""
@@ -154,14 +206,17 @@ class FeatureExtractor:
         return patches if self.raw_embedding else F.normalize(patches, dim=-1)
 
 
-def policy_geometry(policy: str, size: int) -> Geometry:
+def policy_geometry(policy: str, size: int, tiles: int = 1) -> Geometry:
     """``crop``: centre crop at native resolution (padding small images); ``resize``: shortest side to
-    ``size`` then centre crop (destroys up-sampling traces: warned about for artefact groups)."""
+    ``size`` then centre crop (destroys up-sampling traces: warned about for artefact groups);
+    ``tiles``: centre crop of ``tiles`` x ``tiles`` tiles of ``size`` at native resolution."""
     if policy == "crop":
         return Geometry(resize=0, crop=(size, size), resize_mode="none")
+    if policy == "tiles":
+        return Geometry(resize=0, crop=(tiles * size, tiles * size), resize_mode="none")
     if policy == "resize":
         return Geometry(resize=size, crop=(size, size), interpolation="bilinear")
-    raise ValueError(f"unknown policy {policy!r} (crop or resize)")
+    raise ValueError(f"unknown policy {policy!r} (crop, resize or tiles)")
 
 
 class FeatureTask:
@@ -182,7 +237,7 @@ class FeatureTask:
     def map(self, images, records):
         if self.normalize_format:
             images = jpeg_round_trip(images)
-        return MapOutput([{"features": f.cpu().numpy()} for f in self.extractor(images)])
+        return MapOutput([{"features": f.cpu().numpy()} for f in self.extractor.image_features(images, records)])
 
     def summary(self):
         return {}
@@ -205,6 +260,10 @@ class Detector:
     backbone: dict | None
     training: dict = field(default_factory=dict)
     raw_embedding: bool = False
+    tiles: int = 1  # tiles per side with policy "tiles"
+
+    def tiling(self) -> Tiling | None:
+        return Tiling(self.size, self.tiles) if self.policy == "tiles" else None
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier.logits(features.cpu())
@@ -231,7 +290,7 @@ class Detector:
         metadata = {"format": DETECTOR_FORMAT, "format_version": str(DETECTOR_VERSION), "config": json.dumps({
             "groups": list(self.groups), "feature_names": self.feature_names, "platt": list(self.platt),
             "threshold": self.threshold, "policy": self.policy, "size": self.size, "backbone": self.backbone,
-            "training": self.training, "raw_embedding": self.raw_embedding})}
+            "training": self.training, "raw_embedding": self.raw_embedding, "tiles": self.tiles})}
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -257,7 +316,7 @@ class Detector:
                                    tensors["bias"].float().reshape(()))
         return cls(classifier, tuple(config["groups"]), config["feature_names"], tuple(config["platt"]),
                    config["threshold"], config["policy"], config["size"], config["backbone"], config["training"],
-                   config.get("raw_embedding", False))
+                   config.get("raw_embedding", False), int(config.get("tiles", 1)))
 
     def check_backbone(self, model: LoadedModel | None) -> None:
         """Refuse a backbone other than the one the detector was trained with."""
@@ -326,7 +385,7 @@ def stratified_split(labels: Sequence[int], holdout: float, seed: int) -> tuple[
 
 
 def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_names, policy, size, backbone,
-                   holdout: float = 0.25, seed: int = 0, l2: float = 1e-2) -> tuple[Detector, dict]:
+                   holdout: float = 0.25, seed: int = 0, l2: float = 1e-2, tiles: int = 1) -> tuple[Detector, dict]:
     """Fit on the training split, calibrate (Platt) and choose the threshold on the held-out split."""
     from visbatch.core.tasks.aigi.classifier import (
         auroc,
@@ -356,7 +415,7 @@ def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_
                                                                                                       labels[held]),
               "threshold": threshold, "platt": list(platt), "per_generator": summary}
     detector = Detector(classifier, tuple(groups), feature_names, platt, threshold, policy, size, backbone,
-                        training=report)
+                        training=report, tiles=tiles)
     return detector, report
 
 
@@ -419,10 +478,11 @@ class ScoreTask:
     name = "detect-aigi"
 
     def __init__(self, detector: Detector, extractor: FeatureExtractor, tta: bool = False, heatmaps: bool = False,
-                 tiles: int = 4):
-        self.detector, self.extractor, self.tta, self.heatmaps, self.tiles = detector, extractor, tta, heatmaps, tiles
-        self.patch_heatmaps = heatmaps and extractor.has_patch_embeddings
-        self.geometry = policy_geometry(detector.policy, detector.size)
+                 heatmap_tiles: int = 4):
+        self.detector, self.extractor, self.tta, self.heatmaps = detector, extractor, tta, heatmaps
+        self.heatmap_tiles = heatmap_tiles  # crop and resize policies: sub-tiles of the crop
+        self.patch_heatmaps = heatmaps and extractor.has_patch_embeddings and extractor.tiling is None
+        self.geometry = policy_geometry(detector.policy, detector.size, detector.tiles)
         self._counts = {"real": 0, "fake": 0, "unsure": 0}
 
     def fields(self):
@@ -436,14 +496,28 @@ class ScoreTask:
         return {"threshold": self.detector.threshold, "policy": self.detector.policy, "size": self.detector.size,
                 "groups": list(self.detector.groups), "tta": self.tta,
                 "tta_variants": "JPEG quality 90 re-encode; 0.9x bilinear resize" if self.tta else None,
-                "heatmap": None if not self.heatmaps else (
-                    "ViT patch tokens" if self.patch_heatmaps else f"{self.tiles}x{self.tiles} tiles")}
+                "tiles": self.detector.tiles if self.detector.policy == "tiles" else None,
+                "heatmap": None if not self.heatmaps else self._heatmap_kind()}
 
-    def _probability(self, pixels):
-        return self.detector.probability(self.extractor(pixels))
+    def _heatmap_kind(self) -> str:
+        if self.extractor.tiling is not None:
+            k = self.extractor.tiling.per_side
+            return f"{k}x{k} tiles of {self.detector.size} px (the detector's tiles)"
+        if self.patch_heatmaps:
+            return "ViT patch tokens"
+        return f"{self.heatmap_tiles}x{self.heatmap_tiles} tiles"
+
+    def _probability(self, pixels, records):
+        return self.detector.probability(self.extractor.image_features(pixels, records))
 
     def map(self, images, records):
-        features = self.extractor(images)
+        per_tile = None
+        if self.extractor.tiling is not None:
+            per_tile = self.extractor.tile_features(images)
+            inside = self.extractor.tiling.inside(records).to(per_tile.device).float().unsqueeze(-1)
+            features = (per_tile * inside).sum(dim=1) / inside.sum(dim=1)
+        else:
+            features = self.extractor(images)
         p = self.detector.probability(features)
         groups = self.detector.group_scores(features)
         fake = p >= self.detector.threshold
@@ -451,13 +525,13 @@ class ScoreTask:
         rows = [{"p_fake": float(p[i]), "label": labels[i],
                  **{f"score_{g}": float(v[i]) for g, v in groups.items()}} for i in range(len(records))]
         if self.tta:
-            jpeg = self._probability(jpeg_round_trip(images, 90))
+            jpeg = self._probability(jpeg_round_trip(images, 90), records)
             size = images.shape[-1]
             small = F.interpolate(images.float(), scale_factor=0.9, mode="bilinear", antialias=True,
                                   align_corners=False)
             pad = size - small.shape[-1]
             resized = F.pad(small, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), mode="reflect")
-            resized = self._probability(resized.round().clamp(0, 255).to(torch.uint8))
+            resized = self._probability(resized.round().clamp(0, 255).to(torch.uint8), records)
             for i, row in enumerate(rows):
                 row.update(p_fake_jpeg=float(jpeg[i]), p_fake_resized=float(resized[i]))
                 verdicts = {bool(p[i] >= self.detector.threshold), bool(jpeg[i] >= self.detector.threshold),
@@ -467,7 +541,9 @@ class ScoreTask:
         for row in rows:
             self._counts[row["label"]] += 1
         overlays = None
-        if self.patch_heatmaps:
+        if self.heatmaps and per_tile is not None:
+            overlays = self._policy_tile_maps(per_tile, records, p)
+        elif self.patch_heatmaps:
             overlays = self._patch_maps(images, features)
         elif self.heatmaps:
             overlays = self._tile_maps(images)
@@ -483,13 +559,20 @@ class ScoreTask:
         per_patch[:, columns] = patches.reshape(b * gh * gw, d).cpu()
         return list(self.detector.probability(per_patch).view(b, gh, gw).numpy())
 
+    def _policy_tile_maps(self, per_tile, records, p) -> list[np.ndarray]:
+        """p_fake of each of the detector's tiles; tiles over padding show the image's p_fake."""
+        b, count, d = per_tile.shape
+        k = self.extractor.tiling.per_side
+        tile_p = self.detector.probability(per_tile.reshape(b * count, d)).view(b, count)
+        inside = self.extractor.tiling.inside(records)
+        tile_p = torch.where(inside, tile_p, p.view(-1, 1).expand(b, count))
+        return list(tile_p.view(b, k, k).numpy())
+
     def _tile_maps(self, images) -> list[np.ndarray]:
-        """p_fake of each of ``tiles x tiles`` patches of the crop (evidence from every patch)."""
-        b, _, h, w = images.shape
-        th, tw = h // self.tiles, w // self.tiles
-        patches = images[:, :, : th * self.tiles, : tw * self.tiles].unfold(2, th, th).unfold(3, tw, tw)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, th, tw)
-        p = self._probability(patches.contiguous()).view(b, self.tiles, self.tiles)
+        """p_fake of each of k x k sub-tiles of the (square) crop: evidence from every part."""
+        k = self.heatmap_tiles
+        tiling = Tiling(min(images.shape[-2:]) // k, k)
+        p = self.detector.probability(self.extractor(tiling.split(images))).view(images.shape[0], k, k)
         return list(p.cpu().numpy())
 
     def summary(self):
