@@ -172,13 +172,13 @@ def test_format_confound_warning_and_bad_detector(tmp_path, upsampled_root):
 
 
 def test_real_generated_images_cross_validated(fixture_images):
-    """29 text-to-image outputs against 24 crops of 8 public-domain photos, processed identically.
+    """29 text-to-image outputs against 30 crops of 10 public-domain photos, processed identically.
 
     Grouped cross-validation: each photo's crops stay in one fold (4 folds, sources dealt round
-    robin), repeated over 10 shuffles; chance AP = 29/53 = 0.547. Measured 2026-11-23, mean AP
-    (min-max): `layers` (efficientnet-lite0's pooled stage outputs + embedding) 0.686
-    (0.590-0.802); artefact groups npr+bitplane+spectrum 0.665 (0.610-0.747); `embedding`
-    (penultimate layer only) 0.597 (0.518-0.704). With 8 real sources the embedding learns their
+    robin), repeated over 10 shuffles; chance AP = 29/59 = 0.492. Measured 2026-11-23, mean AP
+    (min-max): `layers` (efficientnet-lite0's pooled stage outputs + embedding) 0.665
+    (0.557-0.796); artefact groups npr+bitplane+spectrum 0.591 (0.476-0.686); `embedding`
+    (penultimate layer only) 0.564 (0.458-0.714). With 10 real sources the embedding learns their
     content, which is why the intermediate stages help.
     """
     data = read_labelled_root(str(fixture_images.parent / "aigi"))
@@ -204,9 +204,9 @@ def test_real_generated_images_cross_validated(fixture_images):
             aps.append(average_precision(labels, scores))
         return float(np.mean(aps))
 
-    assert mean_cross_validated_ap(("layers",)) > chance + 0.1
-    assert mean_cross_validated_ap(("npr", "bitplane", "spectrum")) > chance + 0.08
-    assert mean_cross_validated_ap(("embedding",)) > chance + 0.02
+    assert mean_cross_validated_ap(("layers",)) > chance + 0.12
+    assert mean_cross_validated_ap(("npr", "bitplane", "spectrum")) > chance + 0.06
+    assert mean_cross_validated_ap(("embedding",)) > chance + 0.03
 
 def test_tiles_policy_averages_the_tiles_inside_the_image(upsampled_root, tmp_path):
     from types import SimpleNamespace
