@@ -59,7 +59,7 @@ def train(
     root: Optional[str] = typer.Argument(None, help="Labelled root: 0_real/ and 1_fake/ (optionally per generator)."),
     real: Optional[List[str]] = typer.Option(None, "--real", help="Folder of real images (repeatable)."),
     fake: Optional[List[str]] = typer.Option(None, "--fake", help="Folder of generated images (repeatable)."),
-    features: str = typer.Option("npr,bitplane,spectrum,embedding", "--features",
+    features: str = typer.Option("npr,bitplane,spectrum,layers", "--features",
                                  help="Comma-separated groups: embedding, layers, npr, bitplane, spectrum."),
     model: str = typer.Option("efficientnet-lite0", "--model", "-m", help="Backbone of the embedding group.",
                               envvar="VISBATCH_MODEL"),
