@@ -1,18 +1,20 @@
-"""detect-aigi score throughput (images/s), with and without TTA.
+"""detect-aigi score throughput (images/s): crop policy with and without TTA, and 3x3 tiles.
 
 Run by hand:
 
     .venv/bin/python bench/detect_aigi.py --images 128 --batch-size 16
 
-Trains a detector (all four feature groups, efficientnet-lite0 backbone) on
-fixtures/aigi, then scores ``--images`` JPEGs (400-800 px) end to end from
-the files: decode, 256 px native crop, features, calibrated probability,
-Parquet rows.
+Trains a detector (the default groups npr, bitplane, spectrum, layers;
+efficientnet-lite0 backbone) on fixtures/aigi, then scores ``--images``
+JPEGs (400-800 px) end to end from the files: decode, 256 px native crop
+(or the centre 768 px as 3x3 tiles of 256), features, calibrated
+probability, Parquet rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -34,11 +36,11 @@ def main() -> None:
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig, run_pipeline
     from visbatch.core.tasks.aigi.detector import (
-        FeatureExtractor, ScoreTask, read_labelled_root, train_detector,
+        FeatureExtractor, ScoreTask, Tiling, read_labelled_root, train_detector,
     )
 
     model = load_model("efficientnet-lite0", device=args.device)
-    groups = ("embedding", "npr", "bitplane", "spectrum")
+    groups = ("npr", "bitplane", "spectrum", "layers")
     extractor = FeatureExtractor(model, groups)
     data = read_labelled_root(str(REPO / "fixtures" / "aigi"))
     features = extractor(torch.stack([pil_to_uint8_chw(decode_image(i.path)) for i in data.items]).to(model.device))
@@ -48,12 +50,17 @@ def main() -> None:
     make_folder(tmp / "images", args.images)
     items = find_images([str(tmp / "images")])
     results = {"images": len(items), "device": str(model.device), "batch_size": args.batch_size}
-    for tta in (False, True):
+    tiled = dataclasses.replace(detector, policy="tiles", tiles=3)
+    tiled_extractor = FeatureExtractor(model, groups, tiling=Tiling(256, 3))
+    for name, task_detector, task_extractor, tta in (("score_img_s", detector, extractor, False),
+                                                     ("score_img_s_tta", detector, extractor, True),
+                                                     ("score_img_s_tiles_3x3", tiled, tiled_extractor, False)):
         config = RunConfig(output=str(tmp / "scores.parquet"), batch_size=args.batch_size, workers=args.workers,
                            quiet=True, overwrite=True)
-        run = lambda: run_pipeline(ScoreTask(detector, extractor, tta=tta), model, items, config)  # noqa: E731
+        run = lambda: run_pipeline(ScoreTask(task_detector, task_extractor, tta=tta), model, items,  # noqa: E731
+                                   config)
         run()
-        results[f"score_img_s{'_tta' if tta else ''}"] = timed(run, len(items))
+        results[name] = timed(run, len(items))
     print(json.dumps(results))
 
 
