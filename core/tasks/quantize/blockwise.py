@@ -15,7 +15,9 @@ first block once, then for each block in turn:
    alpha search measured on the block's own output, then the optional clip
    search, then folding the scales into the LayerNorm where the block's
    output shows that folding is exact, otherwise an explicit input scale);
-3. feeds the block's full-precision output to the next block (as AutoAWQ).
+3. feeds the block's output to the next block: full precision for AWQ and
+   RTN (as AutoAWQ), the quantized block's output for GPTQ (the GPTQ paper's
+   sequential mode: each block corrects for the error of those before it).
 
 Only one block's statistics are alive at a time; the chain's activations are
 held once (inputs and outputs of the current block). A chain whose blocks do
@@ -221,13 +223,31 @@ def quantize_chain(chain: Chain, targets, inputs, bits: int, group_size: int | N
         outputs: list[torch.Tensor] = []
         observation = _observe(block_name, block, block_targets, inputs, generator, outputs)
         if method != "awq":
-            layers += [quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order)
-                       for t in block_targets]
+            block_layers = [quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order)
+                            for t in block_targets]
+            layers += block_layers
+            if method == "gptq":
+                outputs = _quantized_outputs(block, block_layers, inputs)
         else:
             layers += _awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip,
                                  overrides)
         inputs = [((output,) + args[1:], kwargs) for (args, kwargs), output in zip(inputs, outputs)]
     return layers, overrides
+
+
+def _quantized_outputs(block, block_layers, inputs) -> list[torch.Tensor]:
+    """The block's outputs with its layers quantized: GPTQ's sequential mode, where each block is
+    calibrated on what the already-quantized blocks before it produce."""
+    from visbatch.core.tasks.quantize import effective_weight
+
+    saved = {layer.target.name: layer.target.weight().clone() for layer in block_layers}
+    try:
+        for layer in block_layers:
+            _set_weight(layer.target, effective_weight(layer.weight, layer.column_scale))
+        return [_first(block(*args, **kwargs)) for args, kwargs in inputs]
+    finally:
+        for layer in block_layers:
+            _set_weight(layer.target, saved[layer.target.name])
 
 
 def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip, overrides) -> list:
