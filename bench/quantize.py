@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--eval-generated", type=int, default=0,
+                        help="Also evaluate on this many generated JPEGs (not in the calibration set).")
     args = parser.parse_args()
 
     from visbatch.core.images import find_images
@@ -89,6 +91,9 @@ def main() -> None:
     make_folder(tmp / "calib", args.images, seed=1)
     calib = find_images([str(tmp / "calib")])
     photos = find_images([str(REPO / "fixtures" / "images")])
+    if args.eval_generated:  # four photos are a noisy yardstick: add held-out generated images
+        make_folder(tmp / "eval", args.eval_generated, seed=9)
+        photos += find_images([str(tmp / "eval")])
     model = load_model("efficientnet-lite0", device=args.device, precision="fp32")
     config = RunConfig(output="unused", batch_size=args.batch_size, workers=0, quiet=True)
     rows = []
