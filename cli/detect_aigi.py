@@ -48,6 +48,23 @@ def _features_for(data, extractor, geometry, normalize_format, model, output, ba
     return keep, torch.from_numpy(np.stack(vectors)) if vectors else torch.empty(0), errors
 
 
+def _split_groups(data, pattern: str) -> list[str]:
+    """Each item's group for the held-out split: the pattern's match on its relative path (its
+    first group if it has one); items that do not match are groups of their own."""
+    import re
+
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--group-pattern is not a regular expression: {exc}")
+    names = []
+    for item in data.items:
+        match = regex.search(item.relpath)
+        key = (match.group(1) if match.groups() else match.group(0)) if match else item.relpath
+        names.append(f"{item.root}:{key}" if match else f"{item.root}:{item.relpath}:own")
+    return names
+
+
 def _load_backbone(model_spec, pretrained, device):
     from visbatch.core.models import load_model
 
@@ -73,6 +90,10 @@ def train(
     tiles: int = typer.Option(3, "--tiles", min=1, max=16, help="With --policy tiles: tiles per side."),
     holdout: float = typer.Option(0.25, "--holdout", min=0.05, max=0.9, help="Share held out for calibration."),
     seed: int = typer.Option(0, "--seed"),
+    group_pattern: Optional[str] = typer.Option(
+        None, "--group-pattern", help="Regex on each image's relative path; images with the same match (its "
+        "first group if it has one) stay on one side of the held-out split, e.g. '(.*)_\\d+\\.jpg$' for crops "
+        "of one photo."),
     l2: float = typer.Option(1e-2, "--l2", min=0.0, help="L2 regularisation of the logistic regression."),
     normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detector.safetensors", "--output", "-o"),
@@ -130,9 +151,10 @@ def train(
         names = extractor.names()
         if len(names) != vectors.shape[1]:
             raise RuntimeError(f"{vectors.shape[1]} features but {len(names)} names")
+        split_groups = _split_groups(kept, group_pattern) if group_pattern else None
         detector, report = train_detector(vectors, kept, groups, names, policy, size,
                                           backbone.describe() if backbone else None, holdout, seed, l2,
-                                          tiles=tile_count)
+                                          tiles=tile_count, split_groups=split_groups)
         detector.training["normalize_format"] = normalize_format
         detector.training["unreadable"] = len(errors)
         detector.save(output)

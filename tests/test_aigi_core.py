@@ -110,3 +110,17 @@ def test_logistic_platt_and_threshold_on_imbalanced_data():
     # With 3 real images per fake, balanced accuracy puts the threshold well below 0.5.
     assert threshold < 0.4
     assert torch.allclose(model.contributions(x_test).sum(1) + model.bias, model.logits(x_test), atol=1e-4)
+
+
+def test_grouped_split_keeps_each_group_on_one_side():
+    from visbatch.core.tasks.aigi.detector import stratified_split
+
+    labels = [0] * 12 + [1] * 8
+    groups = [f"photo{i // 3}" for i in range(12)] + [f"fake{i}" for i in range(8)]
+    for seed in range(5):
+        train, held = stratified_split(labels, 0.25, seed, groups)
+        assert set(train) | set(held) == set(range(20)) and not set(train) & set(held)
+        held_groups = {groups[i] for i in held}
+        assert not held_groups & {groups[i] for i in train}
+        assert {labels[i] for i in held} == {0, 1} and {labels[i] for i in train} == {0, 1}
+        assert sum(labels[i] == 0 for i in held) == 3  # one whole photo: 3 of 12 real

@@ -153,6 +153,21 @@ def test_univfd_head_loading(tmp_path):
         univfd_detector(str(head), tiny)
 
 
+def test_group_pattern_keeps_crops_of_one_photo_out_of_the_held_out_split(fixture_images, tmp_path):
+    root = fixture_images.parent / "aigi"
+    reports = {}
+    for name, extra in (("random", []), ("grouped", ["--group-pattern", r"(.*)_\d+\.jpg$"])):
+        out = tmp_path / f"{name}.safetensors"
+        result = invoke("train", root, "--features", "spectrum,npr,bitplane", "-o", out, "--device", "cpu", "--json",
+                        *extra)
+        reports[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reports["random"]["split_groups"] is None
+    assert reports["grouped"]["split_groups"] == 10 + 29  # 10 photos, each generated image its own group
+    bad = runner.invoke(app, ["detect-aigi", "train", str(root), "--group-pattern", "(", "-o",
+                              str(tmp_path / "x.safetensors"), "--features", "npr"])
+    assert bad.exit_code == 2 and "not a regular expression" in bad.stderr
+
+
 def test_format_confound_warning_and_bad_detector(tmp_path, upsampled_root):
     root = tmp_path / "mixed"
     for label, fmt in (("0_real", "JPEG"), ("1_fake", "PNG")):

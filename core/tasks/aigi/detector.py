@@ -371,22 +371,39 @@ def univfd_detector(path: str, backbone: LoadedModel) -> Detector:
 # ----------------------------------------------------------------------------
 
 
-def stratified_split(labels: Sequence[int], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) indices with ``holdout`` of each class held out."""
+def stratified_split(labels: Sequence[int], holdout: float, seed: int, groups: Sequence[str] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices with ``holdout`` of each class held out. With ``groups`` (one name
+    per item), whole groups go to one side, so crops or near-copies of one photo never straddle the
+    split and the held-out figures (and the calibration fitted on them) are not flattered; at least
+    one group of each class stays in training."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     train, held = [], []
     for value in (0, 1):
         index = rng.permutation(np.flatnonzero(labels == value))
         cut = max(1, int(round(len(index) * holdout))) if len(index) > 1 else 0
-        held += index[:cut].tolist()
-        train += index[cut:].tolist()
+        if groups is None:
+            held += index[:cut].tolist()
+            train += index[cut:].tolist()
+            continue
+        names = np.asarray(groups, dtype=object)[index]
+        order = list(dict.fromkeys(names.tolist()))  # groups in the shuffled order of their first item
+        taken: list[int] = []
+        for name in order[:-1]:
+            if len(taken) >= cut:
+                break
+            taken += index[names == name].tolist()
+        held += taken
+        train += [i for i in index.tolist() if i not in set(taken)]
     return np.sort(train), np.sort(held)
 
 
 def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_names, policy, size, backbone,
-                   holdout: float = 0.25, seed: int = 0, l2: float = 1e-2, tiles: int = 1) -> tuple[Detector, dict]:
-    """Fit on the training split, calibrate (Platt) and choose the threshold on the held-out split."""
+                   holdout: float = 0.25, seed: int = 0, l2: float = 1e-2, tiles: int = 1,
+                   split_groups: Sequence[str] | None = None) -> tuple[Detector, dict]:
+    """Fit on the training split, calibrate (Platt) and choose the threshold on the held-out split
+    (whole ``split_groups`` on one side, see :func:`stratified_split`)."""
     from visbatch.core.tasks.aigi.classifier import (
         auroc,
         average_precision,
@@ -399,7 +416,7 @@ def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_
     labels = torch.tensor(data.labels)
     if labels.sum() == 0 or labels.sum() == len(labels):
         raise InputError("training needs both real and fake images")
-    train, held = stratified_split(data.labels, holdout, seed)
+    train, held = stratified_split(data.labels, holdout, seed, split_groups)
     classifier = fit_logistic(features[train], labels[train], l2=l2)
     held_logits = classifier.logits(features[held])
     platt = fit_platt(held_logits, labels[held])
@@ -410,7 +427,8 @@ def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_
         mask = [g == generator for g in data.generators]
         summary[generator] = {"real": int(sum(1 for m, y in zip(mask, data.labels) if m and y == 0)),
                               "fake": int(sum(1 for m, y in zip(mask, data.labels) if m and y == 1))}
-    report = {"train": len(train), "held_out": len(held), "held_out_ap": average_precision(labels[held], held_p),
+    report = {"train": len(train), "held_out": len(held),
+              "split_groups": None if split_groups is None else len(set(split_groups)), "held_out_ap": average_precision(labels[held], held_p),
               "held_out_auroc": auroc(labels[held], held_p), "held_out_ece": expected_calibration_error(held_p,
                                                                                                       labels[held]),
               "threshold": threshold, "platt": list(platt), "per_generator": summary}
