@@ -11,10 +11,12 @@ first block once, then for each block in turn:
    rows) and which tensors they read (layers that read the same tensor form
    one scale group; a LayerNorm whose output is that tensor can absorb the
    group's scales);
-2. quantizes the block's layers (RTN; GPTQ on the sampled rows; AWQ with the
-   alpha search measured on the block's own output, then the optional clip
-   search, then folding the scales into the LayerNorm where the block's
-   output shows that folding is exact, otherwise an explicit input scale);
+2. quantizes the block's layers (RTN; GPTQ on the sampled rows; AWQ: the
+   alpha search of every scale group measured on the block's own output,
+   then folding each group's scales into the LayerNorm before it or into the
+   value rows of the attention's q/k/v projection where the block's output
+   shows the fold is exact (otherwise an explicit input scale), then the
+   optional clip search and the rounding);
 3. feeds the block's output to the next block: full precision for AWQ and
    RTN (as AutoAWQ), the quantized block's output for GPTQ (the GPTQ paper's
    sequential mode: each block corrects for the error of those before it).
@@ -39,7 +41,7 @@ from visbatch.core.tasks.quantize.awq import scaled_effective_weight, search_cli
 # Chains by container path; a container's children that are nn.Sequential are flattened.
 CHAIN_CONTAINERS = ("visual.transformer.resblocks", "transformer.resblocks", "visual.trunk.blocks", "blocks")
 AWQ_SEARCH_SAMPLES = 32  # inputs (images or texts) on which the alpha search measures the block output
-FOLD_TOLERANCE = 1e-3  # relative difference between folded and explicit-scale block outputs
+FOLD_TOLERANCE = 1e-3  # relative RMS change of the block output that a fold may cause (float rounding only)
 
 
 class _Captured(Exception):
