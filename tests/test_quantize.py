@@ -185,13 +185,16 @@ class _NormBlock(torch.nn.Module):
 
 
 class _Chained(torch.nn.Module):
-    def __init__(self, parallel: bool = False):
+    def __init__(self, parallel: bool = False, seed: int = 0):
         super().__init__()
-        self.blocks = torch.nn.Sequential(_NormBlock(False), _NormBlock(True))
-        with torch.no_grad():
-            for block in self.blocks:
-                block.norm.weight.uniform_(0.5, 2)
-                block.norm.bias.normal_()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.blocks = torch.nn.Sequential(_NormBlock(False), _NormBlock(True))
+            with torch.no_grad():
+                for block in self.blocks:
+                    # A few loud channels after the LayerNorm: the case AWQ's scales are for.
+                    block.norm.weight.copy_(torch.linspace(0.05, 4, 64)[torch.randperm(64)])
+                    block.norm.bias.normal_()
         self.parallel = parallel
 
     def forward(self, x):
