@@ -132,6 +132,12 @@ class Tiling:
             masks.append(mask)
         return torch.stack(masks)
 
+    @staticmethod
+    def mean_inside(per_tile: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """[B, D]: the mean of ``per_tile`` [B, k*k, D] over the tiles marked in ``inside`` [B, k*k]."""
+        weights = inside.to(per_tile.device).float().unsqueeze(-1)
+        return (per_tile * weights).sum(dim=1) / weights.sum(dim=1)
+
 
 @dataclass
 class FeatureExtractor:
@@ -152,9 +158,7 @@ class FeatureExtractor:
         """[B, D]: the features of each image under the policy (the tiles' mean for ``tiles``)."""
         if self.tiling is None:
             return self(pixels)
-        per_tile = self.tile_features(pixels)
-        inside = self.tiling.inside(records).to(per_tile.device).float().unsqueeze(-1)
-        return (per_tile * inside).sum(dim=1) / inside.sum(dim=1)
+        return self.tiling.mean_inside(self.tile_features(pixels), self.tiling.inside(records))
 
     def names(self) -> list[str]:
         """Feature names in column order (the backbone groups' widths come from one tiny probe)."""
@@ -395,7 +399,8 @@ def stratified_split(labels: Sequence[int], holdout: float, seed: int, groups: S
                 break
             taken += index[names == name].tolist()
         held += taken
-        train += [i for i in index.tolist() if i not in set(taken)]
+        taken_set = set(taken)
+        train += [i for i in index.tolist() if i not in taken_set]
     return np.sort(train), np.sort(held)
 
 
@@ -529,11 +534,11 @@ class ScoreTask:
         return self.detector.probability(self.extractor.image_features(pixels, records))
 
     def map(self, images, records):
-        per_tile = None
+        per_tile = inside = None
         if self.extractor.tiling is not None:
             per_tile = self.extractor.tile_features(images)
-            inside = self.extractor.tiling.inside(records).to(per_tile.device).float().unsqueeze(-1)
-            features = (per_tile * inside).sum(dim=1) / inside.sum(dim=1)
+            inside = self.extractor.tiling.inside(records)
+            features = self.extractor.tiling.mean_inside(per_tile, inside)
         else:
             features = self.extractor(images)
         p = self.detector.probability(features)
@@ -560,7 +565,7 @@ class ScoreTask:
             self._counts[row["label"]] += 1
         overlays = None
         if self.heatmaps and per_tile is not None:
-            overlays = self._policy_tile_maps(per_tile, records, p)
+            overlays = self._policy_tile_maps(per_tile, inside, p)
         elif self.patch_heatmaps:
             overlays = self._patch_maps(images, features)
         elif self.heatmaps:
@@ -577,12 +582,11 @@ class ScoreTask:
         per_patch[:, columns] = patches.reshape(b * gh * gw, d).cpu()
         return list(self.detector.probability(per_patch).view(b, gh, gw).numpy())
 
-    def _policy_tile_maps(self, per_tile, records, p) -> list[np.ndarray]:
+    def _policy_tile_maps(self, per_tile, inside, p) -> list[np.ndarray]:
         """p_fake of each of the detector's tiles; tiles over padding show the image's p_fake."""
         b, count, d = per_tile.shape
         k = self.extractor.tiling.per_side
         tile_p = self.detector.probability(per_tile.reshape(b * count, d)).view(b, count)
-        inside = self.extractor.tiling.inside(records)
         tile_p = torch.where(inside, tile_p, p.view(-1, 1).expand(b, count))
         return list(tile_p.view(b, k, k).numpy())
 
