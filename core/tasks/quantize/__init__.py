@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visbatch.core.models import LoadedModel, ModelError, file_checksum
-from visbatch.core.tasks.quantize.awq import scaled_effective_weight, search_clip, search_scale
+from visbatch.core.tasks.quantize.awq import awq_quantize, search_scale
 from visbatch.core.tasks.quantize.kernels import Int4Kernel, int4_kernel_applies, verified_kernel
 from visbatch.core.tasks.quantize.quant import QuantizedWeight, gptq_quantize, quantize_weight
 
@@ -262,9 +262,7 @@ def quantize_layer(target: Target, bits: int, group_size: int | None, method: st
             return float((rows @ candidates[0].T - reference).pow(2).mean() / energy)
 
         alpha, s, _ = search_scale([w], stats.mean_abs().float().cpu(), bits, group_size, evaluate)
-        clip = (search_clip(w * s.view(1, -1), rows / s.view(1, -1), bits, group_size)
-                if awq_clip and not feeds_softmax(target) else None)
-        quantized, effective = scaled_effective_weight(w, s, bits, group_size, clip)
+        quantized, effective = awq_quantize(w, s, rows, bits, group_size, awq_clip and not feeds_softmax(target))
         column_scale = 1 / s
     else:
         quantized = quantize_weight(w, bits, group_size)

@@ -42,6 +42,15 @@ def scaled_effective_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int
     return quantized, quantized.dequantize(torch.float32) / scale.view(1, -1)
 
 
+def awq_quantize(weight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, bits: int, group_size: int | None,
+                 clip: bool) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Round ``W diag(s)``, after the clip search on the input ``rows`` (divided by ``s``) when
+    ``clip`` and there are rows; returns the quantized weight and the effective weight."""
+    ratios = (search_clip(weight * scale.view(1, -1), rows / scale.view(1, -1), bits, group_size)
+              if clip and rows is not None and rows.numel() else None)
+    return scaled_effective_weight(weight, scale, bits, group_size, ratios)
+
+
 def search_scale(weights: Sequence[torch.Tensor], magnitude: torch.Tensor, bits: int, group_size: int | None,
                  evaluate: Callable[[list[torch.Tensor]], float]) -> tuple[float, torch.Tensor, float]:
     """(alpha, s, error) for layers with the given fp32 ``weights`` [out, in] sharing one input

@@ -30,13 +30,14 @@ batch and its layers fall back to the one-pass path (``calibrate`` +
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from visbatch.core.models import LoadedModel
-from visbatch.core.tasks.quantize.awq import scaled_effective_weight, search_clip, search_scale
+from visbatch.core.tasks.quantize.awq import awq_quantize, search_scale
 
 # Chains by container path; a container's children that are nn.Sequential are flattened.
 CHAIN_CONTAINERS = ("visual.transformer.resblocks", "transformer.resblocks", "visual.trunk.blocks", "blocks")
@@ -187,9 +188,17 @@ def _observe(block_name: str, block: nn.Module, targets, inputs, generator, outp
     return observation
 
 
-def _set_weight(target, w: torch.Tensor) -> None:
-    parameter = target.module.in_proj_weight if target.kind == "mha_in_proj" else target.module.weight
-    parameter.data.copy_(w.reshape(parameter.shape).to(parameter.dtype))
+@contextlib.contextmanager
+def _replaced(changes):
+    """Parameters temporarily replaced by ``changes`` [(parameter, new value)], restored on exit."""
+    saved = [(parameter, parameter.detach().clone()) for parameter, _ in changes]
+    try:
+        for parameter, value in changes:
+            parameter.data.copy_(value.reshape(parameter.shape).to(parameter.device, parameter.dtype))
+        yield
+    finally:
+        for parameter, value in saved:
+            parameter.data.copy_(value)
 
 
 def _block_error(block, inputs, references) -> float:
@@ -243,14 +252,9 @@ def _quantized_outputs(block, block_layers, inputs) -> list[torch.Tensor]:
     calibrated on what the already-quantized blocks before it produce."""
     from visbatch.core.tasks.quantize import effective_weight
 
-    saved = {layer.target.name: layer.target.weight().clone() for layer in block_layers}
-    try:
-        for layer in block_layers:
-            _set_weight(layer.target, effective_weight(layer.weight, layer.column_scale))
+    with _replaced([(_weight_parameter(layer.target), effective_weight(layer.weight, layer.column_scale))
+                    for layer in block_layers]):
         return [_first(block(*args, **kwargs)) for args, kwargs in inputs]
-    finally:
-        for layer in block_layers:
-            _set_weight(layer.target, saved[layer.target.name])
 
 
 def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip, overrides) -> list:
@@ -264,13 +268,8 @@ def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_s
     plans = []
     for index, group in enumerate(observation.groups):
         def evaluate(effective, group=group):
-            try:
-                for target, w in zip(group, effective):
-                    _set_weight(target, w)
+            with _replaced([(_weight_parameter(t), w) for t, w in zip(group, effective)]):
                 return _block_error(block, search_in, search_out)
-            finally:
-                for target in group:
-                    _set_weight(target, originals[target.name])
 
         magnitude = observation.stats[group[0].name].mean_abs().float().cpu()
         alpha, scale, _ = search_scale([originals[t.name] for t in group], magnitude, bits, group_size, evaluate)
@@ -284,9 +283,8 @@ def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_s
         scale = plan["scale"]
         for target in plan["group"]:
             w, rows = originals[target.name], observation.stats[target.name].sample().float()
-            clip = (search_clip(w * scale.view(1, -1), rows / scale.view(1, -1), bits, group_size)
-                    if awq_clip and not feeds_softmax(target) and rows.numel() else None)
-            quantized, effective = scaled_effective_weight(w, scale, bits, group_size, clip)
+            quantized, effective = awq_quantize(w, scale, rows, bits, group_size,
+                                                awq_clip and not feeds_softmax(target))
             original = target.weight().float().cpu()  # errors against the unfolded model
             effective = _unfold(effective, target, plans)
             layers.append(QuantizedLayer(
@@ -372,12 +370,5 @@ def _weight_parameter(target):
 def _keeps_block_output(block, changes, search_in, search_out) -> bool:
     """Whether the block's output on the search inputs stays the same (up to float rounding)
     with the parameters replaced by ``changes`` [(parameter, new value)]."""
-    saved = [(parameter, parameter.detach().clone()) for parameter, _ in changes]
-    try:
-        for parameter, value in changes:
-            parameter.data.copy_(value.reshape(parameter.shape).to(parameter.device, parameter.dtype))
-        error = _block_error(block, search_in, search_out)
-    finally:
-        for parameter, value in saved:
-            parameter.data.copy_(value)
-    return error <= FOLD_TOLERANCE ** 2
+    with _replaced(changes):
+        return _block_error(block, search_in, search_out) <= FOLD_TOLERANCE ** 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -46,27 +47,29 @@ def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig):
             yield batch.images
 
 
-def _outputs(model: LoadedModel, module: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+@contextlib.contextmanager
+def _running(model: LoadedModel, module: torch.nn.Module):
+    """``model`` (its preprocessing, tokenizer and text trimming) with ``module`` as its network."""
     original = model.module
     model.module = module
     try:
         with torch.inference_mode():
-            return torch.cat([run_images(model, images).float().cpu() for images in batches])
+            yield
     finally:
         model.module = original
+
+
+def _outputs(model: LoadedModel, module: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    with _running(model, module):
+        return torch.cat([run_images(model, images).float().cpu() for images in batches])
 
 
 def _zero_shot(model: LoadedModel, module: torch.nn.Module, labels: list[str], images: torch.Tensor) -> torch.Tensor:
     """Index of the best label per image with ``module``'s own text tower (quantized or not)."""
     from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE
 
-    original = model.module
-    model.module = module
-    try:
-        with torch.inference_mode():
-            texts = model.encode_text(model.tokenize([DEFAULT_TEMPLATE.format(label) for label in labels])).float()
-    finally:
-        model.module = original
+    with _running(model, module):
+        texts = model.encode_text(model.tokenize([DEFAULT_TEMPLATE.format(label) for label in labels])).float()
     return (F.normalize(images, dim=-1) @ F.normalize(texts.cpu(), dim=-1).T).argmax(dim=1)
 
 
