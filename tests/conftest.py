@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The committed photos under fixtures/images (licences in fixtures/README.md).
+PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/rocket.jpg", "space/astronaut.jpg"]
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_IMAGES = REPO / "fixtures" / "images"
 VISBATCH = [sys.executable, "-m", "visbatch.cli"]

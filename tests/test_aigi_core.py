@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import PHOTOS
 from visbatch.core.images import decode_image
 from visbatch.core.tasks.aigi.classifier import (
     auroc,
@@ -18,7 +19,6 @@ from visbatch.core.tasks.aigi.classifier import (
 )
 from visbatch.core.tasks.aigi.features import bitplane_features, npr_features, spectrum_features
 
-PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/rocket.jpg", "space/astronaut.jpg"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from conftest import write_image
+from conftest import PHOTOS, write_image
 from visbatch.cli.main import app
 from visbatch.core.models import load_model
 from visbatch.core.tasks.clip_score import (
@@ -25,7 +25,7 @@ from visbatch.core.tasks.clip_score import (
 
 runner = CliRunner()
 TINY = ["--model", "test-tiny-clip", "--device", "cpu", "--workers", "0"]
-PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/astronaut.jpg", "space/rocket.jpg"]
+PHOTOS = sorted(PHOTOS)  # the order find_images lists them in
 
 
 def score(*args, expect=0):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import PHOTOS
 from visbatch.cli.main import app
 from visbatch.core.images import decode_image, pil_to_uint8_chw
 from visbatch.core.models import ModelError, load_model
@@ -19,7 +20,6 @@ from visbatch.core.tasks.aigi.classifier import average_precision, fit_logistic
 from visbatch.core.tasks.aigi.detector import Detector, FeatureExtractor, read_labelled_root, univfd_detector
 
 runner = CliRunner()
-PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/rocket.jpg", "space/astronaut.jpg"]
 
 
 def invoke(*args, expect=0):

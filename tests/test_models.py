@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PHOTOS
 from visbatch.core.images import decode_image, pil_to_uint8_chw, resize_and_crop
 from visbatch.core.models import (
     ModelError,
@@ -16,7 +17,6 @@ from visbatch.core.models import (
     resolve_precision,
 )
 
-PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/rocket.jpg", "space/astronaut.jpg"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import assert_usage_error
+from conftest import PHOTOS, assert_usage_error
 from visbatch.cli.main import app
 from visbatch.core.images import decode_image, pil_to_uint8_chw, resize_and_crop
 from visbatch.core.models import find_spatial_layer, load_model
@@ -22,7 +22,7 @@ from visbatch.core.tasks.saliency.metrics import deletion_insertion_auc, spearma
 from visbatch.core.tasks.saliency.task import SaliencyOptions, SaliencyTask
 
 runner = CliRunner()
-PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/astronaut.jpg", "space/rocket.jpg"]
+PHOTOS = sorted(PHOTOS)  # the order find_images lists them in
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import assert_usage_error
+from conftest import PHOTOS, assert_usage_error
 from visbatch.cli.main import app
 from visbatch.core.tasks.select import SelectOptions, select
 from visbatch.core.tasks.select import algorithms as alg
 
 runner = CliRunner()
-PHOTOS = ["chelsea.jpg", "coffee.jpg", "space/rocket.jpg", "space/astronaut.jpg"]
 
 
 def clustered(n=3000, d=32, centers=12, spread=0.25, seed=0, weights=None):
