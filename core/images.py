@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from visbatch.core.errors import UsageError
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 )
@@ -44,8 +46,8 @@ MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class InputError(Exception):
-    """A problem with what the user asked for (exit code 2)."""
+class InputError(UsageError):
+    """A problem with the inputs the user named (exit code 2)."""
 
 
 class ImageDecodeError(Exception):
@@ -86,44 +88,99 @@ def _is_hidden(name: str) -> bool:
 
 
 def walk_folder(root: str, recursive: bool = True) -> list[str]:
-    """Relative POSIX paths of the image files under ``root``.
+    """Relative POSIX paths of the image files under ``root``, the same on every machine.
 
-    Hidden files and folders are skipped. Symbolic links to folders are
-    followed, but each real folder is entered once, so a link loop cannot hang
-    the walk.
+    Hidden files and folders are skipped. Symbolic links are followed, but a
+    file reachable by several paths is listed once, under its real path
+    relative to the root when it has one (the tree without links, walked
+    first), else under its first alias in sorted order; each real folder is
+    entered once, so a link loop cannot hang the walk. The result does not
+    depend on the order in which the file system lists a folder.
     """
     found: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        abs_dir = os.path.join(root, rel_dir) if rel_dir else root
-        try:
-            st = os.stat(abs_dir)
-        except OSError:
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen_dirs:
-            continue
-        seen_dirs.add(key)
-        try:
-            entries = list(os.scandir(abs_dir))
-        except OSError:
-            continue
-        for entry in entries:
-            if _is_hidden(entry.name):
-                continue
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+    linked_dirs: list[str] = []  # symlinked folders met, walked after the real tree
+    linked_files: list[str] = []  # symlinked image files, kept unless their target is listed
+    from_links: list[str] = []  # files found inside symlinked folders
+
+    def scan(start: str, into: list[str]) -> None:
+        stack = [start]
+        while stack:
+            rel_dir = stack.pop()
+            abs_dir = os.path.join(root, rel_dir) if rel_dir else root
             try:
-                is_dir = entry.is_dir(follow_symlinks=True)
+                st = os.stat(abs_dir)
             except OSError:
-                is_dir = False
-            if is_dir:
-                if recursive:
-                    stack.append(rel)
-            elif has_image_extension(entry.name):
-                found.append(rel)
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                continue
+            seen_dirs.add(key)
+            try:
+                entries = sorted(os.scandir(abs_dir), key=lambda e: e.name)
+            except OSError:
+                continue
+            subdirs = []
+            for entry in entries:
+                if _is_hidden(entry.name):
+                    continue
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                try:
+                    is_link = entry.is_symlink()
+                    is_dir = entry.is_dir(follow_symlinks=True)
+                except OSError:
+                    continue
+                if is_dir:
+                    if recursive:
+                        (linked_dirs if is_link else subdirs).append(rel)
+                elif has_image_extension(entry.name):
+                    (linked_files if is_link else into).append(rel)
+            stack.extend(reversed(subdirs))
+
+    scan("", found)
+    while linked_dirs:  # breadth first, in sorted order: deterministic
+        batch = sorted(linked_dirs, key=lambda r: (r.count("/"), r))
+        linked_dirs.clear()
+        for rel in batch:
+            scan(rel, from_links)
+    if not (linked_files or from_links):
+        return found
+    listed = {_identity(os.path.join(root, rel)) for rel in found}
+    for rel in sorted(from_links, key=lambda r: (r.count("/"), r)) + sorted(linked_files):
+        identity = _identity(os.path.join(root, rel))
+        if identity is None or identity in listed:
+            continue
+        listed.add(identity)
+        found.append(rel)
     return found
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_glob(pattern: str) -> None:
+    """Refuse a ``--glob`` pattern that cannot mean what was typed (empty, unbalanced ``[``)."""
+    body = pattern[1:] if pattern.startswith("!") else pattern
+    if not body:
+        raise InputError(f"--glob {pattern!r}: empty pattern")
+    i = 0
+    while i < len(body):
+        if body[i] == "[":
+            j = i + 1
+            if j < len(body) and body[j] == "!":
+                j += 1
+            if j < len(body) and body[j] == "]":
+                j += 1
+            close = body.find("]", j)
+            if close < 0:
+                raise InputError(f"--glob {pattern!r}: '[' without a closing ']' (write [[] for a literal '[')")
+            i = close
+        i += 1
 
 
 def glob_matches(relpath: str, globs: Sequence[str]) -> bool:
@@ -148,7 +205,7 @@ def glob_matches(relpath: str, globs: Sequence[str]) -> bool:
 
 def shard_of(relpath: str, count: int) -> int:
     """Stable shard index of a relative path: the same on every machine and run."""
-    digest = hashlib.blake2b(relpath.encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(relpath.encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count
 
 
@@ -175,9 +232,19 @@ def _item_for_file(path: str, base: str | None = None) -> ImageItem:
     return ImageItem(os.path.dirname(absolute), os.path.basename(absolute))
 
 
-def read_path_list(stream: io.TextIOBase) -> list[str]:
-    """Newline-separated paths (blank lines and surrounding white space ignored)."""
-    return [line.strip() for line in stream if line.strip()]
+def read_path_list(stream) -> list[str]:
+    """Newline-separated paths (blank lines and surrounding white space ignored).
+
+    A binary stream is decoded as the file system does (``os.fsdecode``), so
+    a name that is not valid UTF-8 still names its file.
+    """
+    paths = []
+    for line in stream:
+        text = os.fsdecode(line) if isinstance(line, bytes) else line
+        text = text.strip()
+        if text:
+            paths.append(text)
+    return paths
 
 
 def read_table_file(path: str) -> list[dict]:
@@ -212,8 +279,12 @@ def read_table_file(path: str) -> list[dict]:
     raise InputError(f"{path}: unsupported table format (use {', '.join(MANIFEST_SUFFIXES)})")
 
 
-def read_manifest(path: str, path_column: str = "path") -> list[ImageItem]:
-    """Items listed in a manifest's ``path`` column, relative to the manifest's folder."""
+def read_manifest(path: str, path_column: str = "path", warnings: list[str] | None = None) -> list[ImageItem]:
+    """Items listed in a manifest's ``path`` column, relative to the manifest's folder.
+
+    Rows without a path are not images: they are counted in ``warnings``
+    (with their row numbers), never dropped silently.
+    """
     rows = read_table_file(path)
     base = os.path.dirname(os.path.abspath(path))
     if rows and path_column not in rows[0]:
@@ -221,13 +292,19 @@ def read_manifest(path: str, path_column: str = "path") -> list[ImageItem]:
             f"{path}: no {path_column!r} column (columns: {', '.join(map(str, rows[0]))})"
         )
     items = []
-    for row in rows:
+    empty_rows = []
+    for number, row in enumerate(rows, 1):
         value = row.get(path_column)
         if value is None or str(value).strip() == "":
+            empty_rows.append(number)
             continue
         value = str(value).strip()
         full = value if os.path.isabs(value) else os.path.join(base, value)
         items.append(_item_for_file(full, base))
+    if empty_rows and warnings is not None:
+        shown = ", ".join(map(str, empty_rows[:5])) + (", ..." if len(empty_rows) > 5 else "")
+        warnings.append(f"{len(empty_rows)} rows of --manifest {path} have no {path_column!r} value and were "
+                        f"not used (rows {shown})")
     return items
 
 
@@ -235,23 +312,26 @@ def find_images(
     inputs: Sequence[str],
     options: SourceOptions | None = None,
     manifest: str | None = None,
-    stdin: io.TextIOBase | None = None,
+    stdin=None,
+    warnings: list[str] | None = None,
 ) -> list[ImageItem]:
     """Resolve INPUT arguments into sorted, filtered, sharded, limited items.
 
     Folders are walked (recursively unless ``options.recursive`` is false);
     files are taken as named, even with an unusual extension, so a user who
     names a file always gets a row for it; ``-`` reads paths from ``stdin``.
-    Raises :class:`InputError` for inputs that do not exist and for empty
-    results.
+    Raises :class:`InputError` for inputs that do not exist and for bad
+    ``--glob`` patterns; what was skipped is appended to ``warnings``.
     """
     options = options or SourceOptions()
+    for pattern in options.globs:
+        check_glob(pattern)
     items: set[ImageItem] = set()
     if manifest:
-        items.update(read_manifest(manifest))
+        items.update(read_manifest(manifest, warnings=warnings))
     for entry in inputs:
         if entry == "-":
-            stream = stdin if stdin is not None else sys.stdin
+            stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
             for line in read_path_list(stream):
                 items.add(_item_for_file(line, os.getcwd()))
         elif os.path.isdir(entry):
@@ -307,25 +387,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as an 8-bit RGB image with EXIF orientation applied.
+@dataclass(frozen=True)
+class FileBytes:
+    """A file's bytes with its fingerprint: what a result row records of the file it came from."""
 
-    Raises :class:`ImageDecodeError` with a one-line reason for empty,
-    unreadable, truncated, non-image and oversized files.
-    """
+    data: bytes
+    size: int
+    mtime: float
+    content_hash: str
+
+    def fingerprint(self) -> dict:
+        return {"file_size": self.size, "file_mtime": self.mtime, "content_hash": self.content_hash}
+
+
+def content_hash(data: bytes) -> str:
+    """The content hash visbatch records (BLAKE2b, 128 bits; several GB/s, so cheap beside decoding)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_file(path: str) -> FileBytes:
+    """Read a whole file once, with its size, modification time and content hash."""
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
     except OSError as exc:
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}")
-    if size == 0:
+    return FileBytes(data, st.st_size, st.st_mtime, content_hash(data))
+
+
+def decode_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB image with EXIF orientation applied (see :func:`decode_bytes`)."""
+    return decode_bytes(read_file(path).data, max_pixels)
+
+
+def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an encoded image into 8-bit RGB with EXIF orientation applied.
+
+    ``max_pixels`` (``--max-pixels``; None or 0 for no limit) is the only
+    decompression-bomb limit: PIL's own limit is lifted so that the option
+    governs both ways. Raises :class:`ImageDecodeError` with a one-line
+    reason for empty, truncated, non-image and oversized data.
+    """
+    if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    # visbatch checks the size itself below, naming --max-pixels; PIL's check would refuse
+    # images the user allowed and word its message in its own terms.
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if max_pixels and width * height > max_pixels:
                 raise ImageDecodeError(
                     f"image too large: {width}x{height} = {width * height} pixels "
-                    f"> --max-pixels {max_pixels}"
+                    f"> --max-pixels {max_pixels} (raise it, or 0 for no limit)"
                 )
             img.seek(0)  # first frame of animations
             img.load()
@@ -335,10 +450,8 @@ def decode_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
         raise
     except Image.UnidentifiedImageError:
         raise ImageDecodeError("not an image (unrecognized file format)")
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}")
-    except PermissionError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}")
+    except MemoryError:
+        raise ImageDecodeError("image too large to decode in memory (lower --max-pixels)")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc) or type(exc).__name__
         if "truncated" in text.lower() or isinstance(exc, EOFError):
@@ -469,6 +582,7 @@ class Record:
     height: int | None = None
     display: np.ndarray | None = None  # bounded-size copy for overlays, if asked for
     extra: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)  # file_size, file_mtime, content_hash of the bytes read
 
 
 @dataclass
@@ -492,7 +606,6 @@ class ImageDataset(torch.utils.data.Dataset):
         geometry: Geometry,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         display_size: int | None = None,
-        keep_original: bool = False,
         annotate: Callable[[ImageItem], dict] | None = None,
     ):
         self.items = list(items)
@@ -500,7 +613,6 @@ class ImageDataset(torch.utils.data.Dataset):
         self.geometry = geometry
         self.max_pixels = max_pixels
         self.display_size = display_size
-        self.keep_original = keep_original
 
     def __len__(self) -> int:
         return len(self.items)
@@ -511,13 +623,14 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.annotate is not None:
             record.extra.update(self.annotate(item))
         try:
-            img = decode_image(item.path, self.max_pixels)
+            file = read_file(item.path)
+            record.fingerprint = file.fingerprint()
+            img = decode_bytes(file.data, self.max_pixels)
+            del file
             record.width, record.height = img.size
             tensor = pil_to_uint8_chw(resize_and_crop(img, self.geometry))
             if self.display_size:
                 record.display = display_copy(img, self.display_size)
-            if self.keep_original:
-                record.extra["original"] = np.asarray(img, dtype=np.uint8)
             return tensor, record
         except ImageDecodeError as exc:
             record.status, record.error = "error", str(exc)
@@ -526,17 +639,60 @@ class ImageDataset(torch.utils.data.Dataset):
         return None, record
 
 
-def file_fingerprint(item: ImageItem) -> dict:
-    """Size, modification time and content hash of the file (for embedding caches)."""
+def file_fingerprint(path: str) -> dict:
+    """Size, modification time and content hash of a file, read in chunks ({} when unreadable).
+    The same values as :meth:`FileBytes.fingerprint` for the same bytes."""
     digest = hashlib.blake2b(digest_size=16)
     try:
-        st = os.stat(item.path)
-        with open(item.path, "rb") as f:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
             while block := f.read(1 << 20):
                 digest.update(block)
     except OSError:
         return {}
     return {"file_size": st.st_size, "file_mtime": st.st_mtime, "content_hash": digest.hexdigest()}
+
+
+def file_unchanged(path: str, row: dict) -> bool:
+    """Whether ``path`` still holds the bytes a row recorded (``file_size``, ``file_mtime`` and
+    ``content_hash``); the size and time are compared first, so a changed file is not read."""
+    if not row.get("content_hash"):
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if st.st_size != row.get("file_size") or st.st_mtime != row.get("file_mtime"):
+        return False
+    return file_fingerprint(path).get("content_hash") == row["content_hash"]
+
+
+def files_unchanged(rows: dict[str, dict], threads: int = 8) -> dict[str, bool]:
+    """:func:`file_unchanged` for each path -> row, the files read in threads (I/O bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return dict(zip(rows, pool.map(lambda kv: file_unchanged(*kv), rows.items())))
+
+
+def display_path(path: str) -> str:
+    """A path as text that is valid UTF-8: bytes that are not (kept by Python as surrogate
+    escapes) are written ``\\xNN``. Paths that are valid UTF-8 are returned unchanged."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_bytes(path: str) -> bytes | None:
+    """The raw bytes of a path that is not valid UTF-8 (None for one that is): the lossless
+    form stored in the ``path_bytes`` column; ``os.fsdecode(path_bytes)`` opens the file."""
+    try:
+        path.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape")
 
 
 class Annotators:

@@ -2,16 +2,22 @@
 
     items -> DataLoader workers (decode, resize/crop; uint8 + records)
           -> device (pinned, non_blocking) -> task.map (batched model work)
-          -> ResultsWriter (one row per input, every batch durable)
-          -> OverlayWriter (PNG encodes in background threads)
+          -> FolderSinks (overlay PNGs, .npy maps; encoded in background threads)
+          -> ResultsWriter (one row per input, every batch durable once its files are)
 
 A task is any object with the :class:`Task` methods. Its ``map`` is a plain
 function of a batch (uint8 images on the device + records in, rows and
 optional overlay pictures out) holding no global state, so the same map can
 run under another distributor (a job array with ``--shard``, Ray Data).
 
-Contracts kept here, whatever the task: one row per input in sorted path
-order for any worker count; decode failures become error rows; SIGINT and
+Contracts kept here, whatever the task: nothing is created before every
+output has been checked against the inputs and the options (a refused run
+leaves no trace); one row per input in sorted path order for any worker
+count; decode failures become error rows, and so do rows holding a
+non-finite number and rows whose overlay or map could not be written (a
+full disk stops the run instead, resumable); a batch's rows are written
+once its files are, so a resumed run redoes what was lost; ``--resume``
+redoes files that changed and drops rows of files that are gone; SIGINT and
 SIGTERM stop taking batches, keep what is written and leave the output
 resumable; a CUDA out-of-memory error on a batch retries it in halves.
 """
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -33,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from visbatch.core.errors import FatalError
+from visbatch.core.files import utc_now
 from visbatch.core.images import (
     DEFAULT_MAX_PIXELS,
     Batch,
@@ -41,9 +51,12 @@ from visbatch.core.images import (
     Record,
     collate,
     crop_box,
+    files_unchanged,
 )
 from visbatch.core.models import LoadedModel, dtype_name
-from visbatch.core.outputs import OverlayWriter, ResultsWriter, base_row, render_overlay
+from visbatch.core.outputs import BASE_COLUMNS, OutputError, ResultsWriter, base_row, parts_dir_for
+from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render_overlay
+from visbatch.core.protect import ProtectedInputs
 
 log = logging.getLogger("visbatch")
 
@@ -53,7 +66,8 @@ class MapOutput:
     """What a task returns for one batch: a row per ok record, in record order."""
 
     rows: list[dict]
-    overlays: list[np.ndarray | None] | None = None  # heatmaps (HxW) per ok record, or None
+    overlays: list[np.ndarray | None] | None = None  # heatmaps (HxW) per ok record, drawn as --overlays
+    arrays: list[np.ndarray | None] | None = None  # raw maps per ok record, saved as .npy (--save-maps)
 
 
 class Task(Protocol):
@@ -119,6 +133,10 @@ class RunConfig:
     log_interval: float = 30.0
     command_line: list[str] = field(default_factory=lambda: list(sys.argv))
     roots: list[str] = field(default_factory=list)
+    save_maps: str | None = None  # folder for the task's raw maps (.npy)
+    protected: ProtectedInputs | None = None  # the inputs no output may touch (checked before anything)
+    shard: tuple[int, int] | None = None  # recorded in the metadata for `visbatch merge`
+    selection: dict | None = None  # how the inputs were chosen (globs, limit), recorded in the metadata
 
 
 @dataclass
@@ -133,8 +151,12 @@ class Summary:
     images_per_s: float = 0.0
     output: str | None = None
     overlays: str | None = None
+    overlays_written: int = 0
     interrupted: bool = False
+    changed: int = 0  # resumed rows whose file changed since: redone
+    removed: int = 0  # resumed rows whose file is gone (or changed and not in this run): dropped
     error_examples: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     task_summary: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -195,8 +217,9 @@ class Progress:
 class StopFlag:
     """Set by SIGINT/SIGTERM: the loop finishes the batch in hand and stops."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.signal: int | None = None
+        self.quiet = quiet
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -209,8 +232,9 @@ class StopFlag:
         if self.signal is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\n[visbatch] {signal.Signals(signum).name}: finishing the batch in hand, then stopping "
-              "(again to stop at once); the output stays resumable with --resume", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\n[visbatch] {signal.Signals(signum).name}: finishing the batch in hand, then stopping "
+                  "(again to stop at once); the output stays resumable with --resume", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -234,10 +258,8 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def make_loader(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig,
-                display_size: int | None = None, keep_original: bool = False,
-                annotate=None, geometry=None) -> torch.utils.data.DataLoader:
-    dataset = ImageDataset(items, geometry or model.preprocess.geometry, config.max_pixels, display_size,
-                           keep_original, annotate)
+                display_size: int | None = None, annotate=None, geometry=None) -> torch.utils.data.DataLoader:
+    dataset = ImageDataset(items, geometry or model.preprocess.geometry, config.max_pixels, display_size, annotate)
     workers = max(0, int(config.workers))
     # The user chose the worker count; torch's "more workers than cores" advice is noise here.
     warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
@@ -263,14 +285,18 @@ def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list
         "task_options": task.options(),
         "command_line": config.command_line,
         "model": model.describe(),
-        "preprocessing": model.preprocess.as_dict(),
+        "preprocessing": (model.preprocess.as_dict() if model.preprocess is not None
+                          else {"geometry": getattr(task, "geometry").as_dict()}),
         "device": str(model.device),
         "precision": dtype_name(model.dtype),
         "torch_version": torch.__version__,
         "roots": config.roots,
         "schema": [f"{f.name}:{f.type}" for f in fields],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_at": utc_now(),
         "max_pixels": config.max_pixels,
+        "shard": list(config.shard) if config.shard else None,
+        "selection": config.selection,
+        "random_weights": bool(model.is_random),
     }
 
 
@@ -285,10 +311,56 @@ def _map_with_oom_split(task: Task, images: torch.Tensor, records: list[Record])
         half = len(records) // 2
         first = _map_with_oom_split(task, images[:half], records[:half])
         second = _map_with_oom_split(task, images[half:], records[half:])
-        overlays = None
-        if first.overlays is not None or second.overlays is not None:
-            overlays = (first.overlays or [None] * half) + (second.overlays or [None] * (len(records) - half))
-        return MapOutput(first.rows + second.rows, overlays)
+        return MapOutput(first.rows + second.rows, _join(first.overlays, second.overlays, half, len(records) - half),
+                         _join(first.arrays, second.arrays, half, len(records) - half))
+
+
+def _join(a, b, n_a: int, n_b: int):
+    if a is None and b is None:
+        return None
+    return (a or [None] * n_a) + (b or [None] * n_b)
+
+
+def check_outputs(config: RunConfig) -> None:
+    """Everything that would refuse the run, checked before anything is created."""
+    protected = config.protected
+    if protected is not None:
+        protected.check_file(config.output, "output")
+        protected.check_file(parts_dir_for(config.output), "output parts folder")
+        protected.check_folder(config.overlays, "--overlays folder")
+        protected.check_folder(config.save_maps, "--save-maps folder")
+        for folder in (config.overlays, config.save_maps):
+            if folder and os.path.abspath(folder) == os.path.abspath(parts_dir_for(config.output)):
+                raise OutputError(f"{folder} is the output's parts folder")
+    output = os.fspath(config.output)
+    if os.path.isdir(output):
+        raise OutputError(f"output {output} is a folder; give a .parquet file path")
+    if not config.overwrite:
+        if not config.resume and os.path.exists(output):
+            raise OutputError(f"output {output} exists; pass --overwrite to replace it or --resume to add to it")
+        if not config.resume and parts_dir_for(output).exists():
+            raise OutputError(f"an interrupted run left {parts_dir_for(output)}; pass --resume to finish it "
+                              "or --overwrite to start over")
+    for path, what in ((output, "output"), (config.overlays, "--overlays folder"),
+                       (config.save_maps, "--save-maps folder")):
+        if path:
+            check_creatable(path, what)
+
+
+def check_creatable(path: str | os.PathLike, what: str) -> None:
+    """Refuse (exit 3) a path whose nearest existing folder cannot be written, before creating anything."""
+    current = os.path.abspath(os.fspath(path))
+    if os.path.isdir(current):
+        if not os.access(current, os.W_OK | os.X_OK):
+            raise FatalError(f"cannot write to {what} {path}: permission denied")
+        return
+    parent = os.path.dirname(current)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise FatalError(f"cannot create {what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FatalError(f"cannot create {what} {path}: {parent} is not writable")
 
 
 def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], config: RunConfig) -> Summary:
@@ -297,44 +369,95 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
     roots = config.roots or sorted({it.root for it in items})
     config.roots = roots
     multi_root = len(roots) > 1
+    check_outputs(config)
+    summary = Summary(task=task.name, inputs=len(items), output=str(config.output), overlays=config.overlays)
+    if model.is_random:
+        summary.warnings.append(f"{model.spec} has random weights: its outputs mean nothing")
     writer = ResultsWriter(config.output, fields, run_metadata(task, model, config, fields),
                            multi_root=multi_root, resume=config.resume, overwrite=config.overwrite)
-    summary = Summary(task=task.name, inputs=len(items), output=str(config.output), overlays=config.overlays)
-    if config.resume:
-        done = writer.done_keys()
-        todo = [it for it in items if (it.root, it.relpath) not in done]
-        summary.resumed = len(items) - len(todo)
-        items = todo
-    overlay_writer = OverlayWriter(config.overlays) if config.overlays else None
-    loader = make_loader(items, model, config, display_size=config.overlay_size if overlay_writer else None,
-                         annotate=getattr(task, "annotate", None), geometry=getattr(task, "geometry", None))
-    progress = Progress(len(items), config.quiet, config.log_interval, task.name)
-    start = time.monotonic()
+    sinks: list[FolderSink] = []
     try:
-        with StopFlag() as stop:
-            for batch in loader:
-                _process_batch(task, model, batch, writer, overlay_writer, config, multi_root, summary, progress)
-                if stop:
-                    summary.interrupted = True
-                    break
-    except KeyboardInterrupt:
-        summary.interrupted = True
+        drop: set[tuple[str, str]] = set()
+        if config.resume:
+            items, drop = _reconcile(writer.done_rows(), items, summary)
+        guard = config.protected.check_write if config.protected is not None else None
+        overlay_sink = FolderSink(config.overlays, "overlay", roots, guard=guard) if config.overlays else None
+        map_sink = FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes, guard=guard) \
+            if config.save_maps else None
+        sinks = [s for s in (overlay_sink, map_sink) if s is not None]
+        loader = make_loader(items, model, config, display_size=config.overlay_size if overlay_sink else None,
+                             annotate=getattr(task, "annotate", None), geometry=getattr(task, "geometry", None))
+        progress = Progress(len(items), config.quiet, config.log_interval, task.name)
+        start = time.monotonic()
+        pending: _Pending | None = None
+        try:
+            with StopFlag(config.quiet) as stop:
+                for batch in loader:
+                    current = _process_batch(task, model, batch, overlay_sink, map_sink, config, multi_root)
+                    if pending is not None:
+                        _commit(pending, writer, summary, progress)
+                    pending = current
+                    if stop:
+                        summary.interrupted = True
+                        break
+                if pending is not None:
+                    _commit(pending, writer, summary, progress)
+                    pending = None
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            progress.close()
+            for sink in sinks:
+                sink.close()
+        summary.elapsed_s = time.monotonic() - start
+        summary.images_per_s = summary.processed / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+        summary.task_summary = task.summary()
+        if overlay_sink is not None:
+            summary.overlays_written = overlay_sink.written
+        if not summary.interrupted:
+            writer.finalize(getattr(task, "reduce", None), drop)
+            summary.ok, summary.failed = _count_status(config.output)
     finally:
-        progress.close()
-        if overlay_writer is not None:
-            overlay_writer.close()
-            summary.error_examples.extend(overlay_writer.errors[:5])
-    summary.elapsed_s = time.monotonic() - start
-    summary.images_per_s = summary.processed / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
-    summary.task_summary = task.summary()
-    if not summary.interrupted:
-        writer.finalize(getattr(task, "reduce", None))
-        summary.ok, summary.failed = _count_status(config.output)
+        writer.close()
     return summary
 
 
-def _process_batch(task, model, batch: Batch, writer: ResultsWriter, overlay_writer, config: RunConfig,
-                   multi_root: bool, summary: Summary, progress: Progress) -> None:
+def _reconcile(done: dict, items: Sequence[ImageItem], summary: Summary):
+    """Split a resumed run's items into those still to do and the keys whose old rows must go.
+
+    A done row stands when its file still has the recorded size, modification time and
+    content hash; a changed file is redone; a row whose file is gone is dropped.
+    """
+    current = {(it.root, it.relpath): it for it in items}
+    paths = {key: os.path.join(*key) for key in done}
+    by_path = files_unchanged({paths[key]: row for key, row in done.items()})
+    unchanged = {key: by_path[paths[key]] for key in done}
+    todo, drop = [], set()
+    for key, item in current.items():
+        if key in done and unchanged[key]:
+            summary.resumed += 1
+        else:
+            if key in done:
+                summary.changed += 1
+            todo.append(item)
+    for key in done:
+        if key not in current and not unchanged[key]:
+            drop.add(key)
+            summary.removed += 1
+    todo.sort(key=lambda it: (it.root, it.relpath))
+    return todo, drop
+
+
+@dataclass
+class _Pending:
+    """A batch's rows, held until its files (overlays, maps) are written."""
+
+    rows: list[dict]
+    writes: list[tuple[int, Future]]  # (row index, future of a sink write)
+
+
+def _process_batch(task, model, batch: Batch, overlay_sink, map_sink, config: RunConfig,
+                   multi_root: bool) -> _Pending:
     ok_records = batch.ok_records
     output = MapOutput(rows=[])
     if ok_records:
@@ -343,30 +466,79 @@ def _process_batch(task, model, batch: Batch, writer: ResultsWriter, overlay_wri
         if len(output.rows) != len(ok_records):
             raise RuntimeError(f"task {task.name} returned {len(output.rows)} rows for {len(ok_records)} images")
     task_rows = iter(output.rows)
-    rows = []
+    rows, row_of_record = [], {}
     for record in batch.records:
-        row = base_row(record.item, record.status, record.error, record.width, record.height, multi_root)
+        row = base_row(record.item, record.status, record.error, record.width, record.height, multi_root,
+                       record.fingerprint)
         if record.status == "ok":
             row.update(next(task_rows))
-            if row.get("status") == "error" and len(summary.error_examples) < 5:
-                summary.error_examples.append(f"{record.item.relpath}: {row.get('error')}")
-        elif len(summary.error_examples) < 5:
-            summary.error_examples.append(f"{record.item.relpath}: {record.error}")
+            if row.get("status") == "ok":
+                _check_finite(row)
+        row_of_record[id(record)] = len(rows)
         rows.append(row)
-    writer.write_rows(rows)
-    if overlay_writer is not None and output.overlays is not None:
-        for record, heatmap in zip(ok_records, output.overlays):
-            if heatmap is None or record.display is None:
-                continue
-            box = crop_box(record.width, record.height, getattr(task, "geometry", None) or model.preprocess.geometry)
+    writes = []
+    geometry = getattr(task, "geometry", None) or model.preprocess.geometry
+    for n, record in enumerate(ok_records):
+        index = row_of_record[id(record)]
+        if rows[index]["status"] != "ok":
+            continue
+        heatmap = output.overlays[n] if overlay_sink is not None and output.overlays is not None else None
+        if heatmap is not None and record.display is not None:
             picture = render_overlay(record.display, heatmap, config.overlay_colormap, config.overlay_alpha,
-                                     config.overlay_style, config.overlay_signed, box)
-            overlay_writer.submit(record.item, picture)
-    failed = sum(1 for r in rows if r["status"] != "ok")
+                                     config.overlay_style, config.overlay_signed,
+                                     crop_box(record.width, record.height, geometry))
+            writes.append((index, overlay_sink.submit(record.item, picture)))
+        array = output.arrays[n] if map_sink is not None and output.arrays is not None else None
+        if array is not None:
+            writes.append((index, map_sink.submit(record.item, array)))
+    return _Pending(rows, writes)
+
+
+def _commit(pending: _Pending, writer: ResultsWriter, summary: Summary, progress: Progress) -> None:
+    """Wait for the batch's files, turn a row whose file failed into an error row, write the part."""
+    rows = pending.rows
+    for index, future in pending.writes:
+        try:
+            future.result()
+        except SinkWriteError as exc:
+            _make_error(rows[index], str(exc))
+    writer.write_rows(rows)
+    failed = 0
+    for row in rows:
+        if row["status"] != "ok":
+            failed += 1
+            if len(summary.error_examples) < 5:
+                summary.error_examples.append(f"{row['path']}: {row.get('error')}")
     summary.processed += len(rows)
     summary.failed += failed
     summary.ok += len(rows) - failed
     progress.update(len(rows) - failed, failed)
+
+
+def _make_error(row: dict, reason: str) -> None:
+    """An ok row becomes an error row: the reason, and no result values."""
+    for key in list(row):
+        if key not in BASE_COLUMNS and key != "root":
+            row[key] = None
+    row["status"], row["error"] = "error", reason
+
+
+def _check_finite(row: dict) -> None:
+    """NaN is never an ok value: a row with a non-finite number becomes an error row naming the column."""
+    for key, value in row.items():
+        if key in BASE_COLUMNS or value is None:
+            continue
+        if isinstance(value, float):
+            bad = not math.isfinite(value)
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            bad = not bool(np.isfinite(value).all())
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], float):
+            bad = not all(math.isfinite(v) for v in value)
+        else:
+            continue
+        if bad:
+            _make_error(row, f"non-finite value (NaN or inf) in {key}")
+            return
 
 
 def _count_status(output: str) -> tuple[int, int]:
@@ -378,19 +550,38 @@ def _count_status(output: str) -> tuple[int, int]:
     return ok, len(status) - ok
 
 
+def json_safe(value):
+    """``value`` with non-finite floats as None and numpy scalars as Python numbers (valid JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
 def print_summary(summary: Summary, as_json: bool, quiet: bool) -> None:
     """Human summary on stderr; with ``as_json`` the machine-readable one on stdout."""
     data = summary.as_dict()
     if as_json:
-        print(json.dumps(data, default=_json_default), flush=True)
+        print(json.dumps(json_safe(data), allow_nan=False), flush=True)
     if quiet:
         return
     state = "interrupted (resume with --resume)" if summary.interrupted else "done"
-    lines = [
+    lines = [f"visbatch: warning: {w}" for w in summary.warnings]
+    extra = [f"{summary.resumed} already done"] if summary.resumed else []
+    extra += [f"{summary.changed} changed since and redone"] if summary.changed else []
+    extra += [f"{summary.removed} rows of deleted or changed files dropped"] if summary.removed else []
+    lines.append(
         f"visbatch {summary.task}: {state}: {summary.ok} ok, {summary.failed} failed"
-        + (f", {summary.resumed} already done" if summary.resumed else "")
-        + f" of {summary.inputs} images in {summary.elapsed_s:.1f}s ({summary.images_per_s:.1f} img/s)",
-    ]
+        + "".join(f", {e}" for e in extra)
+        + f" of {summary.inputs} images in {summary.elapsed_s:.1f}s ({summary.images_per_s:.1f} img/s)"
+    )
     for key, value in summary.task_summary.items():
         if not isinstance(value, (list, dict)):
             lines.append(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
@@ -400,11 +591,5 @@ def print_summary(summary: Summary, as_json: bool, quiet: bool) -> None:
     if summary.output and not summary.interrupted:
         lines.append(f"  results: {summary.output}")
     if summary.overlays:
-        lines.append(f"  overlays: {summary.overlays}")
+        lines.append(f"  overlays: {summary.overlays_written} written to {summary.overlays}")
     print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)

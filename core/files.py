@@ -1,0 +1,212 @@
+"""Writing files safely: one atomic-write helper, the output lock, UTC timestamps.
+
+Every file visbatch writes goes through :func:`atomic_path` (or
+:func:`atomic_write_bytes`, built on it): the data goes to a temp file in
+the destination folder, created with mode ``0o666`` so that the umask
+decides the permissions (as for any file a shell command creates), and is
+renamed into place only when complete. On any failure (ENOSPC, a signal, a
+bug) the temp file is removed and the destination is untouched. A reader
+never sees a half-written file.
+
+:class:`OutputLock` keeps two runs from writing the same output: an
+``flock`` on ``OUTPUT.lock`` holding the owner's pid and host. The kernel
+drops the lock when its process dies (SIGKILL and OOM included), so a stale
+lock file never blocks a later run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from visbatch.core.errors import FatalError, UsageError
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC (``2026-12-01T10:00:00Z``), the one timestamp form."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike | None = None) -> str:
+    """``cannot write PATH: No space left on device`` style text for an OSError."""
+    where = path if path is not None else exc.filename
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}: {reason}" if where else reason
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp path beside ``path``; on normal exit it is renamed to ``path``.
+
+    The temp file exists (empty, umask-governed mode) when the block starts,
+    so writers that open it by name keep that mode. Any exception removes it
+    and propagates; OSErrors become :class:`FatalError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        os.close(fd)
+    except OSError as exc:
+        raise FatalError(f"cannot write {describe_os_error(exc, path)}") from exc
+    try:
+        yield str(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise FatalError(f"cannot write {describe_os_error(exc, path)}") from exc
+    except BaseException as exc:
+        remove_quietly(tmp)
+        if _is_io_failure(exc):
+            raise FatalError(f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from exc
+        raise
+
+
+def _is_io_failure(exc: BaseException) -> bool:
+    # pyarrow raises its own OSError subclasses, but safetensors and some pyarrow paths raise
+    # plain exceptions whose text names the errno.
+    text = str(exc).lower()
+    return any(word in text for word in ("no space left", "disk quota", "read-only file system",
+                                         "error writing bytes", "input/output error"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy a file's bytes (and its modification time) atomically; never writes through a symlink."""
+    import shutil
+
+    with atomic_path(destination) as tmp:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        st = os.stat(source)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def files_identical(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Same bytes (a cheap size check first)."""
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block_a, block_b = fa.read(1 << 20), fb.read(1 << 20)
+                if block_a != block_b:
+                    return False
+                if not block_a:
+                    return True
+    except OSError:
+        return False
+
+
+def lock_path_for(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+_HELD: dict[str, int] = {}  # lock path -> how many OutputLocks of this process hold it
+
+
+class OutputLock:
+    """An exclusive lock on one output (``OUTPUT.lock``), held for the whole run.
+
+    A second run on the same output gets :class:`UsageError` naming the
+    owner (``in use by pid N on HOST``). Within one process the lock is
+    re-entrant (a job that locks its output for its whole length can hand it
+    to the writer that locks it again). The lock file is removed on release.
+    """
+
+    def __init__(self, output: str | os.PathLike):
+        self.path = lock_path_for(output)
+        self._key = os.path.realpath(self.path)
+        self._fd: int | None = None
+        self._nested = False
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+
+        if _HELD.get(self._key):
+            _HELD[self._key] += 1
+            self._nested = True
+            return self
+        for _ in range(10):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise FatalError(f"cannot create {describe_os_error(exc, self.path)}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = _read_owner(fd)
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise UsageError(f"output {self.path.name[:-len('.lock')]} is in use by {owner} "
+                                     f"(lock file {self.path}); wait for it or choose another -o")
+                raise FatalError(f"cannot lock {describe_os_error(exc, self.path)}") from exc
+            # The file may have been removed (and recreated) by its previous owner between our
+            # open and our flock: only a lock on the file the path names now counts.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()}).encode())
+            self._fd = fd
+            _HELD[self._key] = 1
+            return self
+        raise FatalError(f"cannot lock {self.path}: it keeps being replaced")
+
+    def release(self) -> None:
+        if self._nested:
+            _HELD[self._key] -= 1
+            self._nested = False
+            return
+        if self._fd is None:
+            return
+        _HELD.pop(self._key, None)
+        remove_quietly(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096) or b"{}")
+        return f"pid {data.get('pid')} on {data.get('host')} since {data.get('since')}"
+    except (OSError, ValueError):
+        return "another run"
