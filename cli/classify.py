@@ -29,14 +29,11 @@ def classify(
         settings = overlay_settings(overlays, overlay_size, colormap, alpha, overlay_style)
         items = find_inputs(common)
         model = load_model_for(common)
-        try:
-            task = ClassifyTask(model, top_k=top_k, overlays=bool(overlays))
-        except Exception as exc:
-            raise UsageError(str(exc))
+        task = ClassifyTask(model, top_k=top_k, overlays=bool(overlays))
         if overlays and not task.cam_available:
-            print(f"visbatch: warning: {model.spec} has no linear head over pooled conv features; "
-                  "no overlays", file=__import__("sys").stderr)
-        summary = run_pipeline(task, model, items, pipeline_config(common, "classify", model, **settings))
+            raise UsageError(f"--overlays draws class activation maps, which need a CNN ending in pooling and a "
+                             f"linear head; {model.spec} has none (use `visbatch saliency` for its maps)")
+        summary = run_pipeline(task, model, items, pipeline_config(common, "classify", model, items, **settings))
         return finish(summary, common)
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, common.quiet))

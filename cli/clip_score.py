@@ -56,14 +56,15 @@ def clip_score(
 ):
     """Score how well each image matches its caption (CLIPScore), label images zero-shot, save embeddings."""
     from visbatch.core.pipeline import run_pipeline
-    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE, ClipScoreOptions, ClipScoreTask, TextTable
+    from visbatch.core.tasks.clip_score import (
+        DEFAULT_TEMPLATE, ClipScoreOptions, ClipScoreTask, TextTable, check_template,
+    )
 
     def job() -> int:
         label_names = _read_labels(labels, labels_file)
         templates = list(template or [DEFAULT_TEMPLATE])
         for t in templates:
-            if "{}" not in t:
-                raise UsageError(f"--template {t!r} has no {{}} for the label")
+            check_template(t)
         if prompt is not None and not prompt.strip():
             raise UsageError("--prompt is empty")
         items = find_inputs(common)
@@ -83,7 +84,8 @@ def clip_score(
             if table is not None and table.orphans and not common.quiet:
                 print(f"visbatch: warning: {len(table.orphans)} rows of {name} name images that do not exist "
                       f"(e.g. {table.orphans[0]})", file=sys.stderr)
-        summary = run_pipeline(task, model, items, pipeline_config(common, "clip-score", model))
+        summary = run_pipeline(task, model, items, pipeline_config(common, "clip-score", model, items,
+                                                                  files=[captions, references, labels_file]))
         return finish(summary, common)
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, common.quiet))

@@ -1,29 +1,29 @@
 """Options every subcommand shares, defined once, and the code that runs a job.
 
-:func:`job_command` adds the common options (see DESIGN.md) to a command
-function and hands it a :class:`CommonOptions`; :func:`run_job` turns those
-into items, a model and a pipeline run, prints the summary and returns the
-exit code. Errors become one line on stderr and an exit code (:data:`EXIT_*`).
+:func:`job_command` adds the common options (README, "Common options") to a
+command function and hands it a :class:`CommonOptions`; :func:`find_inputs`,
+:func:`load_model_for` and :func:`pipeline_config` turn those into items, a
+model and a run configuration; :func:`finish` prints the summary and
+chooses the exit code. :func:`guarded` turns every error into one line on
+stderr and an exit code (:data:`EXIT_*`).
 """
 
 import functools
 import inspect
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Callable, List, Optional
 
 import typer
+
+from visbatch.core.errors import UsageError, VisbatchError
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1  # images failed and --fail-on-error was set, or a gate failed
 EXIT_USAGE = 2
 EXIT_FATAL = 3
 EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """Bad option values: exit 2."""
 
 
 @dataclass
@@ -48,6 +48,7 @@ class CommonOptions:
     quiet: bool
     output: Optional[str]
     runtime: str = "speed"
+    warnings: list = field(default_factory=list)  # what the inputs' reading skipped, for the summary
 
 
 def _common_parameters(default_model: str, default_pretrained: Optional[str]) -> list:
@@ -92,7 +93,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
             "--glob", help="Include pattern (repeatable); '!PATTERN' excludes. No '/' matches the file name.",
             envvar="VISBATCH_GLOB")], None),
         opt("limit", Annotated[Optional[int], typer.Option(
-            "--limit", min=0, help="Process only the first N images (after sorting and sharding).",
+            "--limit", min=1, help="Process only the first N images (after sorting and sharding).",
             envvar="VISBATCH_LIMIT")], None),
         opt("shard", Annotated[Optional[str], typer.Option(
             "--shard", help="I/N: process shard I (0-based) of N, split by a stable hash of the relative path.",
@@ -117,7 +118,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
     ]
 
 
-COMMON_NAMES = [f for f in CommonOptions.__dataclass_fields__]
+COMMON_NAMES = [f for f in CommonOptions.__dataclass_fields__ if f != "warnings"]
 
 
 def job_command(default_model: str, default_pretrained: Optional[str] = None) -> Callable:
@@ -149,37 +150,53 @@ def job_command(default_model: str, default_pretrained: Optional[str] = None) ->
 
 
 def fail(message: str, code: int) -> "typer.Exit":
-    print(f"visbatch: error: {message}", file=sys.stderr, flush=True)
+    print(f"visbatch: error: {one_line(message)}", file=sys.stderr, flush=True)
     return typer.Exit(code)
 
 
-def guarded(func: Callable[[], int]) -> int:
-    """Run ``func`` and map the engine's exceptions to one-line errors and exit codes."""
-    from visbatch.core.images import InputError
-    from visbatch.core.models import ModelError, UnknownModelError
-    from visbatch.core.outputs import OutputError
+def one_line(message: str) -> str:
+    """Error text on one line (the first line of a multi-line library message)."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    return lines[0] if lines else "unknown error"
 
+
+def guarded(func: Callable[[], int], quiet: bool = False) -> int:
+    """Run ``func`` and map every exception to one line on stderr and an exit code.
+
+    visbatch's own errors carry their code (2 usage, 3 fatal); an interrupt is
+    130 (silent with ``quiet``); anything else is a bug in visbatch, reported as
+    ``internal error`` with exit 3 (``VISBATCH_DEBUG=1`` shows the traceback).
+    """
     try:
         return func()
-    except (UsageError, InputError, UnknownModelError, ValueError) as exc:
-        raise fail(str(exc), EXIT_USAGE)
-    except OutputError as exc:
-        raise fail(str(exc), EXIT_USAGE)
-    except ModelError as exc:
-        raise fail(str(exc), EXIT_FATAL)
-    except OSError as exc:
-        raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_FATAL)
+    except VisbatchError as exc:
+        if exc.exit_code == EXIT_INTERRUPTED and quiet:
+            raise typer.Exit(EXIT_INTERRUPTED)
+        raise fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        if quiet:
+            raise typer.Exit(EXIT_INTERRUPTED)
+        raise fail("interrupted", EXIT_INTERRUPTED)
     except MemoryError:
         raise fail("out of memory; try a smaller --batch-size", EXIT_FATAL)
-    except RuntimeError as exc:
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise fail(f"{exc.strerror or exc}{where}", EXIT_FATAL)
+    except typer.Exit:
+        raise
+    except Exception as exc:
         if "out of memory" in str(exc).lower():
             raise fail("device out of memory even for a single image; try --precision bf16 or --device cpu",
                        EXIT_FATAL)
-        raise
+        if os.environ.get("VISBATCH_DEBUG"):
+            raise
+        raise fail(f"internal error: {type(exc).__name__}: {one_line(str(exc))} "
+                   "(please report it; VISBATCH_DEBUG=1 shows where)", EXIT_FATAL)
 
 
 def find_inputs(common: CommonOptions):
-    """Items for the run, from INPUT arguments and --manifest."""
+    """Items for the run, from INPUT arguments and --manifest (what was skipped goes to
+    ``common.warnings``)."""
     from visbatch.core.images import InputError, SourceOptions, find_images, parse_shard
 
     if not common.inputs and not common.manifest:
@@ -190,7 +207,7 @@ def find_inputs(common: CommonOptions):
         limit=common.limit,
         shard=parse_shard(common.shard) if common.shard else None,
     )
-    items = find_images(common.inputs, options, manifest=common.manifest)
+    items = find_images(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
     if not items:
         where = ", ".join(common.inputs + ([common.manifest] if common.manifest else []))
         raise InputError(f"no images found in {where}"
@@ -206,7 +223,37 @@ def load_model_for(common: CommonOptions):
     return load_model(common.model, common.pretrained, common.device, common.precision, runtime=common.runtime)
 
 
-def pipeline_config(common: CommonOptions, task_name: str, model, **overlay):
+def log_interval() -> float:
+    """Seconds between progress lines when stderr is not a terminal (``VISBATCH_LOG_INTERVAL``)."""
+    text = os.environ.get("VISBATCH_LOG_INTERVAL", "30")
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"VISBATCH_LOG_INTERVAL must be a number of seconds, got {text!r}")
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"VISBATCH_LOG_INTERVAL must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def protected_inputs(common: CommonOptions, items, *files):
+    """The inputs no output of this run may touch: the items' roots, the manifest, the model's
+    files and any other file the command reads (caption tables, label files)."""
+    from visbatch.core.protect import ProtectedInputs
+
+    named = [common.manifest, common.pretrained, common.model, *files]
+    named += [item.path for item in items if not _has_image_suffix(item.relpath)]
+    return ProtectedInputs.for_items(items, [f for f in named if f and os.path.isfile(f)])
+
+
+def _has_image_suffix(name: str) -> bool:
+    from visbatch.core.images import has_image_extension
+
+    return has_image_extension(name)
+
+
+def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(), **overlay):
+    """The run configuration; ``items`` and ``files`` are what the outputs are checked against."""
+    from visbatch.core.images import parse_shard
     from visbatch.core.pipeline import RunConfig, default_batch_size, default_workers
 
     return RunConfig(
@@ -217,7 +264,10 @@ def pipeline_config(common: CommonOptions, task_name: str, model, **overlay):
         overwrite=common.overwrite,
         max_pixels=common.max_pixels or None,
         quiet=common.quiet,
-        log_interval=float(os.environ.get("VISBATCH_LOG_INTERVAL", "30")),
+        log_interval=log_interval(),
+        protected=protected_inputs(common, items, *files),
+        shard=parse_shard(common.shard) if common.shard else None,
+        selection={"globs": list(common.glob), "limit": common.limit, "recursive": common.recursive},
         **overlay,
     )
 
@@ -226,6 +276,7 @@ def finish(summary, common: CommonOptions) -> int:
     """Print the summary and choose the exit code."""
     from visbatch.core.pipeline import print_summary
 
+    summary.warnings[:0] = common.warnings
     print_summary(summary, common.json, common.quiet)
     if summary.interrupted:
         return EXIT_INTERRUPTED
@@ -245,7 +296,7 @@ OverlayStyleOpt = Annotated[str, typer.Option("--overlay-style", help="blend or 
 
 
 def overlay_settings(overlays, overlay_size, colormap, alpha, overlay_style) -> dict:
-    from visbatch.core.outputs import COLORMAPS
+    from visbatch.core.overlays import COLORMAPS
 
     if colormap not in COLORMAPS:
         raise UsageError(f"--colormap {colormap!r}: choose from {', '.join(COLORMAPS)}")

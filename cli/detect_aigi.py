@@ -3,7 +3,7 @@
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -13,56 +13,21 @@ from visbatch.cli.common import (
     overlay_settings, pipeline_config,
 )
 NormalizeFormatOpt = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95.")
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted run from the features already computed (OUTPUT.features.parquet).")]
 
 app = typer.Typer(help="Train, score and evaluate detectors of AI-generated images.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
 
+def _f(value, width: int) -> str:
+    """A figure for the table: 3 decimals, or a dash where it is undefined (null)."""
+    return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}s}"
+
+
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, file=sys.stderr, flush=True)
-
-
-def _features_for(data, extractor, geometry, normalize_format, model, output, batch_size, workers, quiet):
-    """Run the feature map stage (one row per image, written beside the detector) and gather the vectors."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import torch
-
-    from visbatch.core.pipeline import RunConfig, run_pipeline
-    from visbatch.core.tasks.aigi.detector import FeatureTask
-
-    config = RunConfig(output=output, batch_size=batch_size, workers=workers, quiet=quiet, overwrite=True)
-    run_pipeline(FeatureTask(extractor, geometry, normalize_format), model, data.items, config)
-    rows = pq.read_table(output).to_pylist()
-    # A single-root output has no root column: every row is under that root.
-    by_key = {(r.get("root", data.items[0].root), r["path"]): r for r in rows}
-    keep, vectors, errors = [], [], []
-    for i, item in enumerate(data.items):
-        row = by_key.get((item.root, item.relpath))
-        if row is not None and row["status"] == "ok":
-            keep.append(i)
-            vectors.append(np.asarray(row["features"], dtype=np.float32))
-        else:
-            errors.append(f"{item.relpath}: {row['error'] if row else 'missing'}")
-    return keep, torch.from_numpy(np.stack(vectors)) if vectors else torch.empty(0), errors
-
-
-def _split_groups(data, pattern: str) -> list[str]:
-    """Each item's group for the held-out split: the pattern's match on its relative path (its
-    first group if it has one); items that do not match are groups of their own."""
-    import re
-
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise UsageError(f"--group-pattern is not a regular expression: {exc}")
-    names = []
-    for item in data.items:
-        match = regex.search(item.relpath)
-        key = (match.group(1) if match.groups() else match.group(0)) if match else item.relpath
-        names.append(f"{item.root}:{key}" if match else f"{item.root}:{item.relpath}:own")
-    return names
 
 
 def _load_backbone(model_spec, pretrained, device):
@@ -98,6 +63,7 @@ def train(
     normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detector.safetensors", "--output", "-o"),
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 0,
@@ -105,67 +71,72 @@ def train(
     quiet: QuietOpt = False,
 ):
     """Train a calibrated detector from labelled folders and write it as safetensors + JSON metadata."""
+    from visbatch.core.files import OutputLock
+    from visbatch.core.models import DeviceOnly
+    from visbatch.core.pipeline import RunConfig, check_creatable, check_outputs, json_safe
+    from visbatch.core.protect import ProtectedInputs
     from visbatch.core.tasks.aigi.detector import (
         ARTEFACT_GROUPS, BACKBONE_GROUPS, FEATURE_GROUPS, POLICIES, FeatureExtractor, Tiling, format_confounds,
-        policy_geometry, read_labelled_folders, read_labelled_root, train_detector, univfd_detector,
+        policy_geometry, read_labelled_folders, read_labelled_root, univfd_detector,
     )
+    from visbatch.core.tasks.aigi.job import TrainSettings, features_path_for, train_job
 
     def job() -> int:
         if not output.endswith(".safetensors"):
             raise UsageError("-o must name a .safetensors file")
         if os.path.exists(output) and not overwrite:
             raise UsageError(f"output {output} exists; pass --overwrite to replace it")
-        if univfd_head:
-            backbone = _load_backbone(model, pretrained, device)
-            univfd_detector(univfd_head, backbone).save(output)
-            _say(quiet, f"visbatch detect-aigi: UnivFD head saved as {output}")
-            return EXIT_OK
         groups = tuple(g.strip() for g in features.split(",") if g.strip())
         unknown = [g for g in groups if g not in FEATURE_GROUPS]
-        if not groups or unknown:
+        if not univfd_head and (not groups or unknown):
             raise UsageError(f"--features: unknown {unknown} (choose from {', '.join(FEATURE_GROUPS)})")
         if policy not in POLICIES:
             raise UsageError("--policy must be crop, resize or tiles")
+        if univfd_head:
+            ProtectedInputs(files=[univfd_head, pretrained, model]).check_file(output, "output")
+            check_creatable(output, "output")
+            backbone = _load_backbone(model, pretrained, device)
+            with OutputLock(output):
+                univfd_detector(univfd_head, backbone).save(output)
+            _say(quiet, f"visbatch detect-aigi: UnivFD head saved as {output}")
+            return EXIT_OK
         if root and (real or fake):
             raise UsageError("give a labelled ROOT or --real/--fake, not both")
         if not root and not (real and fake):
             raise UsageError("give a labelled ROOT (0_real/, 1_fake/) or both --real and --fake")
         data = read_labelled_root(root) if root else read_labelled_folders(real or [], fake or [])
+        features_path = features_path_for(output)
+        protected = ProtectedInputs.for_items(data.items, [pretrained, model])
+        protected.check_file(output, "output")
+        config = RunConfig(output=features_path, batch_size=batch_size, workers=workers, quiet=quiet,
+                           resume=resume, overwrite=not resume, protected=protected)
+        check_outputs(config)
+        check_creatable(output, "output")
         for warning in format_confounds(data):
             _say(quiet, f"visbatch: warning: {warning}")
         if policy == "resize" and any(g in ARTEFACT_GROUPS for g in groups):
             _say(quiet, "visbatch: warning: --policy resize resamples every image, which erases the up-sampling "
                         "traces the npr, bitplane and spectrum groups look for")
         backbone = _load_backbone(model, pretrained, device) if any(g in BACKBONE_GROUPS for g in groups) else None
-        host = backbone or _load_backbone("test-tiny-cnn", None, device)  # only carries device and dtype
+        host = backbone or DeviceOnly(device)
         tile_count = tiles if policy == "tiles" else 1
         extractor = FeatureExtractor(backbone, groups, tiling=Tiling(size, tile_count) if policy == "tiles" else None)
-        geometry = policy_geometry(policy, size, tile_count)
-        keep, vectors, errors = _features_for(data, extractor, geometry, normalize_format, host,
-                                              output[: -len(".safetensors")] + ".features.parquet", batch_size,
-                                              workers, quiet)
-        for error in errors[:5]:
-            _say(quiet, f"visbatch: warning: not used: {error}")
-        kept = type(data)([data.items[i] for i in keep], [data.labels[i] for i in keep],
-                          [data.generators[i] for i in keep])
-        names = extractor.names()
-        if len(names) != vectors.shape[1]:
-            raise RuntimeError(f"{vectors.shape[1]} features but {len(names)} names")
-        split_groups = _split_groups(kept, group_pattern) if group_pattern else None
-        detector, report = train_detector(vectors, kept, groups, names, policy, size,
-                                          backbone.describe() if backbone else None, holdout, seed, l2,
-                                          tiles=tile_count, split_groups=split_groups)
-        detector.training["normalize_format"] = normalize_format
-        detector.training["unreadable"] = len(errors)
-        detector.save(output)
+        settings = TrainSettings(groups, policy, size, tile_count, holdout, seed, l2, group_pattern, normalize_format)
+        with OutputLock(output):
+            detector, report = train_job(data, extractor, policy_geometry(policy, size, tile_count), host, backbone,
+                                         settings, config)
+            detector.save(output)
+        for warning in settings.warnings:
+            _say(quiet, f"visbatch: warning: {warning}")
         if as_json:
-            print(json.dumps(report))
-        _say(quiet, f"visbatch detect-aigi train: {len(keep)} images ({sum(kept.labels)} fake), "
+            print(json.dumps(json_safe(report), allow_nan=False))
+        _say(quiet, f"visbatch detect-aigi train: {report['train'] + report['held_out']} images, "
                     f"held-out AP {report['held_out_ap']:.3f}, AUROC {report['held_out_auroc']:.3f}, "
-                    f"ECE {report['held_out_ece']:.3f}, threshold {report['threshold']:.3f}\n  detector: {output}")
+                    f"ECE {report['held_out_ece']:.3f}, threshold {report['threshold']:.3f}\n  detector: {output}"
+                    f"\n  features: {features_path}")
         return EXIT_OK
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, quiet))
 
 
 @job_command(default_model="detector")
@@ -181,6 +152,7 @@ def score(
     overlay_style: OverlayStyleOpt = "blend",
 ):
     """Score images: calibrated p_fake, a label, each feature group's share; heatmaps per patch."""
+    from visbatch.core.models import DeviceOnly
     from visbatch.core.pipeline import run_pipeline
     from visbatch.core.tasks.aigi.detector import Detector, FeatureExtractor, ScoreTask
 
@@ -188,14 +160,15 @@ def score(
         loaded = Detector.load(detector)
         items = find_inputs(common)
         backbone = _backbone_for(loaded, common)
-        host = backbone or _load_backbone("test-tiny-cnn", None, common.device)
+        host = backbone or DeviceOnly(common.device)
         extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
         task = ScoreTask(loaded, extractor, tta=tta, heatmaps=bool(heatmaps))
         settings = overlay_settings(heatmaps, overlay_size, colormap, alpha, overlay_style)
-        summary = run_pipeline(task, host, items, pipeline_config(common, "detect-aigi", host, **settings))
+        config = pipeline_config(common, "detect-aigi", host, items, files=[detector], **settings)
+        summary = run_pipeline(task, host, items, config)
         return finish(summary, common)
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, common.quiet))
 
 
 def _backbone_for(detector, common):
@@ -221,6 +194,7 @@ def evaluate_command(
     normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detect-aigi-eval.parquet", "--output", "-o"),
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 0,
@@ -228,21 +202,28 @@ def evaluate_command(
     quiet: QuietOpt = False,
 ):
     """Per generator and overall AP, AUROC and accuracies of a detector on a labelled root."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
     from visbatch.cli.common import CommonOptions
-    from visbatch.core.outputs import atomic_write_bytes
+    from visbatch.core.files import OutputLock, utc_now
+    from visbatch.core.models import DeviceOnly
+    from visbatch.core.pipeline import RunConfig, check_creatable, check_outputs
+    from visbatch.core.protect import ProtectedInputs
     from visbatch.core.tasks.aigi.detector import (
-        Detector, FeatureExtractor, evaluate, format_confounds, policy_geometry, read_labelled_root,
+        Detector, FeatureExtractor, format_confounds, policy_geometry, read_labelled_root,
     )
+    from visbatch.core.tasks.aigi.job import evaluate_job, remove_features
 
     def job() -> int:
         if os.path.exists(output) and not overwrite:
             raise UsageError(f"output {output} exists; pass --overwrite to replace it")
-        loaded = Detector.load(detector)
         data = read_labelled_root(root)
+        features_path = output + ".features.parquet"
+        protected = ProtectedInputs.for_items(data.items, [detector, pretrained, model])
+        protected.check_file(output, "output")
+        loaded = Detector.load(detector)
+        config = RunConfig(output=features_path, batch_size=batch_size, workers=workers, quiet=True,
+                           resume=resume, overwrite=not resume, protected=protected)
+        check_outputs(config)
+        check_creatable(output, "output")
         for warning in format_confounds(data):
             _say(quiet, f"visbatch: warning: {warning}")
         common = CommonOptions(inputs=[], manifest=None, model=model, pretrained=pretrained, device=device,
@@ -250,42 +231,34 @@ def evaluate_command(
                                limit=None, shard=None, max_pixels=89_478_485, resume=False, overwrite=True,
                                fail_on_error=False, json=as_json, quiet=quiet, output=output)
         backbone = _backbone_for(loaded, common)
-        host = backbone or _load_backbone("test-tiny-cnn", None, device)
+        host = backbone or DeviceOnly(device)
         extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
-        keep, vectors, errors = _features_for(data, extractor, policy_geometry(loaded.policy, loaded.size, loaded.tiles),
-                                              normalize_format, host, output + ".features.parquet", batch_size,
-                                              workers, True)
-        p_fake = loaded.probability(vectors) if len(keep) else torch.empty(0)
-        rows = evaluate([data.labels[i] for i in keep], [data.generators[i] for i in keep], p_fake,
-                        loaded.threshold)
-        import io
-
-        buffer = io.BytesIO()
-        table = pa.Table.from_pylist(rows).replace_schema_metadata({b"visbatch": json.dumps({
-            "detector": detector, "root": os.path.abspath(root), "threshold": loaded.threshold,
-            "unreadable": len(errors), "normalize_format": normalize_format}).encode()})
-        pq.write_table(table, buffer)
-        atomic_write_bytes(output, buffer.getvalue())
-        os.remove(output + ".features.parquet")
+        metadata = {"task": "detect-aigi-eval", "detector": os.path.abspath(detector), "root": os.path.abspath(root),
+                    "threshold": loaded.threshold, "normalize_format": normalize_format, "finished_at": utc_now()}
+        with OutputLock(output):
+            rows, errors = evaluate_job(data, loaded, extractor,
+                                        policy_geometry(loaded.policy, loaded.size, loaded.tiles), host,
+                                        normalize_format, config, output, metadata)
+            remove_features(features_path)
         overall = rows[-1]
         if as_json:
-            print(json.dumps({"rows": rows, "unreadable": len(errors)}))
+            print(json.dumps({"rows": rows, "unreadable": len(errors)}, allow_nan=False))
         if not quiet:
             header = f"{'generator':20s} {'n_real':>6s} {'n_fake':>6s} {'AP':>6s} {'AUROC':>6s} {'acc@.5':>7s} " \
                      f"{'acc@thr':>7s} {'real':>6s} {'fake':>6s}"
             print(header, file=sys.stderr)
             for r in rows:
-                print(f"{r['generator'][:20]:20s} {r['n_real']:6d} {r['n_fake']:6d} {r['ap']:6.3f} {r['auroc']:6.3f} "
-                      f"{r['acc_at_0_5']:7.3f} {r['acc_at_threshold']:7.3f} {r['real_acc']:6.3f} "
-                      f"{r['fake_acc']:6.3f}", file=sys.stderr)
+                print(f"{r['generator'][:20]:20s} {r['n_real']:6d} {r['n_fake']:6d} {_f(r['ap'], 6)} "
+                      f"{_f(r['auroc'], 6)} {_f(r['acc_at_0_5'], 7)} {_f(r['acc_at_threshold'], 7)} "
+                      f"{_f(r['real_acc'], 6)} {_f(r['fake_acc'], 6)}", file=sys.stderr)
             for error in errors[:5]:
                 print(f"visbatch: warning: not scored: {error}", file=sys.stderr)
-        if min_ap is not None and not overall["ap"] >= min_ap:
-            _say(quiet, f"visbatch: AP {overall['ap']:.3f} is below --min-ap {min_ap}")
+        if min_ap is not None and not (overall["ap"] is not None and overall["ap"] >= min_ap):
+            _say(quiet, f"visbatch: AP {_f(overall['ap'], 5)} is below --min-ap {min_ap}")
             return EXIT_SOME_FAILED
         return EXIT_OK
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, quiet))
 
 
 app.command("score")(score)

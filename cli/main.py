@@ -4,6 +4,12 @@ import sys
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own click
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
 
 from visbatch.cli.classify import classify
 from visbatch.cli.clip_score import clip_score
@@ -12,8 +18,37 @@ from visbatch.cli.select_data import select_data
 from visbatch.cli.quantize import quantize
 from visbatch.cli import detect_aigi
 
+class _OneLineErrors(TyperGroup):
+    """The app's click group: option and usage errors become one line, ``visbatch: error: ...
+    (see `visbatch CMD --help`)``, exit 2, instead of a multi-line box; an interrupt is exit 130."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from visbatch.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, one_line
+
+        try:
+            code = super().main(args, prog_name or "visbatch", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            print(exc.ctx.get_help() if exc.ctx else "", file=sys.stderr)
+            code = EXIT_USAGE if exc.ctx is not None and exc.ctx.parent is not None else 0
+        except click.exceptions.UsageError as exc:
+            path = exc.ctx.command_path.split(" ", 1) if exc.ctx is not None else []
+            where = f"visbatch {path[1]} --help" if len(path) > 1 else "visbatch --help"
+            print(f"visbatch: error: {one_line(exc.format_message())} (see `{where}`)", file=sys.stderr)
+            code = EXIT_USAGE
+        except click.exceptions.ClickException as exc:
+            print(f"visbatch: error: {one_line(exc.format_message())}", file=sys.stderr)
+            code = exc.exit_code
+        except (KeyboardInterrupt, typer.Abort):
+            print("visbatch: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        if standalone_mode:
+            sys.exit(code or 0)
+        return code
+
+
 app = typer.Typer(
     name="visbatch",
+    cls=_OneLineErrors,
     help="Batch vision-model jobs over image folders, written as Parquet tables and PNG overlays.",
     no_args_is_help=True,
     add_completion=False,
@@ -91,22 +126,41 @@ def merge(
     parts: list[str] = typer.Argument(..., help="Parquet outputs of the same job's --shard I/N runs."),
     output: str = typer.Option(..., "--output", "-o", help="The merged Parquet file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Merge even if some shards are missing "
+                                       "(a warning names them)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors."),
 ):
     """Merge the outputs of --shard runs of one job into one file, in sorted path order."""
     from visbatch.cli.common import EXIT_OK, guarded
-    from visbatch.core.outputs import merge_outputs
+    from visbatch.core.files import OutputLock
+    from visbatch.core.merge import merge_outputs
+    from visbatch.core.protect import ProtectedInputs
 
     def job() -> int:
-        rows = merge_outputs(parts, output, overwrite)
-        print(f"visbatch merge: {rows} rows from {len(parts)} parts into {output}", file=sys.stderr)
+        ProtectedInputs(files=parts).check_file(output, "merge output")
+        warnings: list[str] = []
+        with OutputLock(output):
+            rows = merge_outputs(parts, output, overwrite, allow_partial, warnings)
+        if not quiet:
+            for warning in warnings:
+                print(f"visbatch: warning: {warning}", file=sys.stderr)
+            print(f"visbatch merge: {rows} rows from {len(parts)} parts into {output}", file=sys.stderr)
         return EXIT_OK
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, quiet))
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `timeout`, `kill`) stops visbatch as Ctrl-C does: exit 130, outputs
+    left resumable. Runs of the pipeline install their own, gentler handler while they run."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        print("visbatch: interrupted", file=sys.stderr)
-        sys.exit(130)
+    _stop_on_sigterm()
+    app()

@@ -50,8 +50,10 @@ def quantize(
     def job() -> int:
         import os
 
+        from visbatch.core.files import OutputLock
         from visbatch.core.images import SourceOptions, find_images
-        from visbatch.core.pipeline import RunConfig
+        from visbatch.core.pipeline import RunConfig, check_creatable, json_safe
+        from visbatch.core.protect import ProtectedInputs
         from visbatch.core.tasks.quantize import describe_file
         from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize, write_report
 
@@ -76,11 +78,25 @@ def quantize(
             raise UsageError("-o FILE.safetensors is required")
         if os.path.exists(output) and not overwrite:
             raise UsageError(f"output {output} exists; pass --overwrite to replace it")
+        if not os.path.exists(calib):
+            raise UsageError(f"--calib {calib}: no such folder")
         items = find_images([calib], SourceOptions())
         if not items:
             raise UsageError(f"no images in --calib {calib}")
+        report_path = output[: -len(".safetensors")] + ".report.parquet"
+        protected = ProtectedInputs.for_items(items, [calib_prompts, calib_captions, model, pretrained])
+        if eval_images:
+            if not os.path.exists(eval_images):
+                raise UsageError(f"--eval-images {eval_images}: no such folder")
+            protected = protected.add(roots=[eval_images if os.path.isdir(eval_images)
+                                             else os.path.dirname(os.path.abspath(eval_images))])
+        protected.check_file(output, "output")
+        protected.check_file(report_path, "report")
+        check_creatable(output, "output")
         if eval_images:
             held_out = find_images([eval_images], SourceOptions())
+            if not held_out:
+                raise UsageError(f"no images in --eval-images {eval_images}")
             calibration = items[:calib_limit]
         else:
             shuffled = items[:]
@@ -112,12 +128,12 @@ def quantize(
         options = QuantizeOptions(bits=bits, group_size=None if group_size == "channel" else int(group_size),
                                   method=method, towers=towers, skip=list(skip or []), act_order=act_order,
                                   awq_clip=awq_clip, texts=texts, labels=label_list)
-        report = run_quantize(loaded, calibration, held_out, output, options, config)
-        report_path = output[: -len(".safetensors")] + ".report.parquet"
-        write_report(report_path, report)
+        with OutputLock(output):
+            report = run_quantize(loaded, calibration, held_out, output, options, config)
+            write_report(report_path, report)
         figures = {k: v for k, v in report.items() if k not in ("layers", "kept")}
         if as_json:
-            print(json.dumps(figures))
+            print(json.dumps(json_safe(figures), allow_nan=False))
         if not quiet:
             lines = [f"visbatch quantize: {method} int{bits} g{options.group_size or 'channel'}: "
                      f"{report['quantized_layers']} layers quantized, {report['kept_layers']} kept"]
@@ -126,4 +142,4 @@ def quantize(
             print("\n".join(lines), file=sys.stderr)
         return EXIT_OK
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, quiet))

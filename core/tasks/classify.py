@@ -17,6 +17,7 @@ from typing import Sequence
 import pyarrow as pa
 import torch
 
+from visbatch.core.errors import UsageError
 from visbatch.core.images import Record
 from visbatch.core.models import LoadedModel
 from visbatch.core.pipeline import MapOutput
@@ -28,13 +29,19 @@ class ClassifyTask:
     def __init__(self, model: LoadedModel, top_k: int = 5, overlays: bool = False):
         model.require("class_logits")
         if model.family != "timm":
-            raise ValueError(f"classify needs a classifier; {model.spec} is a CLIP model (use clip-score --labels)")
+            raise UsageError(f"classify needs a classifier; {model.spec} is a CLIP model (use clip-score --labels)")
         self.model = model
         self.top_k = min(top_k, len(model.class_names or [])) or top_k
         self.want_overlays = overlays
         self._classifier = model.module.get_classifier() if hasattr(model.module, "get_classifier") else None
-        self.cam_available = isinstance(self._classifier, torch.nn.Linear)
+        self.cam_available = isinstance(self._classifier, torch.nn.Linear) and self._features_are_maps()
         self._top1_counts: dict[str, int] = {}
+
+    @torch.inference_mode()
+    def _features_are_maps(self) -> bool:
+        """Whether the head reads spatial maps [B, C, H, W] (a CNN), not tokens (a ViT): one probe image."""
+        probe = torch.zeros(1, 3, *self.model.preprocess.geometry.crop, dtype=torch.uint8, device=self.model.device)
+        return self.model.module.forward_features(self.model.to_input(probe)).ndim == 4
 
     def fields(self) -> list[pa.Field]:
         return [

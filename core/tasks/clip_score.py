@@ -29,7 +29,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from visbatch.core.images import Annotators, ImageItem, InputError, Record, file_fingerprint, read_table_file
+from visbatch.core.errors import UsageError
+from visbatch.core.images import ImageItem, InputError, Record, read_table_file
 from visbatch.core.models import LoadedModel
 from visbatch.core.pipeline import MapOutput
 
@@ -117,6 +118,19 @@ def zero_shot_probabilities(image_embeddings: torch.Tensor, class_embeddings: to
     image = F.normalize(image_embeddings.float(), dim=-1)
     classes = F.normalize(class_embeddings.float(), dim=-1)
     return (logit_scale * image @ classes.T).softmax(dim=-1)
+
+
+def check_template(template: str) -> None:
+    """A prompt template holds exactly one ``{}``, where the label goes."""
+    count = template.count("{}")
+    if count != 1:
+        raise UsageError(f"--template {template!r}: needs exactly one {{}} for the label (has {count})")
+
+
+def fill_template(template: str, label: str) -> str:
+    """The template with its ``{}`` replaced by ``label`` (other braces are kept as typed)."""
+    check_template(template)
+    return template.replace("{}", label, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -306,22 +320,21 @@ class ClipScoreTask:
         model.require("image_embedding")
         self.has_text = bool(options.prompt is not None or options.captions or options.sidecar)
         if not self.has_text and not options.labels and not options.save_embeddings:
-            raise ValueError("clip-score needs texts: --prompt, --captions, --sidecar, --labels for zero-shot, "
+            raise UsageError("clip-score needs texts: --prompt, --captions, --sidecar, --labels for zero-shot, "
                              "or --save-embeddings alone")
         if sum([options.prompt is not None, options.captions is not None, options.sidecar]) > 1:
-            raise ValueError("choose one caption source: --prompt, --captions or --sidecar")
+            raise UsageError("choose one caption source: --prompt, --captions or --sidecar")
         if options.references is not None and not self.has_text:
-            raise ValueError("--references needs candidate captions (--captions, --sidecar or --prompt)")
+            raise UsageError("--references needs candidate captions (--captions, --sidecar or --prompt)")
         self.model, self.config = model, options
         if (self.has_text or options.labels) and "text_embedding" not in model.capabilities:
-            raise ValueError(f"{model.spec} has no text tower: captions and labels need a CLIP model")
+            raise UsageError(f"{model.spec} has no text tower: captions and labels need a CLIP model")
         self.text = TextEncoder(model, options.text_batch_size) if (self.has_text or options.labels) else None
         self.embedding_dim = self._embedding_dim()
         self.class_embeddings = self._class_embeddings() if options.labels else None
         logit_scale = getattr(model.module, "logit_scale", None)
         self.logit_scale = float(logit_scale.exp()) if isinstance(logit_scale, torch.Tensor) else 100.0
-        self.annotate = Annotators(read_sidecar_caption if options.sidecar else None,
-                                   file_fingerprint if options.save_embeddings else None) or None
+        self.annotate = read_sidecar_caption if options.sidecar else None
         self._scores: list[np.ndarray] = []
         self._truncated = 0
 
@@ -332,7 +345,7 @@ class ClipScoreTask:
 
     def _class_embeddings(self) -> torch.Tensor:
         labels, templates = self.config.labels, self.config.templates
-        texts = [template.format(label) for label in labels for template in templates]
+        texts = [fill_template(template, label) for label in labels for template in templates]
         embeddings = self.text.encode(texts).view(len(labels), len(templates), -1)
         return ensemble_text_embeddings(embeddings)
 
@@ -351,11 +364,9 @@ class ClipScoreTask:
             if self.config.save_probs:
                 fields.append(pa.field("probs", pa.list_(pa.float32(), len(self.config.labels))))
         if self.config.save_embeddings:
-            # The layout select-data reads back as its embedding cache.
+            # With the base columns' file fingerprint: the layout select-data reads back as its cache.
             d = self.embedding_dim
-            fields += [pa.field("file_size", pa.int64()), pa.field("file_mtime", pa.float64()),
-                       pa.field("content_hash", pa.string()),
-                       pa.field("image_embedding", pa.list_(pa.float16(), d))]
+            fields += [pa.field("image_embedding", pa.list_(pa.float16(), d))]
             if self.has_text:
                 fields.append(pa.field("text_embedding", pa.list_(pa.float16(), d)))
         return fields
@@ -392,10 +403,8 @@ class ClipScoreTask:
                     row["probs"] = full.tolist()
         if self.config.save_embeddings:
             normalized = F.normalize(image_embeddings, dim=-1).half().cpu().numpy()
-            for row, record, e in zip(rows, records, normalized):
+            for row, e in zip(rows, normalized):
                 row["image_embedding"] = e
-                for key in ("file_size", "file_mtime", "content_hash"):
-                    row[key] = record.extra.get(key)
         return MapOutput(rows)
 
     def _score_captions(self, image_embeddings, records, rows) -> None:

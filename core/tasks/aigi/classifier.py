@@ -37,6 +37,8 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2,
     """Minimize mean BCE + ``l2`` * ||w||^2 / 2 on standardized features (labels 1 = fake)."""
     x = features.float()
     y = labels.float()
+    if x.shape[0] == 0 or not bool(torch.isfinite(x).all()):
+        raise ValueError("fit_logistic needs at least one row of finite features")
     mean = x.mean(dim=0)
     std = x.std(dim=0).clamp(min=1e-6)
     z = (x - mean) / std
@@ -97,6 +99,8 @@ def choose_threshold(probabilities: torch.Tensor, labels: torch.Tensor) -> float
 def average_precision(labels: torch.Tensor, scores: torch.Tensor) -> float:
     """AP = sum_k (R_k - R_{k-1}) P_k over the ranking by score (as scikit-learn)."""
     y = labels.float().cpu()
+    if y.numel() == 0 or y.sum() == 0:
+        return float("nan")  # undefined without positives
     order = torch.argsort(scores.float().cpu(), descending=True, stable=True)
     y, s = y[order], scores.float().cpu()[order]
     # Group tied scores: precision and recall are taken at the end of each tie.

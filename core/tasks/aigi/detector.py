@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visbatch.core.images import Geometry, ImageItem, InputError, Record, SourceOptions, find_images
-from visbatch.core.models import LoadedModel, ModelError, file_checksum
+from visbatch.core.errors import UsageError
+from visbatch.core.files import atomic_path
+from visbatch.core.images import Geometry, ImageItem, InputError, SourceOptions, find_images
+from visbatch.core.models import LoadedModel, ModelError
 from visbatch.core.pipeline import MapOutput
 from visbatch.core.tasks.aigi.classifier import LogisticModel
 from visbatch.core.tasks.aigi.features import (
@@ -188,7 +190,7 @@ class FeatureExtractor:
             elif group == "layers":
                 parts.append(self.model.encode_layers(self._model_input(pixels)).float())
             else:
-                raise ValueError(f"unknown feature group {group!r} (choose from {', '.join(FEATURE_GROUPS)})")
+                raise UsageError(f"unknown feature group {group!r} (choose from {', '.join(FEATURE_GROUPS)})")
         self._widths = {group: part.shape[1] for group, part in zip(self.groups, parts)}
         return torch.cat([p.float().to(pixels.device) for p in parts], dim=1)
 
@@ -220,7 +222,7 @@ def policy_geometry(policy: str, size: int, tiles: int = 1) -> Geometry:
         return Geometry(resize=0, crop=(tiles * size, tiles * size), resize_mode="none")
     if policy == "resize":
         return Geometry(resize=size, crop=(size, size), interpolation="bilinear")
-    raise ValueError(f"unknown policy {policy!r} (crop, resize or tiles)")
+    raise UsageError(f"unknown policy {policy!r} (crop, resize or tiles)")
 
 
 class FeatureTask:
@@ -295,9 +297,8 @@ class Detector:
             "groups": list(self.groups), "feature_names": self.feature_names, "platt": list(self.platt),
             "threshold": self.threshold, "policy": self.policy, "size": self.size, "backbone": self.backbone,
             "training": self.training, "raw_embedding": self.raw_embedding, "tiles": self.tiles})}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str) -> "Detector":

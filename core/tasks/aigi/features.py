@@ -78,12 +78,15 @@ def spectrum_features(x: torch.Tensor) -> torch.Tensor:
     h, w = residual.shape[-2:]
     window = torch.hann_window(h, device=x.device).view(-1, 1) * torch.hann_window(w, device=x.device).view(1, -1)
     power = torch.fft.fft2(residual * window).abs().pow(2)  # [B, H, W], frequencies k / H cycles per pixel
-    median = power.flatten(1).median(dim=1).values.clamp(min=1e-12)
+    # A floor on both sides of each ratio: a flat image (no residual at all) gives log(1) = 0,
+    # not log(0); for any textured image the floor is many orders below the spectrum.
+    floor = 1e-12
+    median = power.flatten(1).median(dim=1).values + floor
 
     def line(index_v=None, index_h=None):
         if index_v is not None:
-            return power[:, index_v, :].mean(dim=1)
-        return power[:, :, index_h].mean(dim=1)
+            return power[:, index_v, :].mean(dim=1) + floor
+        return power[:, :, index_h].mean(dim=1) + floor
 
     feats = [torch.log(line(index_h=w // 2) / median), torch.log(line(index_v=h // 2) / median),
              torch.log(line(index_h=w // 4) / median), torch.log(line(index_v=h // 4) / median)]

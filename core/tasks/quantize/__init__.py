@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visbatch.core.errors import UsageError
+from visbatch.core.files import atomic_path
 from visbatch.core.models import LoadedModel, ModelError, file_checksum
 from visbatch.core.tasks.quantize.awq import awq_quantize, search_scale
 from visbatch.core.tasks.quantize.kernels import Int4Kernel, int4_kernel_applies, verified_kernel
@@ -69,7 +71,7 @@ def quantization_targets(model: LoadedModel, towers: str = "visual", skip: list[
         prefixes = {"visual": ["visual."], "text": ["transformer."], "all": ["visual.", "transformer."]}[towers]
     else:
         if towers == "text":
-            raise ValueError(f"{model.spec} has no text tower")
+            raise UsageError(f"{model.spec} has no text tower")
         prefixes = [""]
     classifier = module.get_classifier() if hasattr(module, "get_classifier") else None
     for name, child in module.named_modules():
@@ -247,7 +249,7 @@ def quantize_layer(target: Target, bits: int, group_size: int | None, method: st
     measured on this layer's output (an explicit input scale is kept). Without calibration rows,
     GPTQ and AWQ fall back to rounding."""
     if method not in ("rtn", "awq", "gptq"):
-        raise ValueError(f"unknown method {method!r} (rtn, awq or gptq)")
+        raise UsageError(f"unknown method {method!r} (rtn, awq or gptq)")
     w = target.weight().float().cpu()
     rows = stats.sample().float() if stats is not None and stats.kept_rows else None
     column_scale, alpha = None, None
@@ -315,7 +317,10 @@ class QuantizedWeightStore(nn.Module):
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         if self._cache is not None and self._cache.dtype == dtype and self._cache.device == self.qweight.device:
             return self._cache
-        w = effective_weight(self._packed(), self.column_scale, dtype)
+        # Built outside inference mode even when called inside it: a weight cached by an
+        # inference pass is then also usable by a pass that takes gradients (saliency).
+        with torch.inference_mode(False):
+            w = effective_weight(self._packed(), self.column_scale, dtype)
         if self.runtime == "speed":
             self._cache = w
         return w
@@ -422,9 +427,8 @@ def save_quantized(path: str, model: LoadedModel, layers: list[QuantizedLayer], 
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps({**config, "layout": LAYOUT, "layers": layer_meta, "source": model.describe()}),
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return os.path.getsize(path)
 
 
@@ -464,14 +468,18 @@ def load_quantized(path: str, device, precision: str, runtime: str | None = None
     from visbatch.core.models import _finish, load_model
 
     config = read_quantized_config(path)
+    _check_layer_metadata(path, config)
     source = config["source"]
     runtime = runtime or os.environ.get("VISBATCH_RUNTIME", "speed")
     if runtime not in ("speed", "memory"):
-        raise ValueError(f"runtime must be speed or memory, not {runtime!r}")
+        raise UsageError(f"runtime must be speed or memory, not {runtime!r}")
     spec = source["spec"]
     base_pretrained = "none" if spec.startswith("timm:") else None
     model = load_model(spec, base_pretrained, device="cpu", precision="fp32")
-    tensors = load_file(path, device="cpu")
+    try:
+        tensors = load_file(path, device="cpu")
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read its tensors: {str(exc).splitlines()[0]}")
     layers = {}
     for name, info in config["layers"].items():
         prefix = f"__quant__.{name}"
@@ -482,14 +490,22 @@ def load_quantized(path: str, device, precision: str, runtime: str | None = None
         except KeyError as exc:
             raise ModelError(f"{path}: tensors of quantized layer {name} are missing ({exc})")
         column_scale = tensors.pop(f"{prefix}.column_scale", None)
+        check_quantized_tensors(path, name, weight, column_scale, _target_shape(model.module, name, info["kind"]))
         layers[name] = (info["kind"], QuantizedWeightStore(weight, column_scale, runtime))
     if any(k.startswith("__quant__.") for k in tensors):
         raise ModelError(f"{path}: quantized tensors without metadata")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path}: tensor {key} holds NaN or inf values")
     try:
         install(model.module, layers)
     except AttributeError as exc:
         raise ModelError(f"{path}: does not fit {spec}: {exc}")
-    missing, unexpected = model.module.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.module.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3]) or str(exc)
+        raise ModelError(f"{path} does not fit {spec}: {detail[:300]}")
     missing = [k for k in missing if ".store." not in k and "in_proj_store" not in k
                and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
@@ -507,6 +523,64 @@ def load_quantized(path: str, device, precision: str, runtime: str | None = None
         if isinstance(store, QuantizedWeightStore):
             store._cache = None
     return _finish(model)
+
+
+def _check_layer_metadata(path: str, config: dict) -> None:
+    if not isinstance(config["layers"], dict):
+        raise ModelError(f"{path}: quantization metadata 'layers' is not a mapping")
+    for name, info in config["layers"].items():
+        try:
+            shape = [int(v) for v in info["shape"]]
+            group = int(info["group_size"])
+            kind = info["kind"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path}: metadata of quantized layer {name} is incomplete")
+        if len(shape) != 2 or min(shape) < 1 or group < 1 or kind not in ("linear", "conv1x1", "mha_in_proj"):
+            raise ModelError(f"{path}: metadata of quantized layer {name} is invalid "
+                             f"(shape {shape}, group size {group}, kind {kind!r})")
+
+
+def _target_shape(module: nn.Module, name: str, kind: str) -> tuple[int, int] | None:
+    """[out, in] of the weight the quantized layer ``name`` replaces in the rebuilt model."""
+    try:
+        child = module.get_submodule(name)
+    except AttributeError:
+        return None
+    weight = child.in_proj_weight if kind == "mha_in_proj" else getattr(child, "weight", None)
+    if weight is None:
+        return None
+    return (int(weight.shape[0]), int(weight[0].numel()))
+
+
+def check_quantized_tensors(path: str, name: str, weight: QuantizedWeight, column_scale: torch.Tensor | None,
+                            expected_shape: tuple[int, int] | None) -> None:
+    """Refuse tensors that do not match what the metadata says (shapes, dtypes, bit width, finite
+    positive scales), so a damaged or hand-edited file fails to load instead of giving garbage."""
+    out_features, in_features = weight.shape
+    levels = 2 ** weight.bits - 1
+    groups = -(-in_features // weight.group_size)
+    packed_columns = -(-in_features // 2) if weight.bits == 4 else in_features
+    problems = []
+    if expected_shape is not None and tuple(expected_shape) != (out_features, in_features):
+        problems.append(f"the model's layer is {list(expected_shape)}, the file says {[out_features, in_features]}")
+    if weight.qweight.dtype != torch.uint8 or tuple(weight.qweight.shape) != (out_features, packed_columns):
+        problems.append(f"qweight is {weight.qweight.dtype} {list(weight.qweight.shape)}, expected uint8 "
+                        f"{[out_features, packed_columns]} for int{weight.bits}")
+    if tuple(weight.scales.shape) != (out_features, groups):
+        problems.append(f"scales are {list(weight.scales.shape)}, expected {[out_features, groups]}")
+    elif not bool(torch.isfinite(weight.scales).all()) or bool((weight.scales < 0).any()):
+        problems.append("scales hold NaN, inf or negative values")
+    if weight.zeros.dtype != torch.uint8 or tuple(weight.zeros.shape) != (out_features, groups):
+        problems.append(f"zero points are {weight.zeros.dtype} {list(weight.zeros.shape)}, expected uint8 "
+                        f"{[out_features, groups]}")
+    elif bool((weight.zeros > levels).any()):
+        problems.append(f"zero points exceed {levels}, the largest int{weight.bits} value")
+    if column_scale is not None and (tuple(column_scale.shape) != (in_features,)
+                                     or not bool(torch.isfinite(column_scale).all())):
+        problems.append("column scales do not match the layer or are not finite")
+    if problems:
+        raise ModelError(f"{path}: quantized layer {name}: {problems[0]}; the file is damaged or was not "
+                         "written by this visbatch")
 
 
 def describe_file(path: str) -> dict:

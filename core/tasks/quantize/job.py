@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from visbatch.core.errors import UsageError
 from visbatch.core.images import ImageItem
 from visbatch.core.models import LoadedModel
+from visbatch.core.outputs import write_parquet
 from visbatch.core.pipeline import RunConfig, make_loader
 from visbatch.core.tasks.quantize import (
     QuantizedWeightStore,
@@ -41,10 +42,17 @@ class QuantizeOptions:
     texts: list[str] = field(default_factory=list)  # calibration texts for a CLIP text tower
 
 
-def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig):
+def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, what: str) -> list[torch.Tensor]:
+    """The decodable images of ``items`` as uint8 batches; none at all is a usage error naming why."""
+    batches, errors = [], []
     for batch in make_loader(items, model, config):
         if batch.images.shape[0]:
-            yield batch.images
+            batches.append(batch.images)
+        errors += [f"{r.item.relpath}: {r.error}" for r in batch.records if r.status != "ok"]
+    if not batches:
+        raise UsageError(f"none of the {len(items)} {what} images could be decoded"
+                         + (f" (first: {errors[0]})" if errors else ""))
+    return batches
 
 
 @contextlib.contextmanager
@@ -66,10 +74,10 @@ def _outputs(model: LoadedModel, module: torch.nn.Module, batches: list[torch.Te
 
 def _zero_shot(model: LoadedModel, module: torch.nn.Module, labels: list[str], images: torch.Tensor) -> torch.Tensor:
     """Index of the best label per image with ``module``'s own text tower (quantized or not)."""
-    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE
+    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE, fill_template
 
     with _running(model, module):
-        texts = model.encode_text(model.tokenize([DEFAULT_TEMPLATE.format(label) for label in labels])).float()
+        texts = model.encode_text(model.tokenize([fill_template(DEFAULT_TEMPLATE, label) for label in labels])).float()
     return (F.normalize(images, dim=-1) @ F.normalize(texts.cpu(), dim=-1).T).argmax(dim=1)
 
 
@@ -129,10 +137,11 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
     """Quantize ``model`` and write ``output``; returns the report (end-to-end figures and layers)."""
     targets, kept = quantization_targets(model, options.towers, options.skip)
     if not targets:
-        raise ValueError(f"nothing to quantize in {model.spec} (towers={options.towers}, skip={options.skip})")
+        raise UsageError(f"nothing to quantize in {model.spec} (towers={options.towers}, skip={options.skip})")
     text_targets = [t for t in targets if not t.name.startswith("visual.")] if model.family == "open_clip" else []
     texts = options.texts if text_targets else []
-    calib_batches = list(_batches(calib, model, config))
+    calib_batches = _batches(calib, model, config, "calibration")
+    eval_batches = _batches(held_out, model, config, "held-out")
     layers, overrides = quantize_targets(model, targets, calib_batches, texts, options)
     quantized_module = copy.deepcopy(model.module)
     apply_overrides(quantized_module, overrides)
@@ -140,7 +149,6 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
                                                    QuantizedWeightStore(layer.weight, layer.column_scale))
                                for layer in layers})
     quantized_module.to(model.device)
-    eval_batches = list(_batches(held_out, model, config))
     before = _outputs(model, model.module, eval_batches)
     after = _outputs(model, quantized_module, eval_batches)
     cosine = F.cosine_similarity(before, after, dim=1)
@@ -180,7 +188,6 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
 
 def write_report(path: str, report: dict) -> None:
     """Per-layer Parquet report with the end-to-end figures in its metadata."""
-    import json
 
     rows = report["layers"] + [{"layer": k["layer"], "kind": "kept: " + k["reason"], "shape": None, "alpha": None,
                                 "scales_folded_into": None, "weight_error": None, "output_error": None}
@@ -191,5 +198,4 @@ def write_report(path: str, report: dict) -> None:
         pa.field("weight_error", pa.float64()),
         pa.field("output_error", pa.float64())]))
     summary = {k: v for k, v in report.items() if k not in ("layers", "kept")}
-    table = table.replace_schema_metadata({b"visbatch": json.dumps(summary).encode()})
-    pq.write_table(table, path)
+    write_parquet(path, table, summary)

@@ -6,6 +6,8 @@ integer zero point: ``q = clamp(round(w / scale) + zero, 0, 2^bits - 1)``,
 ``w ~ (q - zero) * scale``, with ``scale = (max - min) / (2^bits - 1)`` and
 ``zero = round(-min / scale)``, where the range [min, max] always includes 0
 (so the zero point is in range and 0 is exact; a constant group is exact).
+Scales never go below fp16's smallest normal number, the precision they are
+stored in (see :func:`storable_scale`).
 All maths run in fp32; an all-zero group gets scale 1 and dequantizes to 0.
 int4 values are packed two per byte (low nibble first).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from visbatch.core.errors import UsageError
 
 
 @dataclass
@@ -49,12 +53,12 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None,
     ``clip`` [out, groups] in (0, 1] shrinks each group's range [min, max] before rounding
     (AWQ's clipping: values outside saturate, the rest get a finer step)."""
     if bits not in (4, 8):
-        raise ValueError("bits must be 4 or 8")
+        raise UsageError("bits must be 4 or 8")
     w = weight.detach().float()
     out_features, in_features = w.shape
     group = in_features if group_size is None else int(group_size)
     if group < 1:
-        raise ValueError("group size must be positive")
+        raise UsageError("group size must be positive")
     groups = -(-in_features // group)
     padded = groups * group
     if padded != in_features:
@@ -67,15 +71,24 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None,
     if clip is not None:
         lo, hi = lo * clip, hi * clip
     levels = 2 ** bits - 1
-    span = hi - lo
-    empty = span <= 0  # an all-zero group
-    scale = torch.where(empty, torch.ones_like(span), span / levels)
+    scale = storable_scale(hi - lo, levels)
     zero = torch.round(-lo / scale).clamp(0, levels)
     q = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     q = q.clamp(0, levels).to(torch.uint8).view(out_features, padded)[:, :in_features]
     packed = pack_int4(q) if bits == 4 else q.contiguous()
     return QuantizedWeight(packed, scale.contiguous(), zero.to(torch.uint8).contiguous(), bits, group,
                            (out_features, in_features))
+
+
+FP16_MIN_NORMAL = 2.0 ** -14
+
+
+def storable_scale(span: torch.Tensor, levels: int) -> torch.Tensor:
+    """``span / levels``, never below fp16's smallest normal number: the file stores scales as
+    fp16, where a smaller scale (a group of weights all under ~0.01 at int8) would flush to 0
+    and zero the whole group. An all-zero group gets scale 1."""
+    scale = torch.where(span <= 0, torch.ones_like(span), span / levels)
+    return scale.clamp(min=FP16_MIN_NORMAL)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -97,8 +110,7 @@ def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
     levels = 2 ** bits - 1
-    span = hi - lo
-    scale = torch.where(span <= 0, torch.ones_like(span), span / levels)
+    scale = storable_scale(hi - lo, levels)
     return scale, torch.round(-lo / scale).clamp(0, levels)
 
 
@@ -113,7 +125,7 @@ def gptq_quantize(weight: torch.Tensor, rows: torch.Tensor, bits: int, group_siz
     scales only, so the stored layout stays in the original column order).
     """
     if act_order and group_size is not None:
-        raise ValueError("act-order needs per-channel scales (--group-size channel)")
+        raise UsageError("act-order needs per-channel scales (--group-size channel)")
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
     x = rows.float()

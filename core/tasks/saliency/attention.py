@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visbatch.core.errors import UsageError
+
 
 def attention_modules(tower: nn.Module) -> list[nn.Module]:
     """Self-attention modules of a vision tower, in definition order (= execution order for ViTs)."""
@@ -36,14 +38,14 @@ def _mha_recompute(module: nn.MultiheadAttention, args, kwargs):
     query = args[0] if args else kwargs["query"]
     key = args[1] if len(args) > 1 else kwargs.get("key", query)
     if key is not query:
-        raise ValueError("attention relevance supports self-attention only")
+        raise UsageError("attention relevance supports self-attention only")
     mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
     x = query if module.batch_first else query.transpose(0, 1)
     batch, tokens, width = x.shape
     heads = module.num_heads
     head_dim = width // heads
     if module.in_proj_weight is None:
-        raise ValueError("attention relevance needs a packed in_proj_weight")
+        raise UsageError("attention relevance needs a packed in_proj_weight")
     qkv = F.linear(x, module.in_proj_weight, module.in_proj_bias)
     q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     logits = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
@@ -61,7 +63,7 @@ def _mha_recompute(module: nn.MultiheadAttention, args, kwargs):
 def _timm_recompute(module: nn.Module, args, kwargs):
     x = args[0] if args else kwargs["x"]
     if kwargs.get("attn_mask") is not None or getattr(module, "gate", None) is not None:
-        raise ValueError("attention relevance does not support masked or gated timm attention")
+        raise UsageError("attention relevance does not support masked or gated timm attention")
     batch, tokens, _ = x.shape
     heads, head_dim = module.num_heads, module.head_dim
     qkv = module.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -78,7 +80,7 @@ class AttentionRecorder:
 
     def __init__(self, modules: list[nn.Module]):
         if not modules:
-            raise ValueError("the model has no attention modules (attention relevance needs a ViT)")
+            raise UsageError("the model has no attention modules (attention relevance needs a ViT)")
         self.modules = modules
         self.probabilities: list[torch.Tensor] = []
         self._handles = []
@@ -94,7 +96,7 @@ class AttentionRecorder:
         if id(module) not in self._checked:
             scale = own.detach().abs().max().clamp(min=1e-6)
             if (out.detach() - own.detach()).abs().max() > 1e-2 * scale:
-                raise ValueError(f"cannot reproduce {type(module).__name__}'s output; attention relevance "
+                raise UsageError(f"cannot reproduce {type(module).__name__}'s output; attention relevance "
                                  "does not support this attention variant")
             self._checked.add(id(module))
         if probs.requires_grad:

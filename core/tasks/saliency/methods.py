@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visbatch.core.errors import UsageError
 from visbatch.core.tasks.saliency.attention import AttentionRecorder
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -140,7 +141,7 @@ def smoothgrad(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *,
     """
     method = METHODS[base]
     if not method.gradient_based or base == "smoothgrad":
-        raise ValueError(f"SmoothGrad cannot wrap {base!r}")
+        raise UsageError(f"SmoothGrad cannot wrap {base!r}")
     if noise is None:
         stdev = sigma * input_range(images, pixel_range)
         expanded_shape = (images.shape[0] * samples, *images.shape[1:])
@@ -173,13 +174,13 @@ def integration_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     same names.
     """
     if steps < 1:
-        raise ValueError("--steps must be at least 1")
+        raise UsageError("--steps must be at least 1")
     if rule == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         return 0.5 * (1 + nodes), 0.5 * weights
     if rule in ("riemann", "riemann-trapezoid"):
         if steps < 2:
-            raise ValueError("the trapezoid rule needs at least 2 steps")
+            raise UsageError("the trapezoid rule needs at least 2 steps")
         weights = np.full(steps, 1.0 / (steps - 1))
         weights[0] = weights[-1] = 0.5 / (steps - 1)
         return np.linspace(0, 1, steps), weights
@@ -189,7 +190,7 @@ def integration_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
         return np.arange(1, steps + 1) / steps, np.full(steps, 1.0 / steps)
     if rule == "riemann-middle":
         return (np.arange(steps) + 0.5) / steps, np.full(steps, 1.0 / steps)
-    raise ValueError(f"unknown integration rule {rule!r} (gausslegendre, riemann, riemann-left/right/middle)")
+    raise UsageError(f"unknown integration rule {rule!r} (gausslegendre, riemann, riemann-left/right/middle)")
 
 
 def make_baseline(images: torch.Tensor, kind: str, black: torch.Tensor | None = None,
@@ -205,7 +206,7 @@ def make_baseline(images: torch.Tensor, kind: str, black: torch.Tensor | None = 
     """
     if kind == "black":
         if black is None:
-            raise ValueError("black baseline needs the model's normalization")
+            raise UsageError("black baseline needs the model's normalization")
         return black.to(images.dtype).expand_as(images).clone()
     if kind == "zero":
         return torch.zeros_like(images)
@@ -214,7 +215,7 @@ def make_baseline(images: torch.Tensor, kind: str, black: torch.Tensor | None = 
     if kind == "noise":
         lo, hi = pixel_range if pixel_range is not None else (float(images.min()), float(images.max()))
         return torch.rand(images.shape, generator=generator, device=images.device).to(images.dtype) * (hi - lo) + lo
-    raise ValueError(f"unknown baseline {kind!r} (black, blur, noise, zero)")
+    raise UsageError(f"unknown baseline {kind!r} (black, blur, noise, zero)")
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from visbatch.core.errors import UsageError
 from visbatch.core.tasks.saliency.methods import gaussian_blur
 
 
@@ -60,7 +61,7 @@ def deletion_insertion_auc(score_fn: Callable[[torch.Tensor, torch.Tensor], torc
     rank = rank.view(batch, 1, h, w)
     blurred = gaussian_blur(images, sigma=min(h, w) / 10)
     if deletion_fill not in ("black", "blur"):
-        raise ValueError(f"unknown deletion fill {deletion_fill!r} (black or blur)")
+        raise UsageError(f"unknown deletion fill {deletion_fill!r} (black or blur)")
     fill = black.to(images.dtype).expand_as(images) if deletion_fill == "black" else blurred
     thresholds = [round(h * w * k / steps) for k in range(steps + 1)]
     curves = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -11,9 +12,9 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from visbatch.core.errors import UsageError
 from visbatch.core.images import Record, crop_box
 from visbatch.core.models import LoadedModel, find_spatial_layer
-from visbatch.core.outputs import OverlayWriter, npy_bytes
 from visbatch.core.pipeline import MapOutput
 from visbatch.core.tasks.clip_score import (
     DEFAULT_TEMPLATE,
@@ -21,10 +22,11 @@ from visbatch.core.tasks.clip_score import (
     TextTable,
     caption_for,
     ensemble_text_embeddings,
+    fill_template,
     read_sidecar_caption,
 )
 from visbatch.core.tasks.saliency.attention import attention_modules
-from visbatch.core.tasks.saliency.methods import METHODS, LayerAccess, rise_masks, target_scores
+from visbatch.core.tasks.saliency.methods import METHODS, LayerAccess, integration_points, rise_masks, target_scores
 from visbatch.core.tasks.saliency.metrics import compact_maps, concentration, deletion_insertion_auc, peaks
 
 
@@ -64,7 +66,7 @@ def resolve_class_target(target: str, class_names: list[str] | None) -> int | No
         index = int(target)
         count = len(class_names or [])
         if not 0 <= index < count:
-            raise ValueError(f"--target {index}: the model has {count} classes")
+            raise UsageError(f"--target {index}: the model has {count} classes")
         return index
     wanted = target.strip().lower()
     for index, name in enumerate(class_names or []):
@@ -73,7 +75,29 @@ def resolve_class_target(target: str, class_names: list[str] | None) -> int | No
     import difflib
 
     close = difflib.get_close_matches(target, class_names or [], n=3, cutoff=0.6)
-    raise ValueError(f"--target {target!r} is not a class of the model" + (f"; closest: {', '.join(close)}" if close else ""))
+    raise UsageError(f"--target {target!r} is not a class of the model" + (f"; closest: {', '.join(close)}" if close else ""))
+
+
+MAX_MAP_SIZE = 512  # the compact map is map_size^2 floats per row (1 MB at 512)
+BASELINES = ("black", "blur", "noise", "zero")
+DELETION_FILLS = ("blur", "black")
+
+
+def _check_options(options: SaliencyOptions) -> None:
+    """Every option value, checked before the run creates anything."""
+    if not 1 <= options.map_size <= MAX_MAP_SIZE:
+        raise UsageError(f"--map-size {options.map_size}: must be between 1 and {MAX_MAP_SIZE}")
+    if options.eval_deletion not in DELETION_FILLS:
+        raise UsageError(f"--eval-deletion {options.eval_deletion!r}: choose blur or black")
+    if not 2 <= options.eval_steps <= 1000:
+        raise UsageError(f"--eval-steps {options.eval_steps}: must be between 2 and 1000")
+    params = options.params
+    if "rule" in params:
+        integration_points(int(params.get("steps", 32)), params["rule"])
+    if params.get("baseline", "black") not in BASELINES:
+        raise UsageError(f"--baseline {params['baseline']!r}: choose from {', '.join(BASELINES)}")
+    if options.smooth_sigma < 0 or not math.isfinite(options.smooth_sigma):
+        raise UsageError("--sigma must be a finite number >= 0")
 
 
 class SaliencyTask:
@@ -83,11 +107,12 @@ class SaliencyTask:
 
     def __init__(self, model: LoadedModel, options: SaliencyOptions):
         if options.method not in METHODS:
-            raise ValueError(f"unknown method {options.method!r}; see --list-methods")
+            raise UsageError(f"unknown method {options.method!r}; see --list-methods")
+        _check_options(options)
         self.model, self.config = model, options
         self.spec = METHODS[options.method]
         if options.smooth and not self.spec.gradient_based:
-            raise ValueError(f"--smooth wraps gradient methods (gradient, input-x-gradient, integrated-gradients), "
+            raise UsageError(f"--smooth wraps gradient methods (gradient, input-x-gradient, integrated-gradients), "
                              f"not {options.method}")
         self.is_clip = model.family == "open_clip"
         self._setup_targets()
@@ -109,7 +134,7 @@ class SaliencyTask:
             modules = attention_modules(tower)
             spatial = find_spatial_layer(model)
             if not modules or spatial.kind != "tokens":
-                raise ValueError(f"attention-relevance needs a ViT; {model.spec} has no attention blocks")
+                raise UsageError(f"attention-relevance needs a ViT; {model.spec} has no attention blocks")
             self.method_params.update(attention=modules, spatial=spatial)
         if options.method == "rise":
             # One mask set for the whole run: maps do not depend on the batching.
@@ -118,8 +143,6 @@ class SaliencyTask:
             self.rise_masks = rise_masks(masks, self.method_params.get("cells", 7),
                                          self.method_params.get("probability", 0.5), model.preprocess.geometry.crop,
                                          "cpu", generator).to(device)
-        self.map_writer = OverlayWriter(options.save_maps, suffix=".npy", encode=npy_bytes) \
-            if options.save_maps else None
         self._gaps: list[float] = []
         self._deletion: list[float] = []
         self._insertion: list[float] = []
@@ -133,14 +156,14 @@ class SaliencyTask:
         if not self.is_clip:
             model.require("class_logits")
             if o.prompt is not None or o.captions is not None or o.sidecar or o.labels:
-                raise ValueError(f"{model.spec} is a classifier: use --target top1|INDEX|CLASS_NAME, not texts")
+                raise UsageError(f"{model.spec} is a classifier: use --target top1|INDEX|CLASS_NAME, not texts")
             self.fixed_target = resolve_class_target(o.target or "top1", model.class_names)
             return
         sources = sum([o.prompt is not None, o.captions is not None, o.sidecar, bool(o.labels)])
         if sources != 1:
-            raise ValueError("a CLIP model needs exactly one of --prompt, --labels/--labels-file, --captions, --sidecar")
+            raise UsageError("a CLIP model needs exactly one of --prompt, --labels/--labels-file, --captions, --sidecar")
         if o.score not in ("cosine", "logit"):
-            raise ValueError("--score must be cosine or logit")
+            raise UsageError("--score must be cosine or logit")
         self.text_encoder = TextEncoder(model)
         logit_scale = getattr(model.module, "logit_scale", None)
         self.logit_scale = float(logit_scale.exp()) if isinstance(logit_scale, torch.Tensor) else 100.0
@@ -149,7 +172,7 @@ class SaliencyTask:
             self.texts = F.normalize(self.text_encoder.encode([o.prompt]), dim=-1)
             self.fixed_target = 0
         elif o.labels:
-            embeddings = self.text_encoder.encode([t.format(label) for label in o.labels for t in o.templates])
+            embeddings = self.text_encoder.encode([fill_template(t, label) for label in o.labels for t in o.templates])
             self.texts = ensemble_text_embeddings(embeddings.view(len(o.labels), len(o.templates), -1))
             self.fixed_target = resolve_class_target(o.target or "predicted", o.labels)
         else:
@@ -268,6 +291,7 @@ class SaliencyTask:
         maps = result.maps.detach().float()
         peak_x, peak_y = peaks(maps)
         focus = concentration(maps)
+        empty_maps = (maps.flatten(1).abs().amax(dim=1) == 0).cpu()
         compact = compact_maps(maps, o.map_size).reshape(len(keep), -1)
         deletion = insertion = None
         if o.evaluate:
@@ -279,12 +303,15 @@ class SaliencyTask:
         for n, i in enumerate(keep):
             record = records[i]
             x0, y0, x1, y1 = crop_box(record.width, record.height, self.model.preprocess.geometry)
+            # An all-zero map (IG of an image equal to its baseline) is a true answer with no
+            # peak and no concentration: those are null, not NaN.
+            empty = bool(empty_maps[n])
             row = {
                 "method": o.method if not o.smooth else f"smooth-{o.method}",
                 "target": names[n], "target_index": int(targets[n]), "target_score": float(explained[n]),
-                "peak_x": float(np.clip(x0 + (x1 - x0) * float(peak_x[n]), 0, 1)),
-                "peak_y": float(np.clip(y0 + (y1 - y0) * float(peak_y[n]), 0, 1)),
-                "concentration": float(focus[n]),
+                "peak_x": None if empty else float(np.clip(x0 + (x1 - x0) * float(peak_x[n]), 0, 1)),
+                "peak_y": None if empty else float(np.clip(y0 + (y1 - y0) * float(peak_y[n]), 0, 1)),
+                "concentration": None if empty else float(focus[n]),
                 "completeness_gap": float(gap[n]) if gap is not None else None,
                 "map": compact[n].cpu().numpy(),
             }
@@ -296,9 +323,7 @@ class SaliencyTask:
                 self._insertion.append(float(insertion[n]))
             rows[i].update(row)
             overlays[i] = maps_np[n]
-            if self.map_writer is not None:
-                self.map_writer.submit(record.item, maps_np[n])
-        return MapOutput(rows, overlays)
+        return MapOutput(rows, overlays, arrays=overlays if o.save_maps else None)
 
     def _target_names(self, targets: torch.Tensor, caption_texts: list[str] | None) -> list[str]:
         if caption_texts is not None:
@@ -309,8 +334,6 @@ class SaliencyTask:
         return [names[int(t)] if names else str(int(t)) for t in targets]
 
     def summary(self) -> dict:
-        if self.map_writer is not None:
-            self.map_writer.close()
         out = {"method": self.config.method, "layer": self.layer_name} if self.layer_name else \
             {"method": self.config.method}
         if self._gaps:
@@ -318,6 +341,4 @@ class SaliencyTask:
         if self._deletion:
             out.update(deletion_auc_mean=float(np.mean(self._deletion)),
                        insertion_auc_mean=float(np.mean(self._insertion)))
-        if self.map_writer is not None and self.map_writer.errors:
-            out["map_write_errors"] = len(self.map_writer.errors)
         return out

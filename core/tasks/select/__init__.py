@@ -11,9 +11,7 @@ the same size.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,10 +24,21 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from visbatch.core.images import ImageItem, Record
+from visbatch.core.errors import FatalError, UsageError
+from visbatch.core.files import atomic_copy, files_identical, utc_now
+from visbatch.core.images import ImageItem, Record, display_path, files_unchanged, path_bytes
 from visbatch.core.models import LoadedModel
-from visbatch.core.outputs import ResultsWriter, read_run_metadata
-from visbatch.core.pipeline import RunConfig, Summary, run_metadata, run_pipeline
+from visbatch.core.outputs import (
+    FINGERPRINT_COLUMNS,
+    ResultsWriter,
+    base_row,
+    read_run_metadata,
+    row_key,
+    write_parquet,
+)
+from visbatch.core.overlays import root_folder_names
+from visbatch.core.pipeline import RunConfig, Summary, check_outputs, run_metadata, run_pipeline
+from visbatch.core.protect import ProtectedInputs
 from visbatch.core.tasks.clip_score import (
     ClipScoreOptions,
     ClipScoreTask,
@@ -105,47 +114,47 @@ def read_cache(path: str, model: LoadedModel) -> dict[tuple[str, str], dict]:
     """
     if not path or not os.path.exists(path):
         return {}
-    meta = read_run_metadata(path)
+    try:
+        meta = read_run_metadata(path)
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise UsageError(f"--cache {path} is not a readable Parquet file: {str(exc).splitlines()[0]}")
     checksum = (meta.get("model") or {}).get("checksum")
     if checksum and checksum != model.checksum:
-        raise ValueError(f"embedding cache {path} was made with other weights ({meta['model'].get('spec')}); "
+        raise UsageError(f"embedding cache {path} was made with other weights ({meta['model'].get('spec')}); "
                          "pass another --cache")
-    schema = pq.read_schema(path)
     missing = [c for c in CACHE_COLUMNS if c not in schema.names]
     if missing:
-        raise ValueError(f"{path} is not an embedding cache (no {', '.join(missing)}); clip-score writes one "
+        raise UsageError(f"{path} is not an embedding cache (no {', '.join(missing)}); clip-score writes one "
                          "with --save-embeddings")
-    columns = CACHE_COLUMNS + (["root"] if "root" in schema.names else [])
+    columns = CACHE_COLUMNS + [c for c in ("root", "path_bytes") if c in schema.names]
     table = pq.read_table(path, columns=columns).to_pylist()
     roots = meta.get("roots") or [""]
-    return {_key(row.get("root", roots[0]), row["path"]): row for row in table}
-
-
-def _fresh(row: dict, item: ImageItem) -> bool:
-    try:
-        st = os.stat(item.path)
-    except OSError:
-        return False
-    return row.get("file_size") == st.st_size and row.get("file_mtime") == st.st_mtime
+    return {row_key(row, roots[0]): row for row in table}
 
 
 def embed_with_cache(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, cache_path: str
                      ) -> tuple[list[dict], int]:
     """One embedding row per item (cache hits, new embeddings for the rest); writes the cache.
 
-    Returns (rows in item order, number of images embedded in this run).
+    A cached row is reused only when its file still has the recorded size, time and content
+    hash. Returns (rows in item order, number of images embedded in this run).
     """
     cached = read_cache(cache_path, model)
     rows: dict[tuple[str, str], dict] = {}
-    todo = []
+    candidates = {}
     for item in items:
         row = cached.get(_key(item.root, item.relpath))
-        if row is not None and row.get("status") == "ok" and _fresh(row, item):
+        if row is not None and row.get("status") == "ok":
+            candidates[item.path] = (item, row)
+    fresh = files_unchanged({path: row for path, (_, row) in candidates.items()})
+    for path, (item, row) in candidates.items():
+        if fresh[path]:
             rows[_key(item.root, item.relpath)] = row
-        else:
-            todo.append(item)
+    todo = [item for item in items if _key(item.root, item.relpath) not in rows]
     if todo:
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(cache_path)) or ".") as tmp:
+        with tempfile.TemporaryDirectory(prefix=".visbatch-embed-",
+                                         dir=os.path.dirname(os.path.abspath(cache_path)) or ".") as tmp:
             part = os.path.join(tmp, "embeddings.parquet")
             task = ClipScoreTask(model, ClipScoreOptions(save_embeddings=True))
             embed_config = RunConfig(output=part, batch_size=config.batch_size, workers=config.workers,
@@ -153,10 +162,9 @@ def embed_with_cache(items: Sequence[ImageItem], model: LoadedModel, config: Run
                                      log_interval=config.log_interval)
             run_pipeline(task, model, todo, embed_config)
             new_meta = read_run_metadata(part)
-            table = pq.read_table(part).to_pylist()
             roots = new_meta.get("roots") or [""]
-            for row in table:
-                rows[_key(row.get("root", roots[0]), row["path"])] = row
+            for row in pq.read_table(part).to_pylist():
+                rows[row_key(row, roots[0])] = row
     ordered = [rows[_key(it.root, it.relpath)] for it in items]
     _write_cache(cache_path, cached, ordered, items, model)
     return ordered, len(todo)
@@ -167,28 +175,25 @@ def _write_cache(path: str, existing: dict, rows: list[dict], items: Sequence[Im
     """The cache's earlier rows (``existing``, as read by :func:`read_cache`) updated with this run's."""
     merged = dict(existing)
     for item, row in zip(items, rows):
-        merged[_key(item.root, item.relpath)] = {**row, "root": item.root}
+        merged[_key(item.root, item.relpath)] = row
     keys = sorted(merged)
     dim = next((len(r["image_embedding"]) for r in merged.values() if r.get("image_embedding") is not None), 0)
     schema = pa.schema([
-        pa.field("root", pa.string()), pa.field("path", pa.string()), pa.field("status", pa.string()),
-        pa.field("error", pa.string()), pa.field("width", pa.int32()), pa.field("height", pa.int32()),
-        pa.field("file_size", pa.int64()), pa.field("file_mtime", pa.float64()), pa.field("content_hash", pa.string()),
-        pa.field("image_embedding", pa.list_(pa.float16(), dim)),
+        pa.field("root", pa.string()), pa.field("path", pa.string()), pa.field("path_bytes", pa.binary()),
+        pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()), pa.field("file_size", pa.int64()), pa.field("file_mtime", pa.float64()),
+        pa.field("content_hash", pa.string()), pa.field("image_embedding", pa.list_(pa.float16(), dim)),
     ])
-    columns = {f.name: [merged[k].get(f.name) if f.name != "root" else k[0] for k in keys] for f in schema}
-    columns["path"] = [k[1] for k in keys]
+    columns = {f.name: [merged[k].get(f.name) for k in keys] for f in schema}
+    columns["root"] = [display_path(k[0]) for k in keys]
+    columns["path"] = [display_path(k[1]) for k in keys]
+    columns["path_bytes"] = [path_bytes(k[1]) for k in keys]
     columns["image_embedding"] = [None if v is None else np.asarray(v, dtype=np.float16)
                                   for v in columns["image_embedding"]]
     table = pa.Table.from_pydict(columns, schema=schema)
     meta = {"task": "embedding-cache", "model": model.describe(), "roots": sorted({k[0] for k in keys}),
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    table = table.replace_schema_metadata({b"visbatch": json.dumps(meta).encode()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cache.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+            "written_at": utc_now()}
+    write_parquet(path, table, meta)
 
 
 # ----------------------------------------------------------------------------
@@ -215,11 +220,11 @@ def parse_budget(text: str | None) -> float | int | None:
     try:
         value = float(text) if "." in text else int(text)
     except ValueError:
-        raise ValueError(f"--budget {text!r}: give a fraction like 0.3 or a count like 10000")
+        raise UsageError(f"--budget {text!r}: give a fraction like 0.3 or a count like 10000")
     if isinstance(value, float) and not 0 < value <= 1:
-        raise ValueError(f"--budget {text}: a fraction must be in (0, 1]")
+        raise UsageError(f"--budget {text}: a fraction must be in (0, 1]")
     if isinstance(value, int) and value < 1:
-        raise ValueError(f"--budget {text}: a count must be at least 1")
+        raise UsageError(f"--budget {text}: a count must be at least 1")
     return value
 
 
@@ -267,7 +272,7 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
     if options.dedup and index.size > 1:
         if options.dedup_keep == "clip-score":
             if clip_scores is None:
-                raise ValueError("--dedup-keep clip-score needs captions (--captions, --sidecar) or --prompt")
+                raise UsageError("--dedup-keep clip-score needs captions (--captions, --sidecar) or --prompt")
             priority = torch.from_numpy(np.nan_to_num(clip_scores[index], nan=-1.0)).float()
         else:
             priority = (x * centroids[torch.from_numpy(clusters[index])]).sum(dim=1).cpu()
@@ -281,7 +286,7 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
     threshold = None
     if options.min_clip_score is not None or options.clip_score_fraction is not None:
         if clip_scores is None:
-            raise ValueError("--min-clip-score/--clip-score-fraction need captions (--captions, --sidecar) or --prompt")
+            raise UsageError("--min-clip-score/--clip-score-fraction need captions (--captions, --sidecar) or --prompt")
         scores = np.nan_to_num(clip_scores, nan=-np.inf)
         if options.clip_score_fraction is not None:
             # DataComp: one global threshold that keeps the given fraction of the candidates.
@@ -301,7 +306,7 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
         picked = np.random.default_rng(options.seed).permutation(candidates.size)[:budget]
     elif strategy == "top-clip-score":
         if clip_scores is None:
-            raise ValueError("--strategy top-clip-score needs captions (--captions, --sidecar) or --prompt")
+            raise UsageError("--strategy top-clip-score needs captions (--captions, --sidecar) or --prompt")
         picked = np.argsort(-np.nan_to_num(clip_scores[candidates], nan=-np.inf), kind="stable")[:budget]
     elif strategy == "kcenter":
         picked = _kcenter_partitioned(pool, clusters[candidates], budget, options.seed)
@@ -309,13 +314,13 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
         picked = alg.cluster_balanced(clusters[candidates], budget, options.seed)
     elif strategy == "targeted":
         if reference is None or reference.shape[0] == 0:
-            raise ValueError("--strategy targeted needs --reference DIR")
+            raise UsageError("--strategy targeted needs --reference DIR")
         chosen, near = alg.targeted_selection(pool, reference, budget)
         picked = chosen.numpy()
         nearest_reference = np.full(n, np.nan, dtype=np.float32)
         nearest_reference[candidates] = near.cpu().numpy()
     else:
-        raise ValueError(f"unknown --strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+        raise UsageError(f"unknown --strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     rank = np.full(n, -1, dtype=np.int64)
     rank[candidates[picked]] = np.arange(len(picked))
     for i in candidates:
@@ -372,35 +377,99 @@ def _report(pool: torch.Tensor, picked: np.ndarray, options: SelectOptions, refe
     return out
 
 
-def materialize(items: Sequence[ImageItem], selected: np.ndarray, target: str, mode: str) -> int:
-    """Copy, symlink or hardlink the selected images under ``target``, keeping relative paths."""
-    count = 0
+@dataclass
+class Materialization:
+    """What ``--copy-to`` / ``--link-to`` will do: (source, destination) pairs to write and the
+    destinations that already hold the same file (skipped)."""
+
+    mode: str  # copy | symlink | hardlink
+    target: str
+    writes: list[tuple[str, Path]]
+    same: int
+
+
+def plan_materialize(items: Sequence[ImageItem], selected: np.ndarray, target: str, mode: str,
+                     protected: ProtectedInputs, overwrite: bool = False) -> Materialization:
+    """Check every destination before anything is written (see :func:`materialize`).
+
+    Keeps the inputs' relative paths (each input root in its own subfolder when there are
+    several). A destination that already holds the same file (same bytes for a copy, a link
+    to the same file for links) is skipped; any other existing destination is refused unless
+    ``overwrite``. A destination resolving into an input root is always refused.
+    """
+    if mode not in ("copy", "symlink", "hardlink"):
+        raise UsageError(f"unknown link mode {mode!r} (symlink or hardlink)")
+    roots = sorted({item.root for item in items})
+    subfolders = root_folder_names(roots) if len(roots) > 1 else {}
+    writes, same, conflicts = [], 0, []
     for item, keep in zip(items, selected):
         if not keep:
             continue
-        destination = Path(target) / item.relpath
+        destination = Path(target, subfolders.get(item.root, ""), item.relpath)
+        protected.check_write(destination)
+        if os.path.lexists(destination):
+            if _holds_same_file(destination, item.path, mode):
+                same += 1
+                continue
+            conflicts.append(destination)
+        writes.append((item.path, destination))
+    if conflicts and not overwrite:
+        option = "--copy-to" if mode == "copy" else "--link-to"
+        raise UsageError(f"{option} {target}: {len(conflicts)} destination files exist and differ from the "
+                         f"selection (e.g. {display_path(str(conflicts[0]))}); pass --overwrite to replace them")
+    return Materialization(mode, target, writes, same)
+
+
+def _holds_same_file(destination: Path, source: str, mode: str) -> bool:
+    if mode == "symlink":
+        return destination.is_symlink() and os.path.realpath(destination) == os.path.realpath(source)
+    if mode == "hardlink":
+        return not destination.is_symlink() and os.path.exists(destination) and os.path.samefile(destination, source)
+    return not destination.is_symlink() and destination.is_file() and files_identical(destination, source)
+
+
+def materialize(plan: Materialization) -> int:
+    """Write the planned copies or links; returns how many destinations hold the selection.
+
+    Each destination is replaced by a rename (a copy through a temp file, a link made under a
+    temp name), so nothing is ever written through an existing file or link, and an input
+    can never be truncated, unlinked or replaced.
+    """
+    for source, destination in plan.writes:
         destination.parent.mkdir(parents=True, exist_ok=True)
-        if destination.exists() or destination.is_symlink():
-            destination.unlink()
-        if mode == "copy":
-            shutil.copy2(item.path, destination)
-        elif mode == "symlink":
-            os.symlink(os.path.abspath(item.path), destination)
-        elif mode == "hardlink":
-            os.link(item.path, destination)
-        else:
-            raise ValueError(f"unknown link mode {mode!r} (symlink or hardlink)")
-        count += 1
-    return count
+        if plan.mode == "copy":
+            atomic_copy(source, destination)
+            continue
+        temp = destination.with_name(f".{destination.name}.{os.getpid()}.link")
+        try:
+            if plan.mode == "symlink":
+                os.symlink(os.path.abspath(source), temp)
+            else:
+                os.link(source, temp)
+            os.replace(temp, destination)
+        except OSError as exc:
+            try:
+                os.remove(temp)
+            except OSError:
+                pass
+            raise FatalError(f"cannot {plan.mode} {destination}: {exc.strerror or exc}") from exc
+    return len(plan.writes) + plan.same
 
 
-def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOptions, config: RunConfig
-               ) -> tuple[Summary, Selection]:
-    """Embed (through the cache), select, and write the manifest (one row per pool image)."""
+def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOptions, config: RunConfig,
+               before_write=None) -> tuple[Summary, Selection]:
+    """Embed (through the cache), select, and write the manifest (one row per pool image).
+
+    ``before_write(selection)`` runs after the selection and before the manifest is written
+    (the CLI checks ``--copy-to`` destinations there, so a refusal writes nothing).
+    """
     start = time.monotonic()
     if options.dedup_threshold is None:
         options.dedup_threshold = default_dedup_threshold(model)
     cache_path = options.cache or str(Path(config.output).with_suffix("")) + ".embeddings.parquet"
+    if config.protected is not None:
+        config.protected.check_file(cache_path, "--cache")
+    check_outputs(config)
     rows, embedded = embed_with_cache(items, model, config, cache_path)
     ok = np.array([r.get("status") == "ok" and r.get("image_embedding") is not None for r in rows])
     dim = next((len(r["image_embedding"]) for r in rows if r.get("image_embedding") is not None), 1)
@@ -416,24 +485,28 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
         ref_rows, reference_embedded = embed_with_cache(options.reference, model, config, cache_path)
         ref = [np.asarray(r["image_embedding"], dtype=np.float32) for r in ref_rows if r.get("status") == "ok"]
         if not ref:
-            raise ValueError("no reference image could be embedded")
+            raise UsageError("no reference image could be embedded")
         reference = F.normalize(torch.from_numpy(np.stack(ref)).to(model.device), dim=1)
     selection = select(embeddings, ok, [r.get("content_hash") for r in rows], options, clip_scores, reference)
+    if before_write is not None:
+        before_write(selection)
     task = SelectTask(options)
     fields = task.fields()
     metadata = run_metadata(task, model, config, fields)
     metadata["selection_report"] = selection.report
     roots = config.roots or sorted({it.root for it in items})
     metadata["roots"] = roots
-    writer = ResultsWriter(config.output, fields, metadata, multi_root=len(roots) > 1, overwrite=config.overwrite)
+    multi_root = len(roots) > 1
+    writer = ResultsWriter(config.output, fields, metadata, multi_root=multi_root, overwrite=config.overwrite)
     out_rows = []
     for i, (item, row) in enumerate(zip(items, rows)):
         dup = selection.duplicate_of[i]
-        out_rows.append({
-            "path": item.relpath, "root": item.root, "status": row.get("status") or "error",
-            "error": row.get("error"), "width": row.get("width"), "height": row.get("height"),
+        fingerprint = {k: row.get(k) for k in FINGERPRINT_COLUMNS}
+        out = base_row(item, row.get("status") or "error", row.get("error"), row.get("width"), row.get("height"),
+                       multi_root, fingerprint)
+        out.update({
             "selected": bool(selection.rank[i] >= 0), "reason": selection.reason[i],
-            "duplicate_of": items[dup].relpath if dup >= 0 else None,
+            "duplicate_of": display_path(items[dup].relpath) if dup >= 0 else None,
             "cluster": int(selection.cluster[i]) if selection.cluster[i] >= 0 else None,
             "clip_score": None if clip_scores is None or not ok[i] or np.isnan(clip_scores[i])
             else float(clip_scores[i]),
@@ -441,13 +514,20 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
             "nearest_reference_distance": None if selection.nearest_reference is None
             or np.isnan(selection.nearest_reference[i]) else float(selection.nearest_reference[i]),
         })
-    writer.write_rows(out_rows)
-    writer.finalize()
+        out_rows.append(out)
+    try:
+        writer.write_rows(out_rows)
+        writer.finalize()
+    finally:
+        writer.close()
     elapsed = time.monotonic() - start
     summary = Summary(task="select-data", inputs=len(items), processed=len(items), ok=int(ok.sum()),
                       failed=int((~ok).sum()), elapsed_s=elapsed, images_per_s=len(items) / max(elapsed, 1e-9),
                       output=str(config.output))
-    summary.error_examples = [f"{it.relpath}: {r.get('error')}" for it, r in zip(items, rows)
+    if model.is_random:
+        summary.warnings.append(f"{model.spec} has random weights: its embeddings, and so the selection, "
+                                "mean nothing")
+    summary.error_examples = [f"{display_path(it.relpath)}: {r.get('error')}" for it, r in zip(items, rows)
                               if r.get("status") != "ok"][:5]
     summary.task_summary = {**selection.report, "embedded": embedded, "reference_embedded": reference_embedded,
                             "cache": cache_path, "dedup_threshold": options.dedup_threshold}
