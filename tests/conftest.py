@@ -87,3 +87,43 @@ def assert_usage_error(command: str, inputs, output, args, message: str) -> None
                                       "-o", str(output), *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every file and link under ``roots`` with its bytes' hash, size, mode, mtime and inode: an
+    input tree that must come out of a run exactly as it went in."""
+    import hashlib
+
+    state = {}
+    for root in roots:
+        root = Path(root)
+        paths = [root] if not root.is_dir() or root.is_symlink() else [root, *sorted(root.rglob("*"))]
+        for path in paths:
+            st = os.lstat(path)
+            entry = (st.st_mode, st.st_ino, st.st_nlink, st.st_mtime_ns)
+            if path.is_symlink():
+                entry += ("link", os.readlink(path))
+            elif path.is_file():
+                entry += (st.st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+            state[str(path)] = entry
+    return state
+
+
+def invoke_cli(*args, input=None, env=None):
+    """``visbatch ARGS`` in this process (Typer's runner), as ``main()`` runs it."""
+    from typer.testing import CliRunner
+
+    from visbatch.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
+
+
+def assert_one_line_error(result, code: int, fragment: str = "") -> None:
+    """Exit ``code``, one ``visbatch: error:`` line on stderr containing ``fragment``, no traceback."""
+    stderr = result.stderr
+    got = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert got == code, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("visbatch: error:")]
+    assert len(errors) == 1, stderr
+    assert fragment in errors[0], stderr
+    assert "Traceback" not in stderr

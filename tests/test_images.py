@@ -268,3 +268,19 @@ def test_dataset_yields_error_records_not_exceptions(tmp_path):
     assert [r.status for r in batch.records] == ["ok", "error"]
     assert batch.records[0].display.shape[:2] == (13, 16)
     assert batch.records[0].width == 48 and good.exists()
+
+
+def test_a_file_reachable_by_several_paths_is_listed_under_its_real_path(tmp_path):
+    """The same dataset gets the same relative paths (and shard hashes) on every machine."""
+    root = tmp_path / "root"
+    write_image(root / "real" / "deep" / "a.png")
+    write_image(root / "real" / "b.png")
+    write_image(tmp_path / "outside" / "c.png")
+    # Aliases that sort before the real folder, so a walk that keeps the first one it meets would pick them.
+    os.symlink(root / "real", root / "0_alias")
+    os.symlink(root / "real" / "deep", root / "1_deep_alias")
+    os.symlink(root / "real" / "b.png", root / "2_b_alias.png")
+    os.symlink(tmp_path / "outside", root / "3_outside")
+    found = walk_folder(str(root))
+    assert sorted(found) == ["3_outside/c.png", "real/b.png", "real/deep/a.png"]
+    assert walk_folder(str(root)) == found, "deterministic"

@@ -345,8 +345,8 @@ def test_cli_classifier_rows_overlays_and_maps(fixture_images, tmp_path):
     assert 0.1 <= cat["concentration"] <= 1 and cat["completeness_gap"] is None
     assert 0 <= cat["deletion_auc"] <= 1 and 0 <= cat["insertion_auc"] <= 1
     assert rows["coffee.jpg"]["target"] == "espresso"
-    assert (overlays / "space" / "rocket.png").exists()
-    saved = np.load(maps / "space" / "rocket.npy")
+    assert (overlays / "space" / "rocket.jpg.png").exists()
+    saved = np.load(maps / "space" / "rocket.jpg.npy")
     assert saved.shape == (224, 224)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["layer"] == "bn2" and "deletion_auc_mean" in summary

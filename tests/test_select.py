@@ -100,13 +100,14 @@ def test_second_run_reuses_cache_and_materializes(planted_pool, tmp_path):
     assert first["embedded"] == 25 and os.path.exists(first["cache"])
     copy_dir, link_dir, hard_dir = tmp_path / "copy", tmp_path / "links", tmp_path / "hard"
     second_result = sel(planted_pool, "-o", out, "--overwrite", "--json", "--budget", "3", "--strategy",
-                        "cluster-balanced", "--clusters", "4", "--copy-to", copy_dir, "--link-to", link_dir,
-                        "--print-selected")
-    lines = second_result.stdout.strip().splitlines()
-    second = json.loads(lines[-1])
+                        "cluster-balanced", "--clusters", "4", "--copy-to", copy_dir, "--link-to", link_dir)
+    second = json.loads(second_result.stdout.strip().splitlines()[-1])
     assert second["embedded"] == 0, "nothing re-embedded on the second run"
     selected = [r["path"] for r in pq.read_table(out).to_pylist() if r["selected"]]
-    assert sorted(lines[:-1]) == sorted(selected) and len(selected) == 3
+    # --print-selected alone on stdout (with --json it is refused: both would write there).
+    printed = sel(planted_pool, "-o", tmp_path / "p.parquet", "--cache", first["cache"], "--budget", "3",
+                  "--strategy", "cluster-balanced", "--clusters", "4", "--print-selected", "--quiet")
+    assert sorted(printed.stdout.strip().splitlines()) == sorted(selected) and len(selected) == 3
     for path in selected:
         assert (copy_dir / path).is_file() and not (copy_dir / path).is_symlink()
         assert (link_dir / path).is_symlink() and os.path.samefile(link_dir / path, planted_pool / path)
