@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from common import make_folder, timed
+from PIL import Image
 
 
 def clip_processor_offline(tmp: Path):

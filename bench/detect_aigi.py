@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import REPO, make_folder, timed
 
 
@@ -36,7 +35,11 @@ def main() -> None:
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig, run_pipeline
     from visbatch.core.tasks.aigi.detector import (
-        FeatureExtractor, ScoreTask, Tiling, read_labelled_root, train_detector,
+        FeatureExtractor,
+        ScoreTask,
+        Tiling,
+        read_labelled_root,
+        train_detector,
     )
 
     model = load_model("efficientnet-lite0", device=args.device)

@@ -23,13 +23,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from common import make_folder, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+from PIL import Image
 
 
 def main() -> None:

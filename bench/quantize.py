@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import REPO, make_folder
 
 
@@ -84,7 +83,6 @@ def main() -> None:
     from visbatch.core.images import find_images
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig
-    from visbatch.core.tasks.quantize import run_images
     from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize
 
     tmp = Path(tempfile.mkdtemp())

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import make_folder, timed
 
 

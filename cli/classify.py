@@ -3,8 +3,19 @@
 import typer
 
 from visbatch.cli.common import (
-    AlphaOpt, ColormapOpt, OverlaySizeOpt, OverlayStyleOpt, OverlaysOpt, UsageError,
-    find_inputs, finish, guarded, job_command, load_model_for, overlay_settings, pipeline_config,
+    AlphaOpt,
+    ColormapOpt,
+    OverlaySizeOpt,
+    OverlaysOpt,
+    OverlayStyleOpt,
+    UsageError,
+    find_inputs,
+    finish,
+    guarded,
+    job_command,
+    load_model_for,
+    overlay_settings,
+    pipeline_config,
 )
 
 

@@ -1,12 +1,18 @@
 """`visbatch clip-score`: CLIPScore, RefCLIPScore, zero-shot labels, embeddings."""
 
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from visbatch.cli.common import (
-    UsageError, find_inputs, finish, guarded, job_command, load_model_for, pipeline_config,
+    UsageError,
+    find_inputs,
+    finish,
+    guarded,
+    job_command,
+    load_model_for,
+    pipeline_config,
 )
 
 
@@ -46,21 +52,31 @@ def clip_score(
     weight: float = typer.Option(2.5, "--weight", help="w in CLIP-S = w * max(cos, 0)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Zero-shot labels, comma-separated."),
     labels_file: Optional[str] = typer.Option(None, "--labels-file", help="Zero-shot labels, one per line."),
-    template: Optional[List[str]] = typer.Option(
+    template: Optional[list[str]] = typer.Option(
         None, "--template", help="Prompt template with {} (repeatable: an ensemble). Default 'a photo of a {}.'"),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Zero-shot labels to report per image."),
     save_probs: bool = typer.Option(False, "--save-probs", help="Also store the full label probability vector."),
     save_embeddings: bool = typer.Option(
         False, "--save-embeddings", help="Store normalized float16 image (and text) embeddings."),
+    save_mirrored: bool = typer.Option(
+        False, "--save-mirrored", help="With --save-embeddings, also the embedding of each image mirrored "
+        "left-right (column image_embedding_flipped), so the table serves as a cache for select-data's "
+        "mirror-invariant dedup."),
     text_batch_size: int = typer.Option(256, "--text-batch-size", min=1, help="Texts per text-tower batch."),
 ):
     """Score how well each image matches its caption (CLIPScore), label images zero-shot, save embeddings."""
     from visbatch.core.pipeline import run_pipeline
     from visbatch.core.tasks.clip_score import (
-        DEFAULT_TEMPLATE, ClipScoreOptions, ClipScoreTask, TextTable, check_template,
+        DEFAULT_TEMPLATE,
+        ClipScoreOptions,
+        ClipScoreTask,
+        TextTable,
+        check_template,
     )
 
     def job() -> int:
+        if save_mirrored and not save_embeddings:
+            raise UsageError("--save-mirrored needs --save-embeddings")
         label_names = _read_labels(labels, labels_file)
         templates = list(template or [DEFAULT_TEMPLATE])
         for t in templates:
@@ -78,7 +94,7 @@ def clip_score(
         options = ClipScoreOptions(
             prompt=prompt, captions=caption_table, sidecar=sidecar, references=reference_table, prefix=prefix,
             weight=weight, labels=label_names, templates=templates, top_k=top_k, save_probs=save_probs,
-            save_embeddings=save_embeddings, text_batch_size=text_batch_size)
+            save_embeddings=save_embeddings, save_flipped=save_mirrored, text_batch_size=text_batch_size)
         task = ClipScoreTask(model, options)
         for name, table in (("--captions", caption_table), ("--references", reference_table)):
             if table is not None and table.orphans and not common.quiet:

@@ -12,8 +12,9 @@ import functools
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Callable, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -59,7 +60,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
         return P(name, kw, default=default, annotation=annotation)
 
     return [
-        P("inputs", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[Optional[List[str]], typer.Argument(
+        P("inputs", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[Optional[list[str]], typer.Argument(
             help="Image folders, image files, or - to read paths from stdin.", show_default=False)]),
         opt("manifest", Annotated[Optional[str], typer.Option(
             "--manifest", help="CSV/TSV/JSONL/Parquet file with a `path` column (paths relative to it).",
@@ -89,7 +90,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
             envvar="VISBATCH_WORKERS", show_default=False)], None),
         opt("recursive", Annotated[bool, typer.Option(
             "--recursive/--no-recursive", help="Walk folders recursively.", envvar="VISBATCH_RECURSIVE")], True),
-        opt("glob", Annotated[Optional[List[str]], typer.Option(
+        opt("glob", Annotated[Optional[list[str]], typer.Option(
             "--glob", help="Include pattern (repeatable); '!PATTERN' excludes. No '/' matches the file name.",
             envvar="VISBATCH_GLOB")], None),
         opt("limit", Annotated[Optional[int], typer.Option(

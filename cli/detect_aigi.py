@@ -3,15 +3,32 @@
 import json
 import os
 import sys
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from visbatch.cli.common import (
-    EXIT_OK, EXIT_SOME_FAILED, AlphaOpt, BatchSizeOpt, ColormapOpt, DeviceOpt, JsonOpt, OverlaySizeOpt,
-    OverlayStyleOpt, OverwriteOpt, QuietOpt, UsageError, WorkersOpt, find_inputs, finish, guarded, job_command,
-    overlay_settings, pipeline_config,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    AlphaOpt,
+    BatchSizeOpt,
+    ColormapOpt,
+    DeviceOpt,
+    JsonOpt,
+    OverlaySizeOpt,
+    OverlayStyleOpt,
+    OverwriteOpt,
+    QuietOpt,
+    UsageError,
+    WorkersOpt,
+    find_inputs,
+    finish,
+    guarded,
+    job_command,
+    overlay_settings,
+    pipeline_config,
 )
+
 NormalizeFormatOpt = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95.")
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue an interrupted run from the features already computed (OUTPUT.features.parquet).")]
@@ -30,6 +47,23 @@ def _say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def fold_table(report: dict) -> str:
+    """The held-out AP per fold (per held-out generator with generator folders): each group alone and fused."""
+    groups = list(report["groups"])
+    head = "held-out generator" if report["folds"] == "generator" else "held-out fold"
+    width = max([len(head)] + [len(str(row["held_out"])) for row in report["fold_ap"]])
+    lines = [f"{head:<{width}} " + " ".join(f"{g:>9s}" for g in groups) + f" {'fused':>9s}"]
+    for row in report["fold_ap"]:
+        lines.append(f"{str(row['held_out']):<{width}} " + " ".join(_f(row[g], 9) for g in groups)
+                     + " " + _f(row["fused"], 9))
+    means = [report["groups"][g]["fold_ap_mean"] for g in groups]
+    lines.append(f"{'mean AP':<{width}} " + " ".join(_f(m, 9) for m in means) + " "
+                 + _f(report["fused_fold_ap_mean"], 9))
+    lines.append(f"kept groups: {', '.join(report['selected_groups'])} (L2 "
+                 + ", ".join(f"{g} {report['groups'][g]['l2']:g}" for g in report["selected_groups"]) + ")")
+    return "\n".join(lines)
+
+
 def _load_backbone(model_spec, pretrained, device):
     from visbatch.core.models import load_model
 
@@ -39,8 +73,8 @@ def _load_backbone(model_spec, pretrained, device):
 @app.command("train")
 def train(
     root: Optional[str] = typer.Argument(None, help="Labelled root: 0_real/ and 1_fake/ (optionally per generator)."),
-    real: Optional[List[str]] = typer.Option(None, "--real", help="Folder of real images (repeatable)."),
-    fake: Optional[List[str]] = typer.Option(None, "--fake", help="Folder of generated images (repeatable)."),
+    real: Optional[list[str]] = typer.Option(None, "--real", help="Folder of real images (repeatable)."),
+    fake: Optional[list[str]] = typer.Option(None, "--fake", help="Folder of generated images (repeatable)."),
     features: str = typer.Option("npr,bitplane,spectrum,layers", "--features",
                                  help="Comma-separated groups: embedding, layers, npr, bitplane, spectrum."),
     model: str = typer.Option("efficientnet-lite0", "--model", "-m", help="Backbone of the embedding group.",
@@ -59,7 +93,12 @@ def train(
         None, "--group-pattern", help="Regex on each image's relative path; images with the same match (its "
         "first group if it has one) stay on one side of the held-out split, e.g. '(.*)_\\d+\\.jpg$' for crops "
         "of one photo."),
-    l2: float = typer.Option(1e-2, "--l2", min=0.0, help="L2 regularisation of the logistic regression."),
+    l2: Optional[float] = typer.Option(
+        None, "--l2", min=0.0, help="L2 regularisation of every group's logistic regression (default: each "
+        "group's own, chosen on held-out folds of the training data)."),
+    keep_all_groups: bool = typer.Option(
+        False, "--keep-all-groups", help="Keep every --features group (by default, with generator folders, "
+        "leave-one-generator-out keeps only the groups that help on held-out generators)."),
     normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detector.safetensors", "--output", "-o"),
     overwrite: OverwriteOpt = False,
@@ -76,8 +115,17 @@ def train(
     from visbatch.core.pipeline import RunConfig, check_creatable, check_outputs, json_safe
     from visbatch.core.protect import ProtectedInputs
     from visbatch.core.tasks.aigi.detector import (
-        ARTEFACT_GROUPS, BACKBONE_GROUPS, FEATURE_GROUPS, POLICIES, FeatureExtractor, Tiling, format_confounds,
-        policy_geometry, read_labelled_folders, read_labelled_root, univfd_detector,
+        ARTEFACT_GROUPS,
+        BACKBONE_GROUPS,
+        FEATURE_GROUPS,
+        POLICIES,
+        FeatureExtractor,
+        Tiling,
+        format_confounds,
+        policy_geometry,
+        read_labelled_folders,
+        read_labelled_root,
+        univfd_detector,
     )
     from visbatch.core.tasks.aigi.job import TrainSettings, features_path_for, train_job
 
@@ -121,7 +169,8 @@ def train(
         host = backbone or DeviceOnly(device)
         tile_count = tiles if policy == "tiles" else 1
         extractor = FeatureExtractor(backbone, groups, tiling=Tiling(size, tile_count) if policy == "tiles" else None)
-        settings = TrainSettings(groups, policy, size, tile_count, holdout, seed, l2, group_pattern, normalize_format)
+        settings = TrainSettings(groups, policy, size, tile_count, holdout, seed, l2, not keep_all_groups,
+                                 group_pattern, normalize_format)
         with OutputLock(output):
             detector, report = train_job(data, extractor, policy_geometry(policy, size, tile_count), host, backbone,
                                          settings, config)
@@ -130,6 +179,7 @@ def train(
             _say(quiet, f"visbatch: warning: {warning}")
         if as_json:
             print(json.dumps(json_safe(report), allow_nan=False))
+        _say(quiet, fold_table(report))
         _say(quiet, f"visbatch detect-aigi train: {report['train'] + report['held_out']} images, "
                     f"held-out AP {report['held_out_ap']:.3f}, AUROC {report['held_out_auroc']:.3f}, "
                     f"ECE {report['held_out_ece']:.3f}, threshold {report['threshold']:.3f}\n  detector: {output}"
@@ -208,7 +258,11 @@ def evaluate_command(
     from visbatch.core.pipeline import RunConfig, check_creatable, check_outputs
     from visbatch.core.protect import ProtectedInputs
     from visbatch.core.tasks.aigi.detector import (
-        Detector, FeatureExtractor, format_confounds, policy_geometry, read_labelled_root,
+        Detector,
+        FeatureExtractor,
+        format_confounds,
+        policy_geometry,
+        read_labelled_root,
     )
     from visbatch.core.tasks.aigi.job import evaluate_job, remove_features
 

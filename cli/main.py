@@ -11,12 +11,13 @@ try:  # typer >= 0.20 carries its own click
 except ImportError:  # pragma: no cover
     import click
 
+from visbatch.cli import detect_aigi
 from visbatch.cli.classify import classify
 from visbatch.cli.clip_score import clip_score
+from visbatch.cli.quantize import quantize
 from visbatch.cli.saliency import saliency
 from visbatch.cli.select_data import select_data
-from visbatch.cli.quantize import quantize
-from visbatch.cli import detect_aigi
+
 
 class _OneLineErrors(TyperGroup):
     """The app's click group: option and usage errors become one line, ``visbatch: error: ...

@@ -3,12 +3,21 @@
 import json
 import random
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from visbatch.cli.common import (
-    EXIT_OK, BatchSizeOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, UsageError, WorkersOpt, guarded,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    BatchSizeOpt,
+    DeviceOpt,
+    JsonOpt,
+    OverwriteOpt,
+    QuietOpt,
+    UsageError,
+    WorkersOpt,
+    guarded,
     load_model_for,
 )
 
@@ -19,13 +28,18 @@ def quantize(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", envvar="VISBATCH_PRETRAINED"),
     bits: int = typer.Option(8, "--bits", help="8 or 4."),
     group_size: str = typer.Option("128", "--group-size", help="32, 64, 128 or channel."),
-    method: str = typer.Option("gptq", "--method", help="rtn, awq or gptq (the most accurate here: see README)."),
+    method: str = typer.Option("auto", "--method", help="auto (default: per block, whichever of rtn, awq and gptq "
+                               "has the lowest error on calibration images held out of the calibration), rtn, "
+                               "awq or gptq."),
+    min_cosine: Optional[float] = typer.Option(
+        None, "--min-cosine", help="Exit 1 when the held-out cosine min (quantized vs original outputs) is below "
+        "this (a CI gate)."),
     act_order: bool = typer.Option(False, "--act-order", help="gptq: columns by decreasing Hessian diagonal "
                                    "(needs --group-size channel)."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="awq: search a clipping range per "
                                   "output row and group (not for attention's q/k)."),
     towers: str = typer.Option("visual", "--towers", help="CLIP: visual, text or all."),
-    skip: Optional[List[str]] = typer.Option(None, "--skip", help="Layer name pattern to keep (repeatable)."),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", help="Layer name pattern to keep (repeatable)."),
     eval_images: Optional[str] = typer.Option(
         None, "--eval-images", help="Held-out images for the report (default: 25% of --calib, held out)."),
     calib_limit: int = typer.Option(256, "--calib-limit", min=1, help="At most this many calibration images."),
@@ -64,10 +78,12 @@ def quantize(
             return EXIT_OK
         if bits not in (4, 8):
             raise UsageError("--bits must be 8 or 4")
-        if method not in ("rtn", "awq", "gptq"):
-            raise UsageError("--method must be rtn, awq or gptq")
-        if act_order and (method != "gptq" or group_size != "channel"):
-            raise UsageError("--act-order goes with --method gptq and --group-size channel")
+        if method not in ("auto", "rtn", "awq", "gptq"):
+            raise UsageError("--method must be auto, rtn, awq or gptq")
+        if act_order and (method not in ("gptq", "auto") or group_size != "channel"):
+            raise UsageError("--act-order goes with --method gptq (or auto) and --group-size channel")
+        if min_cosine is not None and not -1 <= min_cosine <= 1:
+            raise UsageError("--min-cosine must be between -1 and 1")
         if towers not in ("visual", "text", "all"):
             raise UsageError("--towers must be visual, text or all")
         if group_size != "channel" and group_size not in ("32", "64", "128", "256"):
@@ -135,11 +151,21 @@ def quantize(
         if as_json:
             print(json.dumps(json_safe(figures), allow_nan=False))
         if not quiet:
-            lines = [f"visbatch quantize: {method} int{bits} g{options.group_size or 'channel'}: "
-                     f"{report['quantized_layers']} layers quantized, {report['kept_layers']} kept"]
+            lines = []
+            if report["worse_than_rtn"]:
+                lines.append(f"visbatch: warning: on the held-out images, {method} is worse than plain rounding "
+                             f"(output MSE {report['output_mse']:.4g} vs RTN {report['rtn_output_mse']:.4g}); "
+                             "--method auto keeps RTN where it does better")
+            lines.append(f"visbatch quantize: {method} int{bits} g{options.group_size or 'channel'}: "
+                         f"{report['quantized_layers']} layers quantized, {report['kept_layers']} kept")
             lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in figures.items()]
             lines += [f"  file: {output}", f"  report: {report_path}"]
             print("\n".join(lines), file=sys.stderr)
+        if min_cosine is not None and not report["cosine_min"] >= min_cosine:
+            if not quiet:
+                print(f"visbatch: held-out cosine min {report['cosine_min']:.4f} is below --min-cosine {min_cosine}",
+                      file=sys.stderr)
+            return EXIT_SOME_FAILED
         return EXIT_OK
 
     raise typer.Exit(guarded(job, quiet))

@@ -1,12 +1,22 @@
 """`visbatch saliency`: attribution maps with overlays and faithfulness scores."""
 
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from visbatch.cli.common import (
-    AlphaOpt, OverlaySizeOpt, OverlayStyleOpt, OverlaysOpt, UsageError,
-    find_inputs, finish, guarded, job_command, load_model_for, overlay_settings, pipeline_config,
+    AlphaOpt,
+    OverlaySizeOpt,
+    OverlaysOpt,
+    OverlayStyleOpt,
+    UsageError,
+    find_inputs,
+    finish,
+    guarded,
+    job_command,
+    load_model_for,
+    overlay_settings,
+    pipeline_config,
 )
 
 
@@ -29,7 +39,7 @@ def saliency(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="CLIP: explain the similarity to this text."),
     labels: Optional[str] = typer.Option(None, "--labels", help="CLIP: zero-shot labels, comma-separated."),
     labels_file: Optional[str] = typer.Option(None, "--labels-file", help="CLIP: zero-shot labels, one per line."),
-    template: Optional[List[str]] = typer.Option(None, "--template", help="Label template(s) with {}."),
+    template: Optional[list[str]] = typer.Option(None, "--template", help="Label template(s) with {}."),
     captions: Optional[str] = typer.Option(None, "--captions", help="CLIP: per-image captions table."),
     path_column: str = typer.Option("path", "--path-column"),
     caption_column: str = typer.Option("caption", "--caption-column"),
@@ -72,7 +82,6 @@ def saliency(
 
     def job() -> int:
         from visbatch.cli.clip_score import _read_labels
-
         from visbatch.core.tasks.saliency.methods import integration_points
         from visbatch.core.tasks.saliency.task import BASELINES, DELETION_FILLS, MAX_MAP_SIZE
 

@@ -22,6 +22,8 @@ def select_data(
                                         "a clip-score --save-embeddings output works too."),
     clusters: Optional[int] = typer.Option(None, "--clusters", min=1, help="k-means clusters (default sqrt(pool))."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Skip near-duplicate removal."),
+    mirror: bool = typer.Option(True, "--mirror/--no-mirror", help="Dedup also matches mirrored copies (each "
+                                "image is embedded flipped left-right too, in the same batch)."),
     dedup_threshold: Optional[float] = typer.Option(
         None, "--dedup-threshold", min=-1.0, max=1.0,
         help="Cosine above which two images are near duplicates (default 0.95 for CLIP, 0.85 for classifiers)."),
@@ -44,7 +46,12 @@ def select_data(
     from visbatch.core.pipeline import check_creatable, json_safe
     from visbatch.core.tasks.clip_score import TextTable
     from visbatch.core.tasks.select import (
-        STRATEGIES, SelectOptions, materialize, parse_budget, plan_materialize, run_select,
+        STRATEGIES,
+        SelectOptions,
+        materialize,
+        parse_budget,
+        plan_materialize,
+        run_select,
     )
 
     def job() -> int:
@@ -79,7 +86,7 @@ def select_data(
             if target:
                 check_creatable(target, f"{option} folder")
         options = SelectOptions(
-            budget=budget_value, strategy=strategy, seed=seed, clusters=clusters, dedup=not no_dedup,
+            budget=budget_value, strategy=strategy, seed=seed, clusters=clusters, dedup=not no_dedup, mirror=mirror,
             dedup_threshold=dedup_threshold, dedup_keep=dedup_keep, min_clip_score=min_clip_score,
             clip_score_fraction=clip_score_fraction, prompt=prompt,
             captions=TextTable.read(captions, path_column, caption_column, roots) if captions else None,

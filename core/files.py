@@ -22,8 +22,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from visbatch.core.errors import FatalError, UsageError
 
@@ -146,7 +146,7 @@ class OutputLock:
         self._fd: int | None = None
         self._nested = False
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         import fcntl
 
         if _HELD.get(self._key):
@@ -196,7 +196,7 @@ class OutputLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

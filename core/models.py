@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import logging
 import hashlib
+import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -33,9 +33,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -286,7 +287,7 @@ def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list
         "command_line": config.command_line,
         "model": model.describe(),
         "preprocessing": (model.preprocess.as_dict() if model.preprocess is not None
-                          else {"geometry": getattr(task, "geometry").as_dict()}),
+                          else {"geometry": task.geometry.as_dict()}),
         "device": str(model.device),
         "precision": dtype_name(model.dtype),
         "torch_version": torch.__version__,

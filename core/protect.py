@@ -22,8 +22,8 @@ the output and the input it would touch.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from visbatch.core.errors import UsageError
 
@@ -62,11 +62,11 @@ class ProtectedInputs:
         self._checked_parents: set[str] = set()
 
     @classmethod
-    def for_items(cls, items, files: Iterable[str | None] = ()) -> "ProtectedInputs":
+    def for_items(cls, items, files: Iterable[str | None] = ()) -> ProtectedInputs:
         """Inputs of a run over ``items`` (their roots) plus the named ``files``."""
         return cls({item.root for item in items}, files)
 
-    def add(self, roots: Iterable[str] = (), files: Iterable[str | None] = ()) -> "ProtectedInputs":
+    def add(self, roots: Iterable[str] = (), files: Iterable[str | None] = ()) -> ProtectedInputs:
         """A copy that also protects ``roots`` and ``files`` (a reference folder, a second input)."""
         return ProtectedInputs(list(self.roots) + list(roots), list(self.files) + list(files))
 

@@ -20,7 +20,6 @@ from visbatch.core.tasks.aigi.classifier import (
 from visbatch.core.tasks.aigi.features import bitplane_features, npr_features, spectrum_features
 
 
-
 @pytest.fixture(scope="module")
 def crops(fixture_images):
     """16 real 128x128 crops (uint8 [16, 3, 128, 128]) from the committed photos."""

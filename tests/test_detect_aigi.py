@@ -255,3 +255,45 @@ def test_tiles_policy_averages_the_tiles_inside_the_image(upsampled_root, tmp_pa
     meta = json.loads(pq.read_schema(scores).metadata[b"visbatch"])
     assert meta["task_options"]["tiles"] == 2 and meta["task_options"]["heatmap"].startswith("2x2 tiles of 64 px")
     assert len(list((tmp_path / "maps").rglob("*.png"))) == 24
+
+
+def test_format_1_detector_still_loads_and_scores_the_same(upsampled_root, tmp_path):
+    """A detector written before per-group fusion (format 1: one regression) loads and scores as it did."""
+    from safetensors.torch import load_file, save_file
+
+    from visbatch.core.tasks.aigi.classifier import LogisticModel
+
+    names = [f"npr_{i}" for i in range(4)]
+    model = LogisticModel(torch.zeros(4), torch.ones(4), torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor(0.3))
+    v2 = tmp_path / "v2.safetensors"
+    Detector(model, ("npr",), names, (1.5, -0.2), 0.5, "crop", 128, None).save(str(v2))
+    from safetensors import safe_open
+
+    with safe_open(str(v2), framework="pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    del config["classifier"]
+    v1 = tmp_path / "v1.safetensors"
+    save_file(load_file(str(v2)), str(v1), metadata={**metadata, "format_version": "1", "config": json.dumps(config)})
+    x = torch.randn(5, 4)
+    old, new = Detector.load(str(v1)), Detector.load(str(v2))
+    assert torch.allclose(old.probability(x), new.probability(x))
+    assert torch.allclose(old.probability(x), torch.sigmoid(1.5 * (x @ model.weight + 0.3) - 0.2))
+    # A file whose tensors do not match its feature names is refused, not scored.
+    save_file({**load_file(str(v2)), "weight": torch.zeros(3)}, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(ModelError, match="damaged detector"):
+        Detector.load(str(tmp_path / "bad.safetensors"))
+
+
+def test_fused_detector_shares_sum_to_its_logit(upsampled_root, tmp_path):
+    """Per-group scores are each group's term of the fused logit: they add up to it (with the bias)."""
+    detector = tmp_path / "det.safetensors"
+    invoke("train", upsampled_root, "--features", "npr,bitplane,spectrum", "--size", "128", "-o", detector,
+           "--device", "cpu", "--keep-all-groups")
+    loaded = Detector.load(str(detector))
+    x = torch.randn(6, len(loaded.feature_names))
+    shares = loaded.group_scores(x)
+    assert set(shares) == {"npr", "bitplane", "spectrum"}
+    a, b = loaded.platt
+    total = sum(shares.values()) + a * loaded.classifier.fusion.bias + b
+    assert torch.allclose(torch.sigmoid(total), loaded.probability(x), atol=1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from visbatch.core.images import (
     ImageDecodeError,
     InputError,
     SourceOptions,
+    _to_rgb,
     collate,
     crop_box,
     decode_image,
@@ -29,7 +29,6 @@ from visbatch.core.images import (
     resize_and_crop,
     shard_of,
     walk_folder,
-    _to_rgb,
 )
 
 

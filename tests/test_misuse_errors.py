@@ -8,7 +8,6 @@ which must give exit 0 or a one-line error with code 2.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

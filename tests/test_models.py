@@ -18,7 +18,6 @@ from visbatch.core.models import (
 )
 
 
-
 @pytest.fixture(scope="module")
 def lite0():
     return load_model("efficientnet-lite0", device="cpu")

@@ -68,7 +68,9 @@ def test_real_near_duplicates_found_without_false_merges(planted_pool, tmp_path)
     result = sel(planted_pool, "-o", out, "--json", "--clusters", "4")
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert rows["renamed_copy.jpg"]["reason"] == "exact_duplicate"
-    assert rows["renamed_copy.jpg"]["duplicate_of"] == "orig/chelsea.jpg"
+    # An exact copy points at the image kept for its group: the original, or what the original copies.
+    original = rows["orig/chelsea.jpg"]
+    assert rows["renamed_copy.jpg"]["duplicate_of"] == (original["duplicate_of"] or "orig/chelsea.jpg")
     # 4 groups of 6 (an original and 5 transformed copies): a perfect dedup marks 20 of 24.
     found = [r for p, r in rows.items() if r["reason"] == "near_duplicate"]
     recall = len(found) / 20
@@ -124,13 +126,25 @@ def test_second_run_reuses_cache_and_materializes(planted_pool, tmp_path):
 
 def test_clip_score_output_is_accepted_as_cache(fixture_images, tmp_path):
     cache = tmp_path / "emb.parquet"
-    runner.invoke(app, ["clip-score", "--model", "test-tiny-clip", "--device", "cpu", "--workers", "0",
-                        str(fixture_images), "--save-embeddings", "-o", str(cache)], catch_exceptions=False)
-    result = runner.invoke(app, ["select-data", "--model", "test-tiny-clip", "--device", "cpu", "--workers", "0",
-                                 str(fixture_images), "--cache", str(cache), "-o", str(tmp_path / "m.parquet"),
-                                 "--json"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["embedded"] == 0
+    plain = tmp_path / "plain.parquet"
+    for out, extra in ((cache, ["--save-mirrored"]), (plain, [])):
+        runner.invoke(app, ["clip-score", "--model", "test-tiny-clip", "--device", "cpu", "--workers", "0",
+                            str(fixture_images), "--save-embeddings", *extra, "-o", str(out)], catch_exceptions=False)
+    n = pq.read_metadata(cache).num_rows
+
+    def embedded(cache_file, *extra):
+        result = runner.invoke(app, ["select-data", "--model", "test-tiny-clip", "--device", "cpu", "--workers", "0",
+                                     str(fixture_images), "--cache", str(cache_file), "--json", *extra,
+                                     "-o", str(tmp_path / "m.parquet"), "--overwrite"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])["embedded"], result.stderr
+
+    assert embedded(cache)[0] == 0
+    # A table without the mirrored embeddings serves --no-mirror as it is; mirror-invariant
+    # dedup embeds again, and says why.
+    assert embedded(plain, "--no-mirror")[0] == 0
+    count, stderr = embedded(plain)
+    assert count == n and "--save-mirrored" in stderr
     other = runner.invoke(app, ["select-data", "--model", "test-tiny-cnn", "--device", "cpu", str(fixture_images),
                                 "--cache", str(cache), "-o", str(tmp_path / "n.parquet")])
     assert other.exit_code == 2 and "other weights" in other.stderr
@@ -185,9 +199,10 @@ def test_semdedup_keeps_one_per_group_and_follows_chains():
                    F.normalize(base + 0.02 * torch.randn(5, 16), dim=1)])
     labels = torch.zeros(15, dtype=torch.long)
     priority = torch.arange(15, 0, -1).float()  # originals first
-    dup = alg.semantic_duplicates(x, labels, priority, 0.95, block=4)
+    dup, similarity = alg.semantic_duplicates(x, labels, priority, 0.95, block=4)
     assert (dup[:5] == -1).all()
     assert torch.equal(dup[5:10], torch.arange(5)) and torch.equal(dup[10:], torch.arange(5))
+    assert torch.isnan(similarity[:5]).all() and (similarity[5:] > 0.95).all()
 
 
 def test_caption_filter_datacomp_fraction(tmp_path):

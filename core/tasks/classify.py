@@ -12,7 +12,7 @@ heads since the logit is the spatial mean of the CAM plus the bias.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 import torch

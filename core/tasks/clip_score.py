@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -157,7 +157,7 @@ class TextTable:
     duplicates: int = 0
 
     @classmethod
-    def read(cls, path: str, path_column: str, text_column: str, roots: Sequence[str]) -> "TextTable":
+    def read(cls, path: str, path_column: str, text_column: str, roots: Sequence[str]) -> TextTable:
         rows = read_table_file(path)
         table = cls(rows=len(rows))
         if rows:
@@ -215,7 +215,7 @@ def read_sidecar_caption(item: ImageItem) -> dict:
     return {"caption": str(caption)} if caption is not None else {}
 
 
-def caption_for(record: Record, prompt: str | None, captions: "TextTable | None") -> tuple[str | None, str | None]:
+def caption_for(record: Record, prompt: str | None, captions: TextTable | None) -> tuple[str | None, str | None]:
     """(caption, error) of one image: the prompt, its row in ``captions``, or its sidecar.
 
     The error says why there is none: no caption row, no sidecar, an
@@ -308,6 +308,7 @@ class ClipScoreOptions:
     top_k: int = 5
     save_probs: bool = False
     save_embeddings: bool = False
+    save_flipped: bool = False  # also the embedding of each image mirrored left-right (select-data's dedup)
     text_batch_size: int = 256
 
 
@@ -367,6 +368,8 @@ class ClipScoreTask:
             # With the base columns' file fingerprint: the layout select-data reads back as its cache.
             d = self.embedding_dim
             fields += [pa.field("image_embedding", pa.list_(pa.float16(), d))]
+            if self.config.save_flipped:
+                fields.append(pa.field("image_embedding_flipped", pa.list_(pa.float16(), d)))
             if self.has_text:
                 fields.append(pa.field("text_embedding", pa.list_(pa.float16(), d)))
         return fields
@@ -379,6 +382,7 @@ class ClipScoreTask:
             "prompt": o.prompt, "prefix": o.prefix, "weight": o.weight, "references": o.references is not None,
             "labels": o.labels, "templates": o.templates if o.labels else None, "top_k": o.top_k,
             "logit_scale": self.logit_scale, "save_embeddings": o.save_embeddings,
+            "save_mirrored": o.save_flipped,
             "context_length": self.model.context_length,
         }
 
@@ -388,7 +392,13 @@ class ClipScoreTask:
 
     @torch.inference_mode()
     def map(self, images: torch.Tensor, records: Sequence[Record]) -> MapOutput:
-        image_embeddings = self.model.encode_image(self.model.to_input(images)).float()
+        x = self.model.to_input(images)
+        if self.config.save_flipped:
+            # The mirrored images in the same forward pass as the originals: one batch of 2B.
+            both = self.model.encode_image(torch.cat([x, x.flip(-1)])).float()
+            image_embeddings, flipped_embeddings = both[: len(x)], both[len(x):]
+        else:
+            image_embeddings = self.model.encode_image(x).float()
         rows: list[dict] = [{} for _ in records]
         if self.has_text:
             self._score_captions(image_embeddings, records, rows)
@@ -405,12 +415,15 @@ class ClipScoreTask:
             normalized = F.normalize(image_embeddings, dim=-1).half().cpu().numpy()
             for row, e in zip(rows, normalized):
                 row["image_embedding"] = e
+            if self.config.save_flipped:
+                for row, e in zip(rows, F.normalize(flipped_embeddings, dim=-1).half().cpu().numpy()):
+                    row["image_embedding_flipped"] = e
         return MapOutput(rows)
 
     def _score_captions(self, image_embeddings, records, rows) -> None:
         captions = [self._caption_for(r) for r in records]
         good = [i for i, (text, _) in enumerate(captions) if text is not None]
-        for i, (text, error) in enumerate(captions):
+        for i, (_text, error) in enumerate(captions):
             if error is not None:
                 rows[i].update(status="error", error=error)
         if not good:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,13 +28,14 @@ from visbatch.core.tasks.aigi.features import (
     npr_features,
     spectrum_features,
 )
+from visbatch.core.tasks.aigi.fusion import FusedClassifier, GroupModel
 
 FEATURE_GROUPS = ("embedding", "layers", "npr", "bitplane", "spectrum")
 BACKBONE_GROUPS = ("embedding", "layers")  # groups that run the --model backbone
 ARTEFACT_GROUPS = ("npr", "bitplane", "spectrum")
 POLICIES = ("crop", "resize", "tiles")
 DETECTOR_FORMAT = "visbatch-aigi-detector"
-DETECTOR_VERSION = 1
+DETECTOR_VERSION = 2  # 2: per-group regressions fused by a stacked one; 1 (one regression) still loads
 
 
 # ----------------------------------------------------------------------------
@@ -256,7 +257,7 @@ class FeatureTask:
 
 @dataclass
 class Detector:
-    classifier: LogisticModel
+    classifier: LogisticModel | FusedClassifier  # one regression (format 1, UnivFD's head) or fused groups
     groups: tuple[str, ...]
     feature_names: list[str]
     platt: tuple[float, float]
@@ -280,6 +281,8 @@ class Detector:
 
     def group_scores(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each group's share of the logit (calibration slope applied)."""
+        if isinstance(self.classifier, FusedClassifier):
+            return {g: v * self.platt[0] for g, v in self.classifier.group_contributions(features).items()}
         contributions = self.classifier.contributions(features.cpu()) * self.platt[0]
         out, start = {}, 0
         for group in self.groups:
@@ -291,17 +294,28 @@ class Detector:
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
 
-        tensors = {"mean": self.classifier.mean.cpu(), "std": self.classifier.std.cpu(),
-                   "weight": self.classifier.weight.cpu(), "bias": self.classifier.bias.cpu().reshape(1)}
+        def linear(prefix: str, model: LogisticModel) -> dict[str, torch.Tensor]:
+            return {f"{prefix}mean": model.mean.cpu(), f"{prefix}std": model.std.cpu(),
+                    f"{prefix}weight": model.weight.cpu(), f"{prefix}bias": model.bias.cpu().reshape(1)}
+
+        if isinstance(self.classifier, FusedClassifier):
+            tensors = linear("fusion.", self.classifier.fusion)
+            for member in self.classifier.members:
+                tensors.update(linear(f"group.{member.group}.", member.model))
+            classifier = {"kind": "fused", "members": [{"group": m.group, "l2": m.l2}
+                                                       for m in self.classifier.members]}
+        else:
+            tensors, classifier = linear("", self.classifier), {"kind": "linear"}
         metadata = {"format": DETECTOR_FORMAT, "format_version": str(DETECTOR_VERSION), "config": json.dumps({
             "groups": list(self.groups), "feature_names": self.feature_names, "platt": list(self.platt),
             "threshold": self.threshold, "policy": self.policy, "size": self.size, "backbone": self.backbone,
-            "training": self.training, "raw_embedding": self.raw_embedding, "tiles": self.tiles})}
+            "training": self.training, "raw_embedding": self.raw_embedding, "tiles": self.tiles,
+            "classifier": classifier})}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
-    def load(cls, path: str) -> "Detector":
+    def load(cls, path: str) -> Detector:
         from safetensors import safe_open
 
         if not os.path.isfile(path):
@@ -314,11 +328,14 @@ class Detector:
             raise ModelError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}")
         if metadata.get("format") != DETECTOR_FORMAT:
             raise ModelError(f"{path} is not a visbatch detector (train one with `visbatch detect-aigi train`)")
-        if metadata.get("format_version") != str(DETECTOR_VERSION):
-            raise ModelError(f"{path}: detector format version {metadata.get('format_version')} is not supported")
-        config = json.loads(metadata["config"])
-        classifier = LogisticModel(tensors["mean"].float(), tensors["std"].float(), tensors["weight"].float(),
-                                   tensors["bias"].float().reshape(()))
+        if metadata.get("format_version") not in ("1", str(DETECTOR_VERSION)):
+            raise ModelError(f"{path}: detector format version {metadata.get('format_version')} is not supported "
+                             f"(this visbatch reads 1 and {DETECTOR_VERSION})")
+        try:
+            config = json.loads(metadata["config"])
+            classifier = _load_classifier(tensors, config)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"{path}: damaged detector file ({type(exc).__name__}: {str(exc).splitlines()[0]})")
         return cls(classifier, tuple(config["groups"]), config["feature_names"], tuple(config["platt"]),
                    config["threshold"], config["policy"], config["size"], config["backbone"], config["training"],
                    config.get("raw_embedding", False), int(config.get("tiles", 1)))
@@ -331,6 +348,36 @@ class Detector:
             got = "none" if model is None else f"{model.spec} ({model.checksum[:19]}...)"
             raise ModelError(f"the detector was trained on backbone {self.backbone.get('spec')} "
                              f"({str(self.backbone.get('checksum'))[:19]}...), not {got}; pass the same --model")
+
+
+def _load_classifier(tensors: dict[str, torch.Tensor], config: dict) -> LogisticModel | FusedClassifier:
+    """The classifier a detector file holds, its shapes checked against the feature names."""
+    def linear(prefix: str, width: int) -> LogisticModel:
+        model = LogisticModel(tensors[f"{prefix}mean"].float(), tensors[f"{prefix}std"].float(),
+                              tensors[f"{prefix}weight"].float(), tensors[f"{prefix}bias"].float().reshape(()))
+        for name in ("mean", "std", "weight"):
+            if tuple(getattr(model, name).shape) != (width,):
+                raise ValueError(f"{prefix}{name} has shape {tuple(getattr(model, name).shape)}, expected ({width},)")
+            if not bool(torch.isfinite(getattr(model, name)).all()):
+                raise ValueError(f"{prefix}{name} is not finite")
+        return model
+
+    names = config["feature_names"]
+    spec = config.get("classifier", {"kind": "linear"})
+    if spec["kind"] == "linear":
+        return linear("", len(names))
+    members = []
+    for entry in spec["members"]:
+        columns = torch.tensor([i for i, n in enumerate(names) if _group_of(n) == entry["group"]], dtype=torch.long)
+        members.append(GroupModel(entry["group"], columns, linear(f"group.{entry['group']}.", len(columns)),
+                                  float(entry["l2"])))
+    return FusedClassifier(members, linear("fusion.", len(members)))
+
+
+def group_columns(feature_names: Sequence[str], groups: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each group's column indices in a feature vector with these names."""
+    return {g: torch.tensor([i for i, n in enumerate(feature_names) if _group_of(n) == g], dtype=torch.long)
+            for g in groups}
 
 
 def _group_of(name: str) -> str:
@@ -406,25 +453,48 @@ def stratified_split(labels: Sequence[int], holdout: float, seed: int, groups: S
 
 
 def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_names, policy, size, backbone,
-                   holdout: float = 0.25, seed: int = 0, l2: float = 1e-2, tiles: int = 1,
-                   split_groups: Sequence[str] | None = None) -> tuple[Detector, dict]:
-    """Fit on the training split, calibrate (Platt) and choose the threshold on the held-out split
-    (whole ``split_groups`` on one side, see :func:`stratified_split`)."""
+                   holdout: float = 0.25, seed: int = 0, l2: float | None = None, tiles: int = 1,
+                   split_groups: Sequence[str] | None = None, select: bool = True) -> tuple[Detector, dict]:
+    """Per-group regressions fused by a stacked one (:mod:`fusion`), fitted on the training split;
+    calibration (Platt) and the threshold on the held-out split (whole ``split_groups`` on one
+    side, see :func:`stratified_split`).
+
+    Within the training split, folds choose each group's L2 and the fusion's inputs: one fold per
+    generator when the data has generator folders (leave-one-generator-out; with ``select`` it
+    also chooses which groups to keep), else stratified folds. ``l2`` fixes every group's L2."""
     from visbatch.core.tasks.aigi.classifier import (
         auroc,
         average_precision,
         choose_threshold,
         expected_calibration_error,
-        fit_logistic,
         fit_platt,
     )
+    from visbatch.core.tasks.aigi.fusion import chance_groups, fit_fused, generator_folds, stratified_folds
 
     labels = torch.tensor(data.labels)
     if labels.sum() == 0 or labels.sum() == len(labels):
         raise InputError("training needs both real and fake images")
     train, held = stratified_split(data.labels, holdout, seed, split_groups)
-    classifier = fit_logistic(features[train], labels[train], l2=l2)
-    held_logits = classifier.logits(features[held])
+    train_labels = labels[train]
+    train_generators = [data.generators[i] for i in train]
+    folds = generator_folds(train_labels.tolist(), train_generators)
+    if folds is not None:
+        fold_kind, fold_names = "generator", sorted(set(train_generators))
+    else:
+        fold_groups = None if split_groups is None else [split_groups[i] for i in train]
+        folds = stratified_folds(train_labels.tolist(), seed=seed, groups=fold_groups)
+        fold_kind, fold_names = "stratified", [f"fold {i}" for i in range(int(folds.max()) + 1)]
+    columns = group_columns(feature_names, groups)
+    fit = fit_fused(features[train], train_labels, columns, folds, fold_kind, fold_names,
+                    select=select and fold_kind == "generator" and len(groups) > 1, l2=l2)
+    # The detector keeps only the selected groups' columns (scoring computes nothing else).
+    kept_names = [n for n in feature_names if _group_of(n) in fit.selected]
+    kept_columns = torch.cat([columns[g] for g in fit.selected]).sort().values
+    new_columns = group_columns(kept_names, fit.selected)
+    for member in fit.classifier.members:
+        member.columns = new_columns[member.group]
+    classifier = fit.classifier
+    held_logits = classifier.logits(features[held][:, kept_columns])
     platt = fit_platt(held_logits, labels[held])
     held_p = torch.sigmoid(platt[0] * held_logits + platt[1])
     threshold = choose_threshold(held_p, labels[held])
@@ -433,12 +503,22 @@ def train_detector(features: torch.Tensor, data: LabelledItems, groups, feature_
         mask = [g == generator for g in data.generators]
         summary[generator] = {"real": int(sum(1 for m, y in zip(mask, data.labels) if m and y == 0)),
                               "fake": int(sum(1 for m, y in zip(mask, data.labels) if m and y == 1))}
+    table = [{"held_out": fold_names[fold], "fused": fit.fused_per_fold_ap.get(fold),
+              **{c.group: c.per_fold_ap.get(fold) for c in fit.checks}} for fold in range(len(fold_names))]
     report = {"train": len(train), "held_out": len(held),
-              "split_groups": None if split_groups is None else len(set(split_groups)), "held_out_ap": average_precision(labels[held], held_p),
-              "held_out_auroc": auroc(labels[held], held_p), "held_out_ece": expected_calibration_error(held_p,
-                                                                                                      labels[held]),
-              "threshold": threshold, "platt": list(platt), "per_generator": summary}
-    detector = Detector(classifier, tuple(groups), feature_names, platt, threshold, policy, size, backbone,
+              "split_groups": None if split_groups is None else len(set(split_groups)),
+              "held_out_ap": average_precision(labels[held], held_p),
+              "held_out_auroc": auroc(labels[held], held_p),
+              "held_out_ece": expected_calibration_error(held_p, labels[held]),
+              "threshold": threshold, "platt": list(platt), "per_generator": summary,
+              "requested_groups": list(groups), "selected_groups": fit.selected, "folds": fold_kind,
+              "fold_ap": table, "fused_fold_ap_mean": fit.fused_mean_ap,
+              "groups": {c.group: {"l2": c.l2, "fold_ap_mean": c.mean_ap, "fold_auroc_mean": c.mean_auroc}
+                         for c in fit.checks},
+              "fusion_weights": {m.group: float(w) for m, w in zip(classifier.members, classifier.fusion.weight)},
+              "groups_at_chance": chance_groups(fit.checks)}
+    detector = Detector(classifier, tuple(fit.selected), kept_names, platt, threshold, policy, size,
+                        backbone if any(g in BACKBONE_GROUPS for g in fit.selected) else None,
                         training=report, tiles=tiles)
     return detector, report
 

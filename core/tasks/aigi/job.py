@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -92,7 +92,8 @@ class TrainSettings:
     tiles: int = 1
     holdout: float = 0.25
     seed: int = 0
-    l2: float = 1e-2
+    l2: float | None = None  # None: each group's L2 chosen on the training folds
+    select: bool = True  # leave-one-generator-out chooses the groups (generator folders only)
     group_pattern: str | None = None
     normalize_format: bool = False
     warnings: list[str] = field(default_factory=list)
@@ -114,10 +115,19 @@ def train_job(data: LabelledItems, extractor: FeatureExtractor, geometry: Geomet
     groups = split_groups(kept, settings.group_pattern) if settings.group_pattern else None
     detector, report = train_detector(vectors, kept, settings.groups, names, settings.policy, settings.size,
                                       backbone.describe() if backbone else None, settings.holdout, settings.seed,
-                                      settings.l2, tiles=settings.tiles, split_groups=groups)
+                                      settings.l2, tiles=settings.tiles, split_groups=groups,
+                                      select=settings.select)
     detector.training["normalize_format"] = settings.normalize_format
     detector.training["unreadable"] = len(errors)
     report["unreadable"] = len(errors)
+    for group in report["groups_at_chance"]:
+        settings.warnings.append(f"feature group {group} is at chance on held-out folds ({report['folds']} "
+                                 f"folds, AUROC {report['groups'][group]['fold_auroc_mean']:.2f}): it does not "
+                                 "carry over to images it did not train on")
+    dropped = [g for g in report["requested_groups"] if g not in report["selected_groups"]]
+    if dropped:
+        settings.warnings.append(f"leave-one-generator-out dropped {', '.join(dropped)} (no gain on held-out "
+                                 "generators); --keep-all-groups keeps them")
     return detector, report
 
 

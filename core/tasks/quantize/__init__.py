@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -116,26 +116,51 @@ def quantization_targets(model: LoadedModel, towers: str = "visual", skip: list[
 
 @dataclass
 class ActivationStats:
+    """What calibration learns about one layer's input, streamed over every row (all spatial
+    positions and tokens of every image):
+
+    - ``mean_abs()``: per-channel mean magnitude (AWQ's scales);
+    - ``hessian`` (with ``want_hessian``): ``H = sum x^T x`` over every row, in float64 (GPTQ);
+    - ``sample()``: a uniform random sample of at most ``MAX_CALIBRATION_ROWS`` rows drawn
+      from all batches (AWQ's clip search and the report's output errors).
+    """
+
+    want_hessian: bool = False
     abs_sum: torch.Tensor | None = None
     count: int = 0
-    rows: list = field(default_factory=list)
-    kept_rows: int = 0
+    hessian: torch.Tensor | None = None
+    _rows: torch.Tensor | None = None
+    _keys: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
         self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
         self.count += x.shape[0]
-        room = MAX_CALIBRATION_ROWS - self.kept_rows
-        if room > 0:
-            take = x[torch.randperm(x.shape[0], generator=generator)[:room].to(x.device)]
-            self.rows.append(take.cpu())
-            self.kept_rows += take.shape[0]
+        if self.want_hessian:
+            gram = (x.T @ x).double().cpu()
+            self.hessian = gram if self.hessian is None else self.hessian + gram
+        # Reservoir by random keys: the rows with the smallest keys over everything seen so far
+        # are a uniform sample of all rows, whichever batch they came in.
+        keys = torch.rand(x.shape[0], generator=generator)
+        take = min(MAX_CALIBRATION_ROWS, x.shape[0])
+        keys, index = keys.topk(take, largest=False)
+        rows = x[index.to(x.device)].cpu()
+        if self._rows is not None:
+            keys, rows = torch.cat([self._keys, keys]), torch.cat([self._rows, rows])
+            if keys.numel() > MAX_CALIBRATION_ROWS:
+                keys, index = keys.topk(MAX_CALIBRATION_ROWS, largest=False)
+                rows = rows[index]
+        self._keys, self._rows = keys, rows
+
+    @property
+    def kept_rows(self) -> int:
+        return 0 if self._rows is None else self._rows.shape[0]
 
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
 
     def sample(self) -> torch.Tensor:
-        return torch.cat(self.rows)
+        return self._rows
 
 
 def _input_of(target: Target, args) -> torch.Tensor:
@@ -185,10 +210,10 @@ def run_images(model: LoadedModel, images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate(model: LoadedModel, targets: list[Target], batches, texts: list[str] | None = None,
-              text_batch: int = 64) -> dict[str, ActivationStats]:
+              text_batch: int = 64, want_hessian: bool = False) -> dict[str, ActivationStats]:
     """Collect activation statistics of every target over the uint8 image ``batches`` (and, for a
-    CLIP text tower, over the ``texts``)."""
-    stats = {t.name: ActivationStats() for t in targets}
+    CLIP text tower, over the ``texts``); ``want_hessian`` also accumulates GPTQ's ``X^T X``."""
+    stats = {t.name: ActivationStats(want_hessian) for t in targets}
     generator = torch.Generator().manual_seed(0)
     handles = []
     for target in targets:
@@ -220,6 +245,9 @@ class QuantizedLayer:
     weight_error: float  # relative Frobenius error of the effective weight
     output_error: float  # relative MSE of the layer output on calibration rows (nan without rows)
     folded_into: str | None = None  # the LayerNorm that absorbed AWQ's scales (no column_scale then)
+    method: str = "rtn"  # how this layer was quantized (rtn, awq, gptq)
+    calibration_rows: int = 0  # input rows seen (every position and token of every image)
+    validation_error: float | None = None  # --method auto: error of the chosen candidate on held-out inputs
 
 
 def effective_weight(weight: QuantizedWeight, column_scale: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
@@ -242,19 +270,42 @@ def feeds_softmax(target: Target) -> bool:
     return target.kind == "mha_in_proj" or target.name.rsplit(".", 1)[-1] in ("qkv", "q_proj", "k_proj", "q", "k")
 
 
+METHODS = ("rtn", "awq", "gptq")  # what one layer is quantized with; --method auto chooses among them
+
+
+def choose_layer(target: Target, bits: int, group_size: int | None, stats: ActivationStats | None,
+                 validation: ActivationStats | None, act_order: bool = False, awq_clip: bool = False
+                 ) -> QuantizedLayer:
+    """``--method auto`` for a layer outside any chain: every method, calibrated on ``stats``, and
+    the one whose output error on the *validation* rows (inputs from images held out of the
+    calibration) is lowest; RTN wins ties, so a method must beat plain rounding on unseen inputs."""
+    rows = validation.sample().float() if validation is not None and validation.kept_rows else None
+    best = None
+    for method in METHODS:
+        layer = quantize_layer(target, bits, group_size, method, stats, act_order, awq_clip)
+        if rows is None:
+            return layer  # nothing to choose with: rounding (the first method)
+        error = _output_error(target.weight().float().cpu(), effective_weight(layer.weight, layer.column_scale), rows)
+        if best is None or error < best.validation_error:
+            layer.validation_error = error
+            best = layer
+    return best
+
+
 def quantize_layer(target: Target, bits: int, group_size: int | None, method: str,
                    stats: ActivationStats | None, act_order: bool = False, awq_clip: bool = False
                    ) -> QuantizedLayer:
     """One layer on its own: RTN; GPTQ on the sampled input rows; AWQ with the alpha search
     measured on this layer's output (an explicit input scale is kept). Without calibration rows,
     GPTQ and AWQ fall back to rounding."""
-    if method not in ("rtn", "awq", "gptq"):
+    if method not in METHODS:
         raise UsageError(f"unknown method {method!r} (rtn, awq or gptq)")
     w = target.weight().float().cpu()
     rows = stats.sample().float() if stats is not None and stats.kept_rows else None
     column_scale, alpha = None, None
-    if method == "gptq" and rows is not None:
-        quantized = gptq_quantize(w, rows, bits, group_size, act_order=act_order)
+    used = method if rows is not None else "rtn"
+    if method == "gptq" and rows is not None and stats.hessian is not None:
+        quantized = gptq_quantize(w, stats.hessian, stats.count, bits, group_size, act_order=act_order)
         effective = quantized.dequantize()
     elif method == "awq" and rows is not None:
         reference = rows @ w.T
@@ -267,11 +318,13 @@ def quantize_layer(target: Target, bits: int, group_size: int | None, method: st
         quantized, effective = awq_quantize(w, s, rows, bits, group_size, awq_clip and not feeds_softmax(target))
         column_scale = 1 / s
     else:
+        used = "rtn"
         quantized = quantize_weight(w, bits, group_size)
         effective = quantized.dequantize()
     return QuantizedLayer(target, quantized, column_scale, alpha,
                           float((effective - w).norm() / w.norm().clamp(min=1e-12)),
-                          _output_error(w, effective, rows))
+                          _output_error(w, effective, rows), method=used,
+                          calibration_rows=stats.count if stats is not None else 0)
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ non-finite candidates are skipped.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -145,10 +145,11 @@ class _Observation:
     norm_of_group: dict[int, tuple[str, nn.Module]] = field(default_factory=dict)  # group index -> LayerNorm
 
 
-def _observe(block_name: str, block: nn.Module, targets, inputs, generator, outputs: list) -> _Observation:
+def _observe(block_name: str, block: nn.Module, targets, inputs, generator, outputs: list,
+             want_hessian: bool = False) -> _Observation:
     from visbatch.core.tasks.quantize import ActivationStats, _input_of, register_input_hook
 
-    observation = _Observation({t.name: ActivationStats() for t in targets})
+    observation = _Observation({t.name: ActivationStats(want_hessian) for t in targets})
     first_batch: dict[str, torch.Tensor] = {}
     norm_outputs: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = []
@@ -222,10 +223,16 @@ def _search_inputs(inputs, outputs):
 
 @torch.no_grad()
 def quantize_chain(chain: Chain, targets, inputs, bits: int, group_size: int | None, method: str,
-                   act_order: bool = False, awq_clip: bool = True) -> tuple[list, dict[str, torch.Tensor]]:
+                   act_order: bool = False, awq_clip: bool = True, validation=None, root: nn.Module | None = None
+                   ) -> tuple[list, dict[str, torch.Tensor]]:
     """Quantize the ``targets`` inside ``chain`` block by block from the first block's captured
     ``inputs``. Returns (QuantizedLayer list, parameter overrides {name: tensor} for folded
-    LayerNorms)."""
+    LayerNorms).
+
+    ``method="auto"``: each block is quantized with every method (RTN, AWQ, GPTQ, calibrated on
+    ``inputs``) and keeps the one whose block output error on ``validation`` (the first block's
+    inputs for images held out of the calibration, run along the full-precision chain) is
+    lowest, RTN winning ties; ``root`` is the model the overrides' names refer to."""
     from visbatch.core.tasks.quantize import quantize_layer
 
     generator = torch.Generator().manual_seed(0)
@@ -233,8 +240,17 @@ def quantize_chain(chain: Chain, targets, inputs, bits: int, group_size: int | N
     for block_name, block in chain.blocks:
         block_targets = [t for t in targets if t.name.startswith(block_name + ".")]
         outputs: list[torch.Tensor] = []
-        observation = _observe(block_name, block, block_targets, inputs, generator, outputs)
-        if method != "awq":
+        observation = _observe(block_name, block, block_targets, inputs, generator, outputs,
+                               want_hessian=method in ("gptq", "auto"))
+        if method == "auto":
+            chosen, chosen_overrides, validation = _choose_block(
+                block, block_targets, observation, inputs, outputs, validation, root, bits, group_size, act_order,
+                awq_clip)
+            layers += chosen
+            overrides.update(chosen_overrides)
+            if chosen and chosen[0].method == "gptq":
+                outputs = _quantized_outputs(block, chosen, inputs)
+        elif method != "awq":
             block_layers = [quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order)
                             for t in block_targets]
             layers += block_layers
@@ -245,6 +261,37 @@ def quantize_chain(chain: Chain, targets, inputs, bits: int, group_size: int | N
                                  overrides)
         inputs = [((output,) + args[1:], kwargs) for (args, kwargs), output in zip(inputs, outputs)]
     return layers, overrides
+
+
+def _choose_block(block, block_targets, observation, inputs, outputs, validation, root, bits, group_size,
+                  act_order, awq_clip):
+    """Every method for one block; the one with the lowest validation block-output error.
+    Returns (layers, overrides, the validation inputs of the next block)."""
+    from visbatch.core.tasks.quantize import effective_weight, quantize_layer
+
+    references = [_first(block(*args, **kwargs)) for args, kwargs in validation]
+    candidates = {}
+    for method in ("rtn", "gptq"):
+        candidates[method] = ([quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order)
+                               for t in block_targets], {})
+    awq_overrides: dict[str, torch.Tensor] = {}
+    candidates["awq"] = (_awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip,
+                                    awq_overrides), awq_overrides)
+    best = None
+    for method in ("rtn", "awq", "gptq"):  # RTN first: it wins ties
+        block_layers, block_overrides = candidates[method]
+        changes = [(_weight_parameter(layer.target), effective_weight(layer.weight, layer.column_scale))
+                   for layer in block_layers]
+        changes += [(root.get_parameter(name), value) for name, value in block_overrides.items()]
+        with _replaced(changes):
+            error = _block_error(block, validation, references)
+        if best is None or error < best[0]:
+            best = (error, method)
+    layers, chosen_overrides = candidates[best[1]]
+    for layer in layers:
+        layer.method, layer.validation_error = best[1], best[0]
+    next_validation = [((reference,) + args[1:], kwargs) for (args, kwargs), reference in zip(validation, references)]
+    return layers, chosen_overrides, next_validation
 
 
 def _quantized_outputs(block, block_layers, inputs) -> list[torch.Tensor]:
@@ -290,7 +337,8 @@ def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_s
             layers.append(QuantizedLayer(
                 target, quantized, None if plan["folded_into"] else 1 / scale, plan["alpha"],
                 float((effective - original).norm() / original.norm().clamp(min=1e-12)),
-                _output_error(original, effective, rows), folded_into=plan["folded_into"]))
+                _output_error(original, effective, rows), folded_into=plan["folded_into"], method="awq",
+                calibration_rows=observation.stats[target.name].count))
     for target in block_targets:  # never reached by the block's forward: plain rounding
         if all(target is not t for plan in plans for t in plan["group"]):
             layers.append(quantize_layer(target, bits, group_size, "rtn", observation.stats[target.name]))

@@ -12,11 +12,12 @@ the same size.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,7 @@ from visbatch.core.tasks.clip_score import (
 from visbatch.core.tasks.select import algorithms as alg
 
 STRATEGIES = ("random", "top-clip-score", "kcenter", "cluster-balanced", "targeted")
+FLIPPED = "image_embedding_flipped"
 CACHE_COLUMNS = ["path", "status", "error", "width", "height", "file_size", "file_mtime", "content_hash",
                  "image_embedding"]
 
@@ -64,6 +66,7 @@ class SelectOptions:
     dedup: bool = True
     dedup_threshold: float | None = None  # None: default_dedup_threshold(model)
     dedup_keep: str = "centroid"  # centroid | clip-score
+    mirror: bool = True  # dedup compares each image with the mirrored copies of the others too
     min_clip_score: float | None = None
     clip_score_fraction: float | None = None
     prompt: str | None = None
@@ -83,7 +86,8 @@ class SelectTask:
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("selected", pa.bool_()), pa.field("reason", pa.string()),
-                pa.field("duplicate_of", pa.string()), pa.field("cluster", pa.int32()),
+                pa.field("duplicate_of", pa.string()), pa.field("duplicate_group", pa.int32()),
+                pa.field("duplicate_similarity", pa.float32()), pa.field("cluster", pa.int32()),
                 pa.field("clip_score", pa.float32()), pa.field("rank", pa.int32()),
                 pa.field("nearest_reference_distance", pa.float32())]
 
@@ -91,6 +95,7 @@ class SelectTask:
         o = self.config
         return {"budget": o.budget, "strategy": o.strategy, "seed": o.seed, "clusters": o.clusters,
                 "dedup": o.dedup, "dedup_threshold": o.dedup_threshold, "dedup_keep": o.dedup_keep,
+                "mirror": o.mirror,
                 "min_clip_score": o.min_clip_score, "clip_score_fraction": o.clip_score_fraction,
                 "prompt": o.prompt, "reference_images": len(o.reference)}
 
@@ -127,26 +132,35 @@ def read_cache(path: str, model: LoadedModel) -> dict[tuple[str, str], dict]:
     if missing:
         raise UsageError(f"{path} is not an embedding cache (no {', '.join(missing)}); clip-score writes one "
                          "with --save-embeddings")
-    columns = CACHE_COLUMNS + [c for c in ("root", "path_bytes") if c in schema.names]
+    columns = CACHE_COLUMNS + [c for c in ("root", "path_bytes", FLIPPED) if c in schema.names]
     table = pq.read_table(path, columns=columns).to_pylist()
     roots = meta.get("roots") or [""]
     return {row_key(row, roots[0]): row for row in table}
 
 
-def embed_with_cache(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, cache_path: str
-                     ) -> tuple[list[dict], int]:
+def embed_with_cache(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, cache_path: str,
+                     mirror: bool = False) -> tuple[list[dict], int]:
     """One embedding row per item (cache hits, new embeddings for the rest); writes the cache.
 
     A cached row is reused only when its file still has the recorded size, time and content
-    hash. Returns (rows in item order, number of images embedded in this run).
+    hash (and, with ``mirror``, the mirrored image's embedding). Returns (rows in item order,
+    number of images embedded in this run).
     """
     cached = read_cache(cache_path, model)
     rows: dict[tuple[str, str], dict] = {}
     candidates = {}
+    unmirrored = 0
     for item in items:
         row = cached.get(_key(item.root, item.relpath))
-        if row is not None and row.get("status") == "ok":
+        # With mirror-invariant dedup a row also needs the mirrored image's embedding.
+        if row is not None and row.get("status") == "ok" and mirror and row.get(FLIPPED) is None:
+            unmirrored += 1
+        elif row is not None and row.get("status") == "ok":
             candidates[item.path] = (item, row)
+    if unmirrored and not config.quiet:
+        print(f"visbatch: note: {unmirrored} cached embeddings lack the mirrored image's embedding and are "
+              "computed again (write the cache with clip-score --save-embeddings --save-mirrored, or "
+              "dedup with --no-mirror)", file=sys.stderr)
     fresh = files_unchanged({path: row for path, (_, row) in candidates.items()})
     for path, (item, row) in candidates.items():
         if fresh[path]:
@@ -156,7 +170,7 @@ def embed_with_cache(items: Sequence[ImageItem], model: LoadedModel, config: Run
         with tempfile.TemporaryDirectory(prefix=".visbatch-embed-",
                                          dir=os.path.dirname(os.path.abspath(cache_path)) or ".") as tmp:
             part = os.path.join(tmp, "embeddings.parquet")
-            task = ClipScoreTask(model, ClipScoreOptions(save_embeddings=True))
+            task = ClipScoreTask(model, ClipScoreOptions(save_embeddings=True, save_flipped=mirror))
             embed_config = RunConfig(output=part, batch_size=config.batch_size, workers=config.workers,
                                      max_pixels=config.max_pixels, quiet=config.quiet,
                                      log_interval=config.log_interval)
@@ -183,13 +197,14 @@ def _write_cache(path: str, existing: dict, rows: list[dict], items: Sequence[Im
         pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field("width", pa.int32()),
         pa.field("height", pa.int32()), pa.field("file_size", pa.int64()), pa.field("file_mtime", pa.float64()),
         pa.field("content_hash", pa.string()), pa.field("image_embedding", pa.list_(pa.float16(), dim)),
+        pa.field(FLIPPED, pa.list_(pa.float16(), dim)),
     ])
     columns = {f.name: [merged[k].get(f.name) for k in keys] for f in schema}
     columns["root"] = [display_path(k[0]) for k in keys]
     columns["path"] = [display_path(k[1]) for k in keys]
     columns["path_bytes"] = [path_bytes(k[1]) for k in keys]
-    columns["image_embedding"] = [None if v is None else np.asarray(v, dtype=np.float16)
-                                  for v in columns["image_embedding"]]
+    for name in ("image_embedding", FLIPPED):
+        columns[name] = [None if v is None else np.asarray(v, dtype=np.float16) for v in columns[name]]
     table = pa.Table.from_pydict(columns, schema=schema)
     meta = {"task": "embedding-cache", "model": model.describe(), "roots": sorted({k[0] for k in keys}),
             "written_at": utc_now()}
@@ -243,20 +258,41 @@ class Selection:
     rank: np.ndarray  # -1 when not selected
     nearest_reference: np.ndarray | None
     report: dict
+    duplicate_similarity: np.ndarray | None = None  # each dropped copy's similarity to its kept image
+    duplicate_group: np.ndarray | None = None  # a group id per kept image with copies and per copy, else -1
+
+
+def duplicate_groups(duplicate_of: list[int]) -> np.ndarray:
+    """Group ids: each kept image that has copies and its copies share one id (numbered in path
+    order of the kept image); images without copies get -1."""
+    n = len(duplicate_of)
+    heads = sorted({d for d in duplicate_of if d >= 0})
+    group_of = {head: g for g, head in enumerate(heads)}
+    groups = np.full(n, -1, dtype=np.int64)
+    for i, d in enumerate(duplicate_of):
+        if d >= 0:
+            groups[i] = group_of[d]
+        elif i in group_of:
+            groups[i] = group_of[i]
+    return groups
 
 
 def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: SelectOptions,
-           clip_scores: np.ndarray | None = None, reference: torch.Tensor | None = None) -> Selection:
-    """Run the four stages over the pool (rows in path order). ``ok`` masks images that embedded."""
+           clip_scores: np.ndarray | None = None, reference: torch.Tensor | None = None,
+           flipped: torch.Tensor | None = None) -> Selection:
+    """Run the four stages over the pool (rows in path order). ``ok`` masks images that embedded;
+    ``flipped`` are the embeddings of the mirrored images (mirror-invariant dedup)."""
     n = embeddings.shape[0]
     reason = ["kept" if good else "error" for good in ok]
     duplicate_of = [-1] * n
+    similarity = np.full(n, np.nan, dtype=np.float32)
     # 1. exact duplicates: the first in path order is kept.
     first_with_hash: dict[str, int] = {}
     for i in range(n):
         if ok[i] and hashes[i]:
             if hashes[i] in first_with_hash:
                 reason[i], duplicate_of[i] = "exact_duplicate", first_with_hash[hashes[i]]
+                similarity[i] = 1.0
             else:
                 first_with_hash[hashes[i]] = i
     alive = np.array([r == "kept" for r in reason])
@@ -276,11 +312,21 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
             priority = torch.from_numpy(np.nan_to_num(clip_scores[index], nan=-1.0)).float()
         else:
             priority = (x * centroids[torch.from_numpy(clusters[index])]).sum(dim=1).cpu()
-        dup = alg.semantic_duplicates(x, torch.from_numpy(clusters[index]).to(x.device), priority.to(x.device),
-                                      options.dedup_threshold).cpu().numpy()
+        local_labels = torch.from_numpy(clusters[index]).to(x.device)
+        dup, sims = alg.semantic_duplicates(x, local_labels, priority.to(x.device), options.dedup_threshold,
+                                            flipped=_rows(flipped, index) if flipped is not None else None,
+                                            second=alg.second_clusters(x, centroids, local_labels))
+        dup, sims = dup.cpu().numpy(), sims.cpu().numpy()
         for local, target in enumerate(dup):
             if target >= 0:
                 reason[index[local]], duplicate_of[index[local]] = "near_duplicate", int(index[target])
+                similarity[index[local]] = sims[local]
+    # Exact copies of an image that is itself a near duplicate belong to the image kept for it.
+    for i in range(n):
+        parent = duplicate_of[i]
+        if parent >= 0 and duplicate_of[parent] >= 0:
+            duplicate_of[i] = duplicate_of[parent]
+    groups = duplicate_groups(duplicate_of)
     # 3. caption filter.
     eligible = np.array([r == "kept" for r in reason])
     threshold = None
@@ -331,7 +377,9 @@ def select(embeddings: torch.Tensor, ok: np.ndarray, hashes: list, options: Sele
                   near_duplicates=reason.count("near_duplicate"), low_clip_score=reason.count("low_clip_score"),
                   eligible=int(candidates.size), budget=int(budget), selected=int(len(picked)),
                   clusters=int(k), clip_score_threshold=threshold)
-    return Selection(reason, duplicate_of, clusters, clip_scores, rank, nearest_reference, report)
+    report.update(duplicate_groups=int(groups.max() + 1) if (groups >= 0).any() else 0,
+                  largest_duplicate_group=int(np.bincount(groups[groups >= 0]).max()) if (groups >= 0).any() else 0)
+    return Selection(reason, duplicate_of, clusters, clip_scores, rank, nearest_reference, report, similarity, groups)
 
 
 def _rows(embeddings: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -470,14 +518,11 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
     if config.protected is not None:
         config.protected.check_file(cache_path, "--cache")
     check_outputs(config)
-    rows, embedded = embed_with_cache(items, model, config, cache_path)
+    mirror = options.mirror and options.dedup
+    rows, embedded = embed_with_cache(items, model, config, cache_path, mirror)
     ok = np.array([r.get("status") == "ok" and r.get("image_embedding") is not None for r in rows])
-    dim = next((len(r["image_embedding"]) for r in rows if r.get("image_embedding") is not None), 1)
-    matrix = np.zeros((len(rows), dim), dtype=np.float32)
-    for i, r in enumerate(rows):
-        if ok[i]:
-            matrix[i] = np.asarray(r["image_embedding"], dtype=np.float32)
-    embeddings = F.normalize(torch.from_numpy(matrix).to(model.device), dim=1)
+    embeddings = _matrix(rows, ok, "image_embedding", model.device)
+    flipped = _matrix(rows, ok, FLIPPED, model.device) if mirror else None
     clip_scores = _clip_scores(items, embeddings, ok, model, options)
     reference = None
     reference_embedded = 0
@@ -487,7 +532,8 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
         if not ref:
             raise UsageError("no reference image could be embedded")
         reference = F.normalize(torch.from_numpy(np.stack(ref)).to(model.device), dim=1)
-    selection = select(embeddings, ok, [r.get("content_hash") for r in rows], options, clip_scores, reference)
+    selection = select(embeddings, ok, [r.get("content_hash") for r in rows], options, clip_scores, reference,
+                       flipped)
     if before_write is not None:
         before_write(selection)
     task = SelectTask(options)
@@ -507,6 +553,9 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
         out.update({
             "selected": bool(selection.rank[i] >= 0), "reason": selection.reason[i],
             "duplicate_of": display_path(items[dup].relpath) if dup >= 0 else None,
+            "duplicate_group": int(selection.duplicate_group[i]) if selection.duplicate_group[i] >= 0 else None,
+            "duplicate_similarity": None if np.isnan(selection.duplicate_similarity[i])
+            else float(selection.duplicate_similarity[i]),
             "cluster": int(selection.cluster[i]) if selection.cluster[i] >= 0 else None,
             "clip_score": None if clip_scores is None or not ok[i] or np.isnan(clip_scores[i])
             else float(clip_scores[i]),
@@ -530,8 +579,35 @@ def run_select(items: Sequence[ImageItem], model: LoadedModel, options: SelectOp
     summary.error_examples = [f"{display_path(it.relpath)}: {r.get('error')}" for it, r in zip(items, rows)
                               if r.get("status") != "ok"][:5]
     summary.task_summary = {**selection.report, "embedded": embedded, "reference_embedded": reference_embedded,
-                            "cache": cache_path, "dedup_threshold": options.dedup_threshold}
+                            "cache": cache_path, "dedup_threshold": options.dedup_threshold,
+                            "duplicate_group_examples": _group_examples(items, selection)}
     return summary, selection
+
+
+def _group_examples(items: Sequence[ImageItem], selection: Selection, limit: int = 5) -> list[dict]:
+    """The largest duplicate groups: the kept image, then each copy with its similarity to it."""
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(selection.duplicate_group):
+        if g >= 0:
+            groups.setdefault(int(g), []).append(i)
+    largest = sorted(groups.values(), key=lambda members: (-len(members), members[0]))[:limit]
+    examples = []
+    for members in largest:
+        kept = next(i for i in members if selection.duplicate_of[i] < 0)
+        examples.append({"kept": display_path(items[kept].relpath), "size": len(members), "copies": [
+            {"path": display_path(items[i].relpath), "reason": selection.reason[i],
+             "similarity": round(float(selection.duplicate_similarity[i]), 4)} for i in members if i != kept]})
+    return examples
+
+
+def _matrix(rows: list[dict], ok: np.ndarray, column: str, device) -> torch.Tensor:
+    """[n, d] normalized embeddings from ``column`` of the ok rows (zeros elsewhere)."""
+    dim = next((len(r[column]) for r in rows if r.get(column) is not None), 1)
+    matrix = np.zeros((len(rows), dim), dtype=np.float32)
+    for i, r in enumerate(rows):
+        if ok[i]:
+            matrix[i] = np.asarray(r[column], dtype=np.float32)
+    return F.normalize(torch.from_numpy(matrix).to(device), dim=1)
 
 
 def _clip_scores(items, embeddings, ok, model, options) -> np.ndarray | None:

@@ -73,55 +73,96 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 
     return labels, centroids
 
 
+def second_clusters(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, chunk: int = 65536
+                    ) -> torch.Tensor:
+    """Each point's second-nearest centroid (its own cluster when there is only one)."""
+    if centroids.shape[0] < 2:
+        return labels.clone()
+    second = torch.empty_like(labels)
+    for start in range(0, x.shape[0], chunk):
+        sims = x[start:start + chunk] @ centroids.T
+        sims[torch.arange(sims.shape[0], device=x.device), labels[start:start + chunk]] = -2.0
+        second[start:start + chunk] = sims.argmax(dim=1)
+    return second
+
+
+def pair_similarity(a: torch.Tensor, b: torch.Tensor, a_flipped: torch.Tensor | None = None,
+                    b_flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosines ``a @ b.T`` of normalized embeddings; with the embeddings of the horizontally
+    flipped images, the larger of ``a.b``, ``a.flip(b)`` and ``flip(a).b`` (a mirrored copy
+    matches its original)."""
+    sims = a @ b.T
+    if a_flipped is not None and b_flipped is not None:
+        sims = torch.maximum(sims, torch.maximum(a @ b_flipped.T, a_flipped @ b.T))
+    return sims
+
+
 def semantic_duplicates(x: torch.Tensor, labels: torch.Tensor, priority: torch.Tensor, threshold: float,
-                        block: int = 4096) -> torch.Tensor:
-    """SemDeDup: within each cluster, drop any image more similar than ``threshold`` to a
-    higher-priority one (Abbas et al., "SemDeDup: Data-efficient learning at web-scale through
+                        block: int = 4096, flipped: torch.Tensor | None = None,
+                        second: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SemDeDup's rule: drop any image more similar than ``threshold`` to a higher-priority image of
+    its cluster, kept or not (Abbas et al., "SemDeDup: Data-efficient learning at web-scale through
     semantic deduplication", 2023).
 
-    ``priority`` [n]: higher is kept first (closeness to the centroid, or the
-    caption score). Returns ``duplicate_of`` [n]: -1 for kept images, else
-    the index of the kept image it duplicates (chains are followed to a kept
-    one). Only within-cluster similarity matrices are built.
+    ``priority`` [n]: higher is kept first (closeness to the centroid, or the caption score); ties
+    keep the earlier index. ``flipped`` [n, d]: embeddings of the mirrored images, for
+    mirror-invariant similarity (:func:`pair_similarity`). ``second`` [n]: each image's
+    second-nearest cluster; the image is then also compared within that cluster, so near copies
+    that k-means put on either side of a boundary are still found. Only within-cluster
+    similarity matrices are built.
+
+    Returns ``(duplicate_of, similarity)`` [n]: -1 for kept images, else the index of the kept
+    image it duplicates (chains of drops are followed to a kept one), and the similarity of
+    each dropped image to that kept image (nan for kept images).
     """
     n = x.shape[0]
-    duplicate_of = torch.full((n,), -1, dtype=torch.long, device=x.device)
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order]
-    boundaries = torch.nonzero(torch.diff(sorted_labels)).flatten() + 1
-    starts = [0] + boundaries.tolist()
-    ends = boundaries.tolist() + [n]
-    for start, end in zip(starts, ends):
-        members = order[start:end]
+    device = x.device
+    # One global order: rank 0 is kept first. Every comparison is "a later image against earlier ones".
+    order = torch.argsort(-priority.float(), stable=True)
+    rank = torch.empty(n, dtype=torch.long, device=device)
+    rank[order] = torch.arange(n, device=device)
+    best_sim = torch.full((n,), -2.0, device=device)
+    best_idx = torch.full((n,), -1, dtype=torch.long, device=device)
+    memberships = [labels] + ([second] if second is not None else [])
+    all_labels = torch.cat(memberships)
+    owners = torch.cat([torch.arange(n, device=device)] * len(memberships))
+    for cluster in torch.unique(all_labels).tolist():
+        members = torch.unique(owners[all_labels == cluster])
         if members.numel() < 2:
             continue
-        members = members[torch.argsort(priority[members], descending=True, stable=True)]
+        members = members[torch.argsort(rank[members])]
         emb = x[members]
+        emb_flipped = flipped[members] if flipped is not None else None
         m = members.numel()
-        best_sim = torch.full((m,), -2.0, device=x.device)
-        best_idx = torch.zeros(m, dtype=torch.long, device=x.device)
         for row in range(0, m, block):
-            sims = emb[row:row + block] @ emb.T  # rows: earlier candidates
-            rows = torch.arange(row, min(row + block, m), device=x.device).view(-1, 1)
-            cols = torch.arange(m, device=x.device).view(1, -1)
-            sims = sims.masked_fill(cols <= rows, -2.0)  # only later members (cols) vs earlier rows
+            end = min(row + block, m)
+            sims = pair_similarity(emb[row:end], emb, None if emb_flipped is None else emb_flipped[row:end],
+                                   emb_flipped)
+            rows = torch.arange(row, end, device=device).view(-1, 1)
+            cols = torch.arange(m, device=device).view(1, -1)
+            sims = sims.masked_fill(cols <= rows, -2.0)  # only later members (cols) vs earlier ones (rows)
             col_best = sims.max(dim=0)
-            better = col_best.values > best_sim
-            best_sim = torch.where(better, col_best.values, best_sim)
-            best_idx = torch.where(better, col_best.indices + row, best_idx)
-        is_dup = best_sim > threshold
-        local_dup_of = torch.where(is_dup, best_idx, torch.full_like(best_idx, -1))
-        # Follow chains (a duplicate of a duplicate) to a kept member; earlier = higher priority.
-        for _ in range(m):
-            parent = local_dup_of.clamp(min=0)
-            grand = torch.where(local_dup_of >= 0, local_dup_of[parent], local_dup_of)
-            chained = (local_dup_of >= 0) & (grand >= 0)
-            if not chained.any():
-                break
-            local_dup_of = torch.where(chained, grand, local_dup_of)
-        duplicate_of[members] = torch.where(local_dup_of >= 0, members[local_dup_of.clamp(min=0)],
-                                            torch.full_like(local_dup_of, -1))
-    return duplicate_of
+            better = col_best.values > best_sim[members]
+            best_sim[members] = torch.where(better, col_best.values, best_sim[members])
+            best_idx[members] = torch.where(better, members[col_best.indices + row], best_idx[members])
+    duplicate_of = torch.where(best_sim > threshold, best_idx, torch.full_like(best_idx, -1))
+    # Follow chains (a duplicate of a duplicate) to a kept image: each link goes to a higher priority.
+    for _ in range(n):
+        parent = duplicate_of.clamp(min=0)
+        grand = torch.where(duplicate_of >= 0, duplicate_of[parent], duplicate_of)
+        chained = (duplicate_of >= 0) & (grand >= 0)
+        if not chained.any():
+            break
+        duplicate_of = torch.where(chained, grand, duplicate_of)
+    dropped = duplicate_of >= 0
+    similarity = torch.full((n,), float("nan"), device=device)
+    if dropped.any():
+        i, j = torch.nonzero(dropped).flatten(), duplicate_of[dropped]
+        sims = (x[i] * x[j]).sum(dim=1)
+        if flipped is not None:
+            sims = torch.maximum(sims, torch.maximum((x[i] * flipped[j]).sum(dim=1), (flipped[i] * x[j]).sum(dim=1)))
+        similarity[i] = sims
+    return duplicate_of, similarity
 
 
 def kcenter_greedy(x: torch.Tensor, budget: int, seed: int = 0, initial: torch.Tensor | None = None,
