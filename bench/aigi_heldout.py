@@ -48,14 +48,16 @@ def dev_features(root: Path, tmp: Path, groups=ALL_GROUPS, backbone=None):
         backbone = load_model("efficientnet-lite0", device="cpu", precision="fp32")
     extractor = FeatureExtractor(backbone, tuple(groups))
     config = RunConfig(output=str(tmp / "features.parquet"), batch_size=32, workers=0, quiet=True, overwrite=True)
-    keep, vectors, errors = compute_features(data, extractor, policy_geometry("crop", DEV_CROP), False,
-                                             backbone or DeviceOnly("cpu"), config)
+    keep, vectors, errors = compute_features(
+        data, extractor, policy_geometry("crop", DEV_CROP), False, backbone or DeviceOnly("cpu"), config
+    )
     assert not errors, errors[:3]
     return vectors, torch.tensor(data.labels), data.generators, extractor.names()
 
 
-def compare(features, labels, generators, names, groups=DEFAULT_GROUPS, with_fused: bool = False
-            ) -> dict[str, dict[str, float]]:
+def compare(
+    features, labels, generators, names, groups=DEFAULT_GROUPS, with_fused: bool = False
+) -> dict[str, dict[str, float]]:
     """{configuration: {held-out generator: AP}}: concat, each group alone, selected (and fused
     without selection, ``with_fused``); ``selected_groups`` names the groups chosen each time."""
     import numpy as np

@@ -69,20 +69,29 @@ def main() -> None:
     paths = make_folder(folder, args.images)
     rng = np.random.default_rng(0)
     words = ["a", "photo", "of", "cat", "cup", "rocket", "sky", "person", "red", "table", "night", "launch"]
-    captions = {p.relative_to(folder).as_posix(): " ".join(rng.choice(words, size=int(rng.integers(5, 15))))
-                for p in paths}
-    (tmp / "captions.jsonl").write_text("".join(json.dumps({"path": k, "caption": v}) + "\n"
-                                               for k, v in captions.items()))
+    captions = {
+        p.relative_to(folder).as_posix(): " ".join(rng.choice(words, size=int(rng.integers(5, 15)))) for p in paths
+    }
+    (tmp / "captions.jsonl").write_text(
+        "".join(json.dumps({"path": k, "caption": v}) + "\n" for k, v in captions.items())
+    )
     items = find_images([str(folder)], SourceOptions())
     model = load_model("ViT-B-32", device=args.device, precision=args.precision)
     device = model.device
     n = len(items)
-    results = {"images": n, "device": str(device), "precision": args.precision, "batch_size": args.batch_size,
-               "workers": args.workers, "model": "ViT-B-32 (random weights, same size for all)"}
+    results = {
+        "images": n,
+        "device": str(device),
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "model": "ViT-B-32 (random weights, same size for all)",
+    }
 
     table = TextTable.read(str(tmp / "captions.jsonl"), "path", "caption", [str(folder)])
-    config = RunConfig(output=str(tmp / "out.parquet"), batch_size=args.batch_size, workers=args.workers,
-                       quiet=True, overwrite=True)
+    config = RunConfig(
+        output=str(tmp / "out.parquet"), batch_size=args.batch_size, workers=args.workers, quiet=True, overwrite=True
+    )
 
     def visbatch_run():
         run_pipeline(ClipScoreTask(model, ClipScoreOptions(captions=table)), model, items, config)
@@ -120,9 +129,10 @@ def main() -> None:
         @torch.inference_mode()
         def torchmetrics_run():
             for start in range(0, n, args.batch_size):
-                chunk = items[start:start + args.batch_size]
-                images = [torch.from_numpy(np.asarray(Image.open(it.path).convert("RGB"))).permute(2, 0, 1)
-                          for it in chunk]
+                chunk = items[start : start + args.batch_size]
+                images = [
+                    torch.from_numpy(np.asarray(Image.open(it.path).convert("RGB"))).permute(2, 0, 1) for it in chunk
+                ]
                 metric.update(images, [captions[it.relpath] for it in chunk])
             return metric.compute()
 

@@ -41,10 +41,16 @@ def score(rows: list[dict], stems: list[str]) -> dict:
             else:
                 false += 1
     copies = 3 * len(stems)
-    return {"groups": len(stems), "groups_keeping_more_than_one": sum(len(p) > 1 for p in kept_paths.values()),
-            "groups_keeping_none": sum(not p for p in kept_paths.values()),
-            "copies_found": found, "copies": copies, "recall": found / copies, "false_merges": false,
-            "groups_split": {s: p for s, p in kept_paths.items() if len(p) > 1}}
+    return {
+        "groups": len(stems),
+        "groups_keeping_more_than_one": sum(len(p) > 1 for p in kept_paths.values()),
+        "groups_keeping_none": sum(not p for p in kept_paths.values()),
+        "copies_found": found,
+        "copies": copies,
+        "recall": found / copies,
+        "false_merges": false,
+        "groups_split": {s: p for s, p in kept_paths.items() if len(p) > 1},
+    }
 
 
 def main() -> None:
@@ -68,8 +74,15 @@ def main() -> None:
         argv += ["--no-mirror"] if args.no_mirror else []
         result = CliRunner().invoke(app, argv)
         assert result.exit_code == 0, result.output
-        print(json.dumps({"threshold": args.threshold, "mirror": not args.no_mirror,
-                          **score(pq.read_table(out).to_pylist(), stems)}))
+        print(
+            json.dumps(
+                {
+                    "threshold": args.threshold,
+                    "mirror": not args.no_mirror,
+                    **score(pq.read_table(out).to_pylist(), stems),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -34,34 +34,39 @@ def main() -> None:
     from visbatch.core.images import decode_image, find_images, pil_to_uint8_chw
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig, run_pipeline
-    from visbatch.core.tasks.aigi.detector import (
-        FeatureExtractor,
-        ScoreTask,
-        Tiling,
-        read_labelled_root,
-        train_detector,
-    )
+    from visbatch.core.tasks.aigi.detector import FeatureExtractor, Tiling, read_labelled_root, train_detector
+    from visbatch.core.tasks.aigi.score import ScoreTask
 
     model = load_model("efficientnet-lite0", device=args.device)
     groups = ("npr", "bitplane", "spectrum", "layers")
     extractor = FeatureExtractor(model, groups)
     data = read_labelled_root(str(REPO / "fixtures" / "aigi"))
     features = extractor(torch.stack([pil_to_uint8_chw(decode_image(i.path)) for i in data.items]).to(model.device))
-    detector, _ = train_detector(features.cpu(), data, groups, extractor.names(), "crop", 256,
-                                 model.describe())
+    detector, _ = train_detector(features.cpu(), data, groups, extractor.names(), "crop", 256, model.describe())
     tmp = Path(tempfile.mkdtemp())
     make_folder(tmp / "images", args.images)
     items = find_images([str(tmp / "images")])
     results = {"images": len(items), "device": str(model.device), "batch_size": args.batch_size}
     tiled = dataclasses.replace(detector, policy="tiles", tiles=3)
     tiled_extractor = FeatureExtractor(model, groups, tiling=Tiling(256, 3))
-    for name, task_detector, task_extractor, tta in (("score_img_s", detector, extractor, False),
-                                                     ("score_img_s_tta", detector, extractor, True),
-                                                     ("score_img_s_tiles_3x3", tiled, tiled_extractor, False)):
-        config = RunConfig(output=str(tmp / "scores.parquet"), batch_size=args.batch_size, workers=args.workers,
-                           quiet=True, overwrite=True)
-        run = lambda: run_pipeline(ScoreTask(task_detector, task_extractor, tta=tta), model, items,  # noqa: E731
-                                   config)
+    for name, task_detector, task_extractor, tta in (
+        ("score_img_s", detector, extractor, False),
+        ("score_img_s_tta", detector, extractor, True),
+        ("score_img_s_tiles_3x3", tiled, tiled_extractor, False),
+    ):
+        config = RunConfig(
+            output=str(tmp / "scores.parquet"),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            quiet=True,
+            overwrite=True,
+        )
+        run = lambda: run_pipeline(
+            ScoreTask(task_detector, task_extractor, tta=tta),
+            model,
+            items,  # noqa: E731
+            config,
+        )
         run()
         results[name] = timed(run, len(items))
     print(json.dumps(results))

@@ -56,11 +56,22 @@ def main() -> None:
     model = load_model(args.model, device=args.device, precision=args.precision)
     if args.workers is None:
         args.workers = default_workers(model.device)
-    config = RunConfig(output=str(Path(tmp.name) / "out.parquet"), batch_size=args.batch_size,
-                       workers=args.workers, quiet=True, overwrite=True)
-    results = {"images": n, "model": args.model, "device": str(model.device),
-               "precision": str(model.dtype).replace("torch.", ""), "batch_size": args.batch_size,
-               "workers": args.workers, "torch_threads": torch.get_num_threads()}
+    config = RunConfig(
+        output=str(Path(tmp.name) / "out.parquet"),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        quiet=True,
+        overwrite=True,
+    )
+    results = {
+        "images": n,
+        "model": args.model,
+        "device": str(model.device),
+        "precision": str(model.dtype).replace("torch.", ""),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "torch_threads": torch.get_num_threads(),
+    }
 
     def decode_only():
         for _ in make_loader(items, model, config):
@@ -85,8 +96,9 @@ def main() -> None:
     import timm.data
 
     data_config = timm.data.resolve_data_config({}, model=model.module)
-    data_config.update(mean=model.preprocess.mean, std=model.preprocess.std,
-                       interpolation=model.preprocess.geometry.interpolation)
+    data_config.update(
+        mean=model.preprocess.mean, std=model.preprocess.std, interpolation=model.preprocess.geometry.interpolation
+    )
     transform = timm.data.create_transform(**data_config)
 
     # What a user's own loop runs: the same weights in PyTorch's default memory format.

@@ -59,19 +59,19 @@ def main() -> None:
         }
         if device == "cpu":
             row["int8pack fp32"] = timed(lambda: torch._weight_int8pack_mm(x, q8, s8), 2, device)
-            row["int8pack bf16"] = timed(lambda: torch._weight_int8pack_mm(xb, q8, s8.bfloat16()), args.repeats,
-                                         device)
+            row["int8pack bf16"] = timed(lambda: torch._weight_int8pack_mm(xb, q8, s8.bfloat16()), args.repeats, device)
             q4 = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
             sz = torch.rand(k // 128, n, 2).bfloat16()
-            row["int4pack bf16 g128"] = timed(lambda: torch._weight_int4pack_mm_for_cpu(xb, q4, 128, sz),
-                                              args.repeats, device)
+            row["int4pack bf16 g128"] = timed(
+                lambda: torch._weight_int4pack_mm_for_cpu(xb, q4, 128, sz), args.repeats, device
+            )
         else:
             # CUDA takes [out, in / 2] uint8 (two 4-bit values per byte) and inner k-tiles.
-            q4 = torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8,
-                                                                 device=device), 8)
+            q4 = torch._convert_weight_to_int4pack(
+                torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device), 8
+            )
             sz = torch.rand(k // 128, n, 2, device=device).bfloat16()
-            row["int4pack bf16 g128"] = timed(lambda: torch._weight_int4pack_mm(xb, q4, 128, sz), args.repeats,
-                                              device)
+            row["int4pack bf16 g128"] = timed(lambda: torch._weight_int4pack_mm(xb, q4, 128, sz), args.repeats, device)
         print(f"[{rows}x{k}] @ [{k}x{n}]: " + ", ".join(f"{name} {ms:.2f}" for name, ms in row.items()))
 
 

@@ -60,10 +60,14 @@ def torchao_rows(model, photos, config) -> list[dict]:
             buffer = io.BytesIO()
             torch.save(module.state_dict(), buffer)
             cosine = F.cosine_similarity(reference, out)
-            row.update(cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()),
-                       top1_agreement=float((reference.argmax(1) == out.argmax(1)).float().mean()),
-                       output_mse=float(((reference - out) ** 2).mean()), bytes_after=buffer.tell(),
-                       images_per_s_after=speed)
+            row.update(
+                cosine_mean=float(cosine.mean()),
+                cosine_min=float(cosine.min()),
+                top1_agreement=float((reference.argmax(1) == out.argmax(1)).float().mean()),
+                output_mse=float(((reference - out) ** 2).mean()),
+                bytes_after=buffer.tell(),
+                images_per_s_after=speed,
+            )
         except Exception as exc:  # torchao's int4 needs CUDA or a special CPU layout
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         rows.append(row)
@@ -76,8 +80,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--eval-generated", type=int, default=0,
-                        help="Also evaluate on this many generated JPEGs (not in the calibration set).")
+    parser.add_argument(
+        "--eval-generated",
+        type=int,
+        default=0,
+        help="Also evaluate on this many generated JPEGs (not in the calibration set).",
+    )
     args = parser.parse_args()
 
     from visbatch.core.images import find_images
@@ -99,28 +107,41 @@ def main() -> None:
         for method in ("rtn", "awq", "gptq"):
             out = tmp / f"{method}{bits}.safetensors"
             start = time.perf_counter()
-            report = run_quantize(model, calib, photos, str(out), QuantizeOptions(bits=bits, group_size=128,
-                                                                                 method=method), config)
-            rows.append({"method": method, "bits": bits, "seconds_to_quantize": time.perf_counter() - start,
-                         **{k: v for k, v in report.items() if k not in ("layers", "kept")}})
+            report = run_quantize(
+                model, calib, photos, str(out), QuantizeOptions(bits=bits, group_size=128, method=method), config
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "bits": bits,
+                    "seconds_to_quantize": time.perf_counter() - start,
+                    **{k: v for k, v in report.items() if k not in ("layers", "kept")},
+                }
+            )
     rows += torchao_rows(model, photos, config)
     if args.json:
         print(json.dumps(rows))
         return
-    print("| method | bits | file MB (fp32 MB) | logit cosine mean / min | top-1 agreement | output MSE | "
-          "img/s before / after | quantize s |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| method | bits | file MB (fp32 MB) | logit cosine mean / min | top-1 agreement | output MSE | "
+        "img/s before / after | quantize s |\n|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         if "error" in r:
             print(f"| {r['method']} | {r['bits']} | not available: {r['error']} |")
             continue
         if r["method"] == "torchao":
-            print(f"| torchao | {r['bits']} | {r['bytes_after'] / 1e6:.1f} | {r['cosine_mean']:.5f} / "
-                  f"{r['cosine_min']:.5f} | {r['top1_agreement']:.2f} | {r['output_mse']:.4f} | "
-                  f"- / {r['images_per_s_after']:.1f} | - |")
+            print(
+                f"| torchao | {r['bits']} | {r['bytes_after'] / 1e6:.1f} | {r['cosine_mean']:.5f} / "
+                f"{r['cosine_min']:.5f} | {r['top1_agreement']:.2f} | {r['output_mse']:.4f} | "
+                f"- / {r['images_per_s_after']:.1f} | - |"
+            )
             continue
-        print(f"| {r['method']} | {r['bits']} | {r['bytes_after'] / 1e6:.1f} ({r['bytes_before'] / 1e6:.1f}) | "
-              f"{r['cosine_mean']:.5f} / {r['cosine_min']:.5f} | {r['top1_agreement']:.2f} | {r['output_mse']:.4f} | "
-              f"{r['images_per_s_before']:.1f} / {r['images_per_s_after']:.1f} | {r['seconds_to_quantize']:.1f} |")
+        print(
+            f"| {r['method']} | {r['bits']} | {r['bytes_after'] / 1e6:.1f} ({r['bytes_before'] / 1e6:.1f}) | "
+            f"{r['cosine_mean']:.5f} / {r['cosine_min']:.5f} | {r['top1_agreement']:.2f} | {r['output_mse']:.4f} | "
+            f"{r['images_per_s_before']:.1f} / {r['images_per_s_after']:.1f} | {r['seconds_to_quantize']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,23 @@ def run(model, size: int, bits: int, method: str, tmp: Path, group_size: int = 1
     options = QuantizeOptions(bits=bits, group_size=group_size, method=method)
     config = RunConfig(output="unused", batch_size=16, workers=0, quiet=True)
     report = run_quantize(model, calib, held_out, str(tmp / f"q{size}-{bits}-{method}.safetensors"), options, config)
-    return {k: report.get(k) for k in ("method", "bits", "calibration_images", "validation_images", "eval_images",
-                                        "cosine_min", "cosine_mean", "top1_agreement", "output_mse",
-                                        "rtn_output_mse", "worse_than_rtn", "layers_by_method")} | {"size": size}
+    return {
+        k: report.get(k)
+        for k in (
+            "method",
+            "bits",
+            "calibration_images",
+            "validation_images",
+            "eval_images",
+            "cosine_min",
+            "cosine_mean",
+            "top1_agreement",
+            "output_mse",
+            "rtn_output_mse",
+            "worse_than_rtn",
+            "layers_by_method",
+        )
+    } | {"size": size}
 
 
 def main() -> None:

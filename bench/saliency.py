@@ -79,9 +79,10 @@ def main() -> None:
         Captum needs the target class up front (a no-grad forward); pytorch-grad-cam picks it itself.
         """
         for start in range(0, n, args.batch_size):
-            chunk = items[start:start + args.batch_size]
-            images = torch.stack([pil_to_uint8_chw(resize_and_crop(decode_image(it.path), model.preprocess.geometry))
-                                  for it in chunk])
+            chunk = items[start : start + args.batch_size]
+            images = torch.stack(
+                [pil_to_uint8_chw(resize_and_crop(decode_image(it.path), model.preprocess.geometry)) for it in chunk]
+            )
             x = model.to_input(images)
             if not need_targets:
                 yield x, None
@@ -92,18 +93,31 @@ def main() -> None:
 
     def visbatch_run(method, params):
         options = SaliencyOptions(method=method, params=params, internal_batch_size=internal, map_size=8)
-        config = RunConfig(output=str(tmp / f"{method}.parquet"), batch_size=args.batch_size, workers=args.workers,
-                           quiet=True, overwrite=True)
+        config = RunConfig(
+            output=str(tmp / f"{method}.parquet"),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            quiet=True,
+            overwrite=True,
+        )
         return lambda: run_pipeline(SaliencyTask(model, options), model, items, config)
 
     cases = {
         "integrated-gradients": (
             visbatch_run("integrated-gradients", {"steps": args.steps}),
             lambda x, t: IntegratedGradients(forward).attribute(
-                x, baselines=black.expand_as(x), target=t, n_steps=args.steps, method="gausslegendre",
-                internal_batch_size=internal),
-            lambda x, t: methods.integrated_gradients(forward, x, t, steps=args.steps, black=black,
-                                                      internal_batch_size=internal).raw,
+                x,
+                baselines=black.expand_as(x),
+                target=t,
+                n_steps=args.steps,
+                method="gausslegendre",
+                internal_batch_size=internal,
+            ),
+            lambda x, t: (
+                methods.integrated_gradients(
+                    forward, x, t, steps=args.steps, black=black, internal_batch_size=internal
+                ).raw
+            ),
         ),
         "gradient": (
             visbatch_run("gradient", {}),
@@ -113,10 +127,25 @@ def main() -> None:
         "smoothgrad": (
             visbatch_run("smoothgrad", {"samples": args.samples, "sigma": sigma}),
             lambda x, t: NoiseTunnel(Saliency(forward)).attribute(
-                x, nt_type="smoothgrad", nt_samples=args.samples, nt_samples_batch_size=max(1, internal // len(x)),
-                stdevs=sigma * (pixel_range[1] - pixel_range[0]), target=t, abs=True),
-            lambda x, t: methods.smoothgrad(forward, x, t, samples=args.samples, sigma=sigma, pixel_range=pixel_range,
-                                            internal_batch_size=internal).raw,
+                x,
+                nt_type="smoothgrad",
+                nt_samples=args.samples,
+                nt_samples_batch_size=max(1, internal // len(x)),
+                stdevs=sigma * (pixel_range[1] - pixel_range[0]),
+                target=t,
+                abs=True,
+            ),
+            lambda x, t: (
+                methods.smoothgrad(
+                    forward,
+                    x,
+                    t,
+                    samples=args.samples,
+                    sigma=sigma,
+                    pixel_range=pixel_range,
+                    internal_batch_size=internal,
+                ).raw
+            ),
         ),
     }
     # pytorch-grad-cam backpropagates into the weights: give it the same model with gradients on,
@@ -138,9 +167,16 @@ def main() -> None:
 
     cases["gradcam"] = (visbatch_run("gradcam", {}), gradcam_peer, gradcam_ours)
 
-    results = {"images": n, "device": str(device), "precision": args.precision, "batch_size": args.batch_size,
-               "workers": args.workers, "ig_steps": args.steps, "smoothgrad_samples": args.samples,
-               "internal_batch_size": internal}
+    results = {
+        "images": n,
+        "device": str(device),
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "ig_steps": args.steps,
+        "smoothgrad_samples": args.samples,
+        "internal_batch_size": internal,
+    }
     rows = []
     for name, (ours_run, peer_fn, ours_fn) in cases.items():
         ours_run()  # warm-up
@@ -154,12 +190,23 @@ def main() -> None:
         x, t = next(peer_batches())
         peer_maps, our_maps = peer_fn(x, t).detach().float().cpu(), ours_fn(x, t).detach().float().cpu()
         max_diff = float((peer_maps - our_maps).abs().max() / peer_maps.abs().max().clamp(min=1e-12))
-        peer = "pytorch-grad-cam GradCAM" if name == "gradcam" else {
-            "integrated-gradients": "Captum IntegratedGradients", "gradient": "Captum Saliency",
-            "smoothgrad": "Captum NoiseTunnel(Saliency)"}[name]
+        peer = (
+            "pytorch-grad-cam GradCAM"
+            if name == "gradcam"
+            else {
+                "integrated-gradients": "Captum IntegratedGradients",
+                "gradient": "Captum Saliency",
+                "smoothgrad": "Captum NoiseTunnel(Saliency)",
+            }[name]
+        )
         rows.append((name, peer, ours_speed, peer_speed, ours_speed / peer_speed, max_diff))
-        results[name] = {"visbatch_img_s": ours_speed, "peer": peer, "peer_img_s": peer_speed,
-                         "ratio": ours_speed / peer_speed, "max_rel_map_difference": max_diff}
+        results[name] = {
+            "visbatch_img_s": ours_speed,
+            "peer": peer,
+            "peer_img_s": peer_speed,
+            "ratio": ours_speed / peer_speed,
+            "max_rel_map_difference": max_diff,
+        }
     if args.json:
         print(json.dumps(results))
     else:

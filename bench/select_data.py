@@ -1,4 +1,6 @@
-"""select-data at scale (bench/select_data.py: a file named select.py would shadow the standard library's select module): dedup and selection time and memory for 10k, 100k and 1M embeddings.
+"""select-data at scale: dedup and selection time and memory for 10k, 100k and 1M embeddings.
+
+(Named select_data.py: a file named select.py would shadow the standard library's select module.)
 
 Run by hand:
 
@@ -33,7 +35,7 @@ def make_pool(n: int, d: int = 512, centres: int = 2000, duplicates: float = 0.0
     x = F.normalize(means[labels] + 0.08 * torch.randn(n, d, generator=generator), dim=1)
     planted = int(n * duplicates)
     sources = torch.randperm(n - planted, generator=generator)[:planted]
-    x[n - planted:] = F.normalize(x[sources] + 0.004 * torch.randn(planted, d, generator=generator), dim=1)
+    x[n - planted :] = F.normalize(x[sources] + 0.004 * torch.randn(planted, d, generator=generator), dim=1)
     return x, sources.numpy()
 
 
@@ -53,22 +55,41 @@ def main() -> None:
         planted = len(sources)
         x = x.to(args.device)
         start = time.perf_counter()
-        result = select(x, np.ones(n, dtype=bool), [None] * n,
-                        SelectOptions(budget=0.3, strategy=args.strategy, dedup_threshold=0.95))
+        result = select(
+            x,
+            np.ones(n, dtype=bool),
+            [None] * n,
+            SelectOptions(budget=0.3, strategy=args.strategy, dedup_threshold=0.95),
+        )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         # A planted pair is found when one of its two images is marked (either may be kept).
-        found = sum(1 for copy, source in zip(range(n - planted, n), sources)
-                    if "near_duplicate" in (result.reason[copy], result.reason[source]))
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        rows.append({"n": n, "seconds": elapsed, "planted_pairs_found": found / planted, "near_duplicates":
-                     result.report["near_duplicates"], "clusters": result.report["clusters"],
-                     "selected": result.report["selected"], "peak_rss_gb": peak_gb})
-        print(json.dumps(rows[-1]) if args.json else
-              f"n={n:>9,d}  {elapsed:8.1f} s  planted pairs found {found}/{planted}  "
-              f"near duplicates {result.report['near_duplicates']}  clusters {result.report['clusters']}  "
-              f"peak RSS {peak_gb:.1f} GB", flush=True)
+        found = sum(
+            1
+            for copy, source in zip(range(n - planted, n), sources)
+            if "near_duplicate" in (result.reason[copy], result.reason[source])
+        )
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        rows.append(
+            {
+                "n": n,
+                "seconds": elapsed,
+                "planted_pairs_found": found / planted,
+                "near_duplicates": result.report["near_duplicates"],
+                "clusters": result.report["clusters"],
+                "selected": result.report["selected"],
+                "peak_rss_gb": peak_gb,
+            }
+        )
+        print(
+            json.dumps(rows[-1])
+            if args.json
+            else f"n={n:>9,d}  {elapsed:8.1f} s  planted pairs found {found}/{planted}  "
+            f"near duplicates {result.report['near_duplicates']}  clusters {result.report['clusters']}  "
+            f"peak RSS {peak_gb:.1f} GB",
+            flush=True,
+        )
         del x, result
 
 

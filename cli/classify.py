@@ -42,8 +42,10 @@ def classify(
         model = load_model_for(common)
         task = ClassifyTask(model, top_k=top_k, overlays=bool(overlays))
         if overlays and not task.cam_available:
-            raise UsageError(f"--overlays draws class activation maps, which need a CNN ending in pooling and a "
-                             f"linear head; {model.spec} has none (use `visbatch saliency` for its maps)")
+            raise UsageError(
+                f"--overlays draws class activation maps, which need a CNN ending in pooling and a "
+                f"linear head; {model.spec} has none (use `visbatch saliency` for its maps)"
+            )
         summary = run_pipeline(task, model, items, pipeline_config(common, "classify", model, items, **settings))
         return finish(summary, common)
 

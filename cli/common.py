@@ -60,62 +60,229 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
         return P(name, kw, default=default, annotation=annotation)
 
     return [
-        P("inputs", P.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[Optional[list[str]], typer.Argument(
-            help="Image folders, image files, or - to read paths from stdin.", show_default=False)]),
-        opt("manifest", Annotated[Optional[str], typer.Option(
-            "--manifest", help="CSV/TSV/JSONL/Parquet file with a `path` column (paths relative to it).",
-            envvar="VISBATCH_MANIFEST")], None),
-        opt("model", Annotated[str, typer.Option(
-            "--model", "-m", help="Model spec: efficientnet-lite0, an open_clip name, timm:NAME, hf-hub:ORG/NAME.",
-            envvar="VISBATCH_MODEL")], default_model),
-        opt("pretrained", Annotated[Optional[str], typer.Option(
-            "--pretrained", help="open_clip tag, or a local weights file (safetensors, or .pt/.bin loaded weights-only)."
-            + (f" Default with the default model: {default_pretrained}." if default_pretrained else ""),
-            envvar="VISBATCH_PRETRAINED", show_default=False)], None),
-        opt("device", Annotated[str, typer.Option(
-            "--device", help="auto, cpu, cuda, cuda:N or mps.", envvar="VISBATCH_DEVICE")], "auto"),
-        opt("precision", Annotated[str, typer.Option(
-            "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.",
-            envvar="VISBATCH_PRECISION")], "auto"),
-        opt("runtime", Annotated[str, typer.Option(
-            "--runtime", help="For a quantized --model FILE: speed keeps each dequantized weight (as fast as "
-            "the original, memory as the original); memory dequantizes per batch (packed size in memory).",
-            envvar="VISBATCH_RUNTIME")], "speed"),
-        opt("batch_size", Annotated[Optional[int], typer.Option(
-            "--batch-size", "-b", min=1, help="Images per batch (default: 64 on CUDA, 8 on CPU, where small "
-            "batches stay in cache).", envvar="VISBATCH_BATCH_SIZE", show_default=False)], None),
-        opt("workers", Annotated[Optional[int], typer.Option(
-            "--workers", "-j", min=0, help="Decode worker processes (0 decodes in the main process). Default: "
-            "CPU count (at most 8) on CUDA; a quarter of the cores on CPU, where the model needs them.",
-            envvar="VISBATCH_WORKERS", show_default=False)], None),
-        opt("recursive", Annotated[bool, typer.Option(
-            "--recursive/--no-recursive", help="Walk folders recursively.", envvar="VISBATCH_RECURSIVE")], True),
-        opt("glob", Annotated[Optional[list[str]], typer.Option(
-            "--glob", help="Include pattern (repeatable); '!PATTERN' excludes. No '/' matches the file name.",
-            envvar="VISBATCH_GLOB")], None),
-        opt("limit", Annotated[Optional[int], typer.Option(
-            "--limit", min=1, help="Process only the first N images (after sorting and sharding).",
-            envvar="VISBATCH_LIMIT")], None),
-        opt("shard", Annotated[Optional[str], typer.Option(
-            "--shard", help="I/N: process shard I (0-based) of N, split by a stable hash of the relative path.",
-            envvar="VISBATCH_SHARD")], None),
-        opt("max_pixels", Annotated[int, typer.Option(
-            "--max-pixels", min=0, help="Refuse images with more pixels (decompression-bomb guard); 0 = no limit.",
-            envvar="VISBATCH_MAX_PIXELS")], 89_478_485),
-        opt("resume", Annotated[bool, typer.Option(
-            "--resume", help="Continue an interrupted run (or add new images to a finished output).",
-            envvar="VISBATCH_RESUME")], False),
-        opt("overwrite", Annotated[bool, typer.Option(
-            "--overwrite", help="Replace an existing output.", envvar="VISBATCH_OVERWRITE")], False),
-        opt("fail_on_error", Annotated[bool, typer.Option(
-            "--fail-on-error", help="Exit 1 when any image failed.", envvar="VISBATCH_FAIL_ON_ERROR")], False),
-        opt("json", Annotated[bool, typer.Option(
-            "--json", help="Print a machine-readable summary to stdout.", envvar="VISBATCH_JSON")], False),
-        opt("quiet", Annotated[bool, typer.Option(
-            "--quiet", "-q", help="No progress or summary on stderr.", envvar="VISBATCH_QUIET")], False),
-        opt("output", Annotated[Optional[str], typer.Option(
-            "--output", "-o", help="Output Parquet file (default: TASK.parquet in the current folder).",
-            envvar="VISBATCH_OUTPUT")], None),
+        P(
+            "inputs",
+            P.POSITIONAL_OR_KEYWORD,
+            default=None,
+            annotation=Annotated[
+                Optional[list[str]],
+                typer.Argument(help="Image folders, image files, or - to read paths from stdin.", show_default=False),
+            ],
+        ),
+        opt(
+            "manifest",
+            Annotated[
+                Optional[str],
+                typer.Option(
+                    "--manifest",
+                    help="CSV/TSV/JSONL/Parquet file with a `path` column (paths relative to it).",
+                    envvar="VISBATCH_MANIFEST",
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "model",
+            Annotated[
+                str,
+                typer.Option(
+                    "--model",
+                    "-m",
+                    help="Model spec: efficientnet-lite0, an open_clip name, timm:NAME, hf-hub:ORG/NAME.",
+                    envvar="VISBATCH_MODEL",
+                ),
+            ],
+            default_model,
+        ),
+        opt(
+            "pretrained",
+            Annotated[
+                Optional[str],
+                typer.Option(
+                    "--pretrained",
+                    help="open_clip tag, or a local weights file (safetensors, or .pt/.bin loaded weights-only)."
+                    + (f" Default with the default model: {default_pretrained}." if default_pretrained else ""),
+                    envvar="VISBATCH_PRETRAINED",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "device",
+            Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", envvar="VISBATCH_DEVICE")],
+            "auto",
+        ),
+        opt(
+            "precision",
+            Annotated[
+                str,
+                typer.Option(
+                    "--precision",
+                    help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.",
+                    envvar="VISBATCH_PRECISION",
+                ),
+            ],
+            "auto",
+        ),
+        opt(
+            "runtime",
+            Annotated[
+                str,
+                typer.Option(
+                    "--runtime",
+                    help="For a quantized --model FILE: speed keeps each dequantized weight (as fast as "
+                    "the original, memory as the original); memory dequantizes per batch (packed size in memory).",
+                    envvar="VISBATCH_RUNTIME",
+                ),
+            ],
+            "speed",
+        ),
+        opt(
+            "batch_size",
+            Annotated[
+                Optional[int],
+                typer.Option(
+                    "--batch-size",
+                    "-b",
+                    min=1,
+                    help="Images per batch (default: 64 on CUDA, 8 on CPU, where small batches stay in cache).",
+                    envvar="VISBATCH_BATCH_SIZE",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "workers",
+            Annotated[
+                Optional[int],
+                typer.Option(
+                    "--workers",
+                    "-j",
+                    min=0,
+                    help="Decode worker processes (0 decodes in the main process). Default: "
+                    "CPU count (at most 8) on CUDA; a quarter of the cores on CPU, where the model needs them.",
+                    envvar="VISBATCH_WORKERS",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "recursive",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--recursive/--no-recursive", help="Walk folders recursively.", envvar="VISBATCH_RECURSIVE"
+                ),
+            ],
+            True,
+        ),
+        opt(
+            "glob",
+            Annotated[
+                Optional[list[str]],
+                typer.Option(
+                    "--glob",
+                    help="Include pattern (repeatable); '!PATTERN' excludes. No '/' matches the file name.",
+                    envvar="VISBATCH_GLOB",
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "limit",
+            Annotated[
+                Optional[int],
+                typer.Option(
+                    "--limit",
+                    min=1,
+                    help="Process only the first N images (after sorting and sharding).",
+                    envvar="VISBATCH_LIMIT",
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "shard",
+            Annotated[
+                Optional[str],
+                typer.Option(
+                    "--shard",
+                    help="I/N: process shard I (0-based) of N, split by a stable hash of the relative path.",
+                    envvar="VISBATCH_SHARD",
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "max_pixels",
+            Annotated[
+                int,
+                typer.Option(
+                    "--max-pixels",
+                    min=0,
+                    help="Refuse images with more pixels (decompression-bomb guard); 0 = no limit.",
+                    envvar="VISBATCH_MAX_PIXELS",
+                ),
+            ],
+            89_478_485,
+        ),
+        opt(
+            "resume",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--resume",
+                    help="Continue an interrupted run (or add new images to a finished output).",
+                    envvar="VISBATCH_RESUME",
+                ),
+            ],
+            False,
+        ),
+        opt(
+            "overwrite",
+            Annotated[
+                bool, typer.Option("--overwrite", help="Replace an existing output.", envvar="VISBATCH_OVERWRITE")
+            ],
+            False,
+        ),
+        opt(
+            "fail_on_error",
+            Annotated[
+                bool,
+                typer.Option("--fail-on-error", help="Exit 1 when any image failed.", envvar="VISBATCH_FAIL_ON_ERROR"),
+            ],
+            False,
+        ),
+        opt(
+            "json",
+            Annotated[
+                bool, typer.Option("--json", help="Print a machine-readable summary to stdout.", envvar="VISBATCH_JSON")
+            ],
+            False,
+        ),
+        opt(
+            "quiet",
+            Annotated[
+                bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.", envvar="VISBATCH_QUIET")
+            ],
+            False,
+        ),
+        opt(
+            "output",
+            Annotated[
+                Optional[str],
+                typer.Option(
+                    "--output",
+                    "-o",
+                    help="Output Parquet file (default: TASK.parquet in the current folder).",
+                    envvar="VISBATCH_OUTPUT",
+                ),
+            ],
+            None,
+        ),
     ]
 
 
@@ -187,12 +354,14 @@ def guarded(func: Callable[[], int], quiet: bool = False) -> int:
         raise
     except Exception as exc:
         if "out of memory" in str(exc).lower():
-            raise fail("device out of memory even for a single image; try --precision bf16 or --device cpu",
-                       EXIT_FATAL)
+            raise fail("device out of memory even for a single image; try --precision bf16 or --device cpu", EXIT_FATAL)
         if os.environ.get("VISBATCH_DEBUG"):
             raise
-        raise fail(f"internal error: {type(exc).__name__}: {one_line(str(exc))} "
-                   "(please report it; VISBATCH_DEBUG=1 shows where)", EXIT_FATAL)
+        raise fail(
+            f"internal error: {type(exc).__name__}: {one_line(str(exc))} "
+            "(please report it; VISBATCH_DEBUG=1 shows where)",
+            EXIT_FATAL,
+        )
 
 
 def find_inputs(common: CommonOptions):
@@ -211,8 +380,10 @@ def find_inputs(common: CommonOptions):
     items = find_images(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
     if not items:
         where = ", ".join(common.inputs + ([common.manifest] if common.manifest else []))
-        raise InputError(f"no images found in {where}"
-                         + (" after --glob/--shard/--limit" if common.glob or common.shard or common.limit else ""))
+        raise InputError(
+            f"no images found in {where}"
+            + (" after --glob/--shard/--limit" if common.glob or common.shard or common.limit else "")
+        )
     return items
 
 
@@ -287,10 +458,12 @@ def finish(summary, common: CommonOptions) -> int:
 
 
 # Overlay options shared by the commands that draw heatmaps.
-OverlaysOpt = Annotated[Optional[str], typer.Option(
-    "--overlays", help="Folder for PNG overlays (mirrors the input folders).")]
-OverlaySizeOpt = Annotated[int, typer.Option(
-    "--overlay-size", min=16, help="Longer side of overlay images, in pixels.")]
+OverlaysOpt = Annotated[
+    Optional[str], typer.Option("--overlays", help="Folder for PNG overlays (mirrors the input folders).")
+]
+OverlaySizeOpt = Annotated[
+    int, typer.Option("--overlay-size", min=16, help="Longer side of overlay images, in pixels.")
+]
 ColormapOpt = Annotated[str, typer.Option("--colormap", help="turbo, viridis, inferno, jet, gray or coolwarm.")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the image.")]
 OverlayStyleOpt = Annotated[str, typer.Option("--overlay-style", help="blend or side-by-side.")]
@@ -303,8 +476,13 @@ def overlay_settings(overlays, overlay_size, colormap, alpha, overlay_style) -> 
         raise UsageError(f"--colormap {colormap!r}: choose from {', '.join(COLORMAPS)}")
     if overlay_style not in ("blend", "side-by-side"):
         raise UsageError(f"--overlay-style {overlay_style!r}: choose blend or side-by-side")
-    return dict(overlays=overlays, overlay_size=overlay_size, overlay_colormap=colormap,
-                overlay_alpha=alpha, overlay_style=overlay_style)
+    return dict(
+        overlays=overlays,
+        overlay_size=overlay_size,
+        overlay_colormap=colormap,
+        overlay_alpha=alpha,
+        overlay_style=overlay_style,
+    )
 
 
 # Options of the commands that do not take the job options (quantize, detect-aigi train/eval).

@@ -30,11 +30,19 @@ from visbatch.cli.common import (
 )
 
 NormalizeFormatOpt = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95.")
-ResumeOpt = Annotated[bool, typer.Option(
-    "--resume", help="Continue an interrupted run from the features already computed (OUTPUT.features.parquet).")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue an interrupted run from the features already computed (OUTPUT.features.parquet)."
+    ),
+]
 
-app = typer.Typer(help="Train, score and evaluate detectors of AI-generated images.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Train, score and evaluate detectors of AI-generated images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 def _f(value, width: int) -> str:
@@ -54,13 +62,18 @@ def fold_table(report: dict) -> str:
     width = max([len(head)] + [len(str(row["held_out"])) for row in report["fold_ap"]])
     lines = [f"{head:<{width}} " + " ".join(f"{g:>9s}" for g in groups) + f" {'fused':>9s}"]
     for row in report["fold_ap"]:
-        lines.append(f"{str(row['held_out']):<{width}} " + " ".join(_f(row[g], 9) for g in groups)
-                     + " " + _f(row["fused"], 9))
+        lines.append(
+            f"{str(row['held_out']):<{width}} " + " ".join(_f(row[g], 9) for g in groups) + " " + _f(row["fused"], 9)
+        )
     means = [report["groups"][g]["fold_ap_mean"] for g in groups]
-    lines.append(f"{'mean AP':<{width}} " + " ".join(_f(m, 9) for m in means) + " "
-                 + _f(report["fused_fold_ap_mean"], 9))
-    lines.append(f"kept groups: {', '.join(report['selected_groups'])} (L2 "
-                 + ", ".join(f"{g} {report['groups'][g]['l2']:g}" for g in report["selected_groups"]) + ")")
+    lines.append(
+        f"{'mean AP':<{width}} " + " ".join(_f(m, 9) for m in means) + " " + _f(report["fused_fold_ap_mean"], 9)
+    )
+    lines.append(
+        f"kept groups: {', '.join(report['selected_groups'])} (L2 "
+        + ", ".join(f"{g} {report['groups'][g]['l2']:g}" for g in report["selected_groups"])
+        + ")"
+    )
     return "\n".join(lines)
 
 
@@ -75,30 +88,52 @@ def train(
     root: Optional[str] = typer.Argument(None, help="Labelled root: 0_real/ and 1_fake/ (optionally per generator)."),
     real: Optional[list[str]] = typer.Option(None, "--real", help="Folder of real images (repeatable)."),
     fake: Optional[list[str]] = typer.Option(None, "--fake", help="Folder of generated images (repeatable)."),
-    features: str = typer.Option("npr,bitplane,spectrum,layers", "--features",
-                                 help="Comma-separated groups: embedding, layers, npr, bitplane, spectrum."),
-    model: str = typer.Option("efficientnet-lite0", "--model", "-m", help="Backbone of the embedding group.",
-                              envvar="VISBATCH_MODEL"),
+    features: str = typer.Option(
+        "npr,bitplane,spectrum,layers",
+        "--features",
+        help="Comma-separated groups: embedding, layers, npr, bitplane, spectrum.",
+    ),
+    model: str = typer.Option(
+        "efficientnet-lite0", "--model", "-m", help="Backbone of the embedding group.", envvar="VISBATCH_MODEL"
+    ),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", envvar="VISBATCH_PRETRAINED"),
-    univfd_head: Optional[str] = typer.Option(None, "--univfd-head", help="Use UnivFD's released linear head "
-                                              "(weight [1, 768], bias) instead of training (--model ViT-L-14 "
-                                              "--pretrained openai)."),
-    policy: str = typer.Option("crop", "--policy", help="crop (native resolution, default), resize, or tiles "
-                               "(--tiles x --tiles native-resolution tiles of --size, features averaged)."),
+    univfd_head: Optional[str] = typer.Option(
+        None,
+        "--univfd-head",
+        help="Use UnivFD's released linear head "
+        "(weight [1, 768], bias) instead of training (--model ViT-L-14 "
+        "--pretrained openai).",
+    ),
+    policy: str = typer.Option(
+        "crop",
+        "--policy",
+        help="crop (native resolution, default), resize, or tiles "
+        "(--tiles x --tiles native-resolution tiles of --size, features averaged).",
+    ),
     size: int = typer.Option(256, "--size", min=32, help="Side of the crop (or tile) the detector looks at."),
     tiles: int = typer.Option(3, "--tiles", min=1, max=16, help="With --policy tiles: tiles per side."),
     holdout: float = typer.Option(0.25, "--holdout", min=0.05, max=0.9, help="Share held out for calibration."),
     seed: int = typer.Option(0, "--seed"),
     group_pattern: Optional[str] = typer.Option(
-        None, "--group-pattern", help="Regex on each image's relative path; images with the same match (its "
+        None,
+        "--group-pattern",
+        help="Regex on each image's relative path; images with the same match (its "
         "first group if it has one) stay on one side of the held-out split, e.g. '(.*)_\\d+\\.jpg$' for crops "
-        "of one photo."),
+        "of one photo.",
+    ),
     l2: Optional[float] = typer.Option(
-        None, "--l2", min=0.0, help="L2 regularisation of every group's logistic regression (default: each "
-        "group's own, chosen on held-out folds of the training data)."),
+        None,
+        "--l2",
+        min=0.0,
+        help="L2 regularisation of every group's logistic regression (default: each "
+        "group's own, chosen on held-out folds of the training data).",
+    ),
     keep_all_groups: bool = typer.Option(
-        False, "--keep-all-groups", help="Keep every --features group (by default, with generator folders, "
-        "leave-one-generator-out keeps only the groups that help on held-out generators)."),
+        False,
+        "--keep-all-groups",
+        help="Keep every --features group (by default, with generator folders, "
+        "leave-one-generator-out keeps only the groups that help on held-out generators).",
+    ),
     normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detector.safetensors", "--output", "-o"),
     overwrite: OverwriteOpt = False,
@@ -156,34 +191,49 @@ def train(
         features_path = features_path_for(output)
         protected = ProtectedInputs.for_items(data.items, [pretrained, model])
         protected.check_file(output, "output")
-        config = RunConfig(output=features_path, batch_size=batch_size, workers=workers, quiet=quiet,
-                           resume=resume, overwrite=not resume, protected=protected)
+        config = RunConfig(
+            output=features_path,
+            batch_size=batch_size,
+            workers=workers,
+            quiet=quiet,
+            resume=resume,
+            overwrite=not resume,
+            protected=protected,
+        )
         check_outputs(config)
         check_creatable(output, "output")
         for warning in format_confounds(data):
             _say(quiet, f"visbatch: warning: {warning}")
         if policy == "resize" and any(g in ARTEFACT_GROUPS for g in groups):
-            _say(quiet, "visbatch: warning: --policy resize resamples every image, which erases the up-sampling "
-                        "traces the npr, bitplane and spectrum groups look for")
+            _say(
+                quiet,
+                "visbatch: warning: --policy resize resamples every image, which erases the up-sampling "
+                "traces the npr, bitplane and spectrum groups look for",
+            )
         backbone = _load_backbone(model, pretrained, device) if any(g in BACKBONE_GROUPS for g in groups) else None
         host = backbone or DeviceOnly(device)
         tile_count = tiles if policy == "tiles" else 1
         extractor = FeatureExtractor(backbone, groups, tiling=Tiling(size, tile_count) if policy == "tiles" else None)
-        settings = TrainSettings(groups, policy, size, tile_count, holdout, seed, l2, not keep_all_groups,
-                                 group_pattern, normalize_format)
+        settings = TrainSettings(
+            groups, policy, size, tile_count, holdout, seed, l2, not keep_all_groups, group_pattern, normalize_format
+        )
         with OutputLock(output):
-            detector, report = train_job(data, extractor, policy_geometry(policy, size, tile_count), host, backbone,
-                                         settings, config)
+            detector, report = train_job(
+                data, extractor, policy_geometry(policy, size, tile_count), host, backbone, settings, config
+            )
             detector.save(output)
         for warning in settings.warnings:
             _say(quiet, f"visbatch: warning: {warning}")
         if as_json:
             print(json.dumps(json_safe(report), allow_nan=False))
         _say(quiet, fold_table(report))
-        _say(quiet, f"visbatch detect-aigi train: {report['train'] + report['held_out']} images, "
-                    f"held-out AP {report['held_out_ap']:.3f}, AUROC {report['held_out_auroc']:.3f}, "
-                    f"ECE {report['held_out_ece']:.3f}, threshold {report['threshold']:.3f}\n  detector: {output}"
-                    f"\n  features: {features_path}")
+        _say(
+            quiet,
+            f"visbatch detect-aigi train: {report['train'] + report['held_out']} images, "
+            f"held-out AP {report['held_out_ap']:.3f}, AUROC {report['held_out_auroc']:.3f}, "
+            f"ECE {report['held_out_ece']:.3f}, threshold {report['threshold']:.3f}\n  detector: {output}"
+            f"\n  features: {features_path}",
+        )
         return EXIT_OK
 
     raise typer.Exit(guarded(job, quiet))
@@ -193,8 +243,9 @@ def train(
 def score(
     common,
     detector: str = typer.Option(..., "--detector", help="A detector file from `detect-aigi train`."),
-    tta: bool = typer.Option(False, "--tta", help="Also score a JPEG q90 and a 0.9x resized copy; "
-                             "label 'unsure' when the verdict flips."),
+    tta: bool = typer.Option(
+        False, "--tta", help="Also score a JPEG q90 and a 0.9x resized copy; label 'unsure' when the verdict flips."
+    ),
     heatmaps: Optional[str] = typer.Option(None, "--heatmaps", help="Folder for per-patch p_fake overlays."),
     overlay_size: OverlaySizeOpt = 512,
     colormap: ColormapOpt = "inferno",
@@ -204,7 +255,8 @@ def score(
     """Score images: calibrated p_fake, a label, each feature group's share; heatmaps per patch."""
     from visbatch.core.models import DeviceOnly
     from visbatch.core.pipeline import run_pipeline
-    from visbatch.core.tasks.aigi.detector import Detector, FeatureExtractor, ScoreTask
+    from visbatch.core.tasks.aigi.detector import Detector, FeatureExtractor
+    from visbatch.core.tasks.aigi.score import ScoreTask
 
     def job() -> int:
         loaded = Detector.load(detector)
@@ -227,8 +279,11 @@ def _backbone_for(detector, common):
     if not any(group in BACKBONE_GROUPS for group in detector.groups):
         return None
     spec = detector.backbone["spec"] if common.model == "detector" else common.model
-    pretrained = common.pretrained if common.pretrained is not None else (
-        detector.backbone.get("pretrained") if common.model == "detector" else None)
+    pretrained = (
+        common.pretrained
+        if common.pretrained is not None
+        else (detector.backbone.get("pretrained") if common.model == "detector" else None)
+    )
     backbone = _load_backbone(spec, pretrained, common.device)
     detector.check_backbone(backbone)
     return backbone
@@ -274,37 +329,80 @@ def evaluate_command(
         protected = ProtectedInputs.for_items(data.items, [detector, pretrained, model])
         protected.check_file(output, "output")
         loaded = Detector.load(detector)
-        config = RunConfig(output=features_path, batch_size=batch_size, workers=workers, quiet=True,
-                           resume=resume, overwrite=not resume, protected=protected)
+        config = RunConfig(
+            output=features_path,
+            batch_size=batch_size,
+            workers=workers,
+            quiet=True,
+            resume=resume,
+            overwrite=not resume,
+            protected=protected,
+        )
         check_outputs(config)
         check_creatable(output, "output")
         for warning in format_confounds(data):
             _say(quiet, f"visbatch: warning: {warning}")
-        common = CommonOptions(inputs=[], manifest=None, model=model, pretrained=pretrained, device=device,
-                               precision="auto", batch_size=batch_size, workers=workers, recursive=True, glob=[],
-                               limit=None, shard=None, max_pixels=89_478_485, resume=False, overwrite=True,
-                               fail_on_error=False, json=as_json, quiet=quiet, output=output)
+        common = CommonOptions(
+            inputs=[],
+            manifest=None,
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            precision="auto",
+            batch_size=batch_size,
+            workers=workers,
+            recursive=True,
+            glob=[],
+            limit=None,
+            shard=None,
+            max_pixels=89_478_485,
+            resume=False,
+            overwrite=True,
+            fail_on_error=False,
+            json=as_json,
+            quiet=quiet,
+            output=output,
+        )
         backbone = _backbone_for(loaded, common)
         host = backbone or DeviceOnly(device)
         extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
-        metadata = {"task": "detect-aigi-eval", "detector": os.path.abspath(detector), "root": os.path.abspath(root),
-                    "threshold": loaded.threshold, "normalize_format": normalize_format, "finished_at": utc_now()}
+        metadata = {
+            "task": "detect-aigi-eval",
+            "detector": os.path.abspath(detector),
+            "root": os.path.abspath(root),
+            "threshold": loaded.threshold,
+            "normalize_format": normalize_format,
+            "finished_at": utc_now(),
+        }
         with OutputLock(output):
-            rows, errors = evaluate_job(data, loaded, extractor,
-                                        policy_geometry(loaded.policy, loaded.size, loaded.tiles), host,
-                                        normalize_format, config, output, metadata)
+            rows, errors = evaluate_job(
+                data,
+                loaded,
+                extractor,
+                policy_geometry(loaded.policy, loaded.size, loaded.tiles),
+                host,
+                normalize_format,
+                config,
+                output,
+                metadata,
+            )
             remove_features(features_path)
         overall = rows[-1]
         if as_json:
             print(json.dumps({"rows": rows, "unreadable": len(errors)}, allow_nan=False))
         if not quiet:
-            header = f"{'generator':20s} {'n_real':>6s} {'n_fake':>6s} {'AP':>6s} {'AUROC':>6s} {'acc@.5':>7s} " \
-                     f"{'acc@thr':>7s} {'real':>6s} {'fake':>6s}"
+            header = (
+                f"{'generator':20s} {'n_real':>6s} {'n_fake':>6s} {'AP':>6s} {'AUROC':>6s} {'acc@.5':>7s} "
+                f"{'acc@thr':>7s} {'real':>6s} {'fake':>6s}"
+            )
             print(header, file=sys.stderr)
             for r in rows:
-                print(f"{r['generator'][:20]:20s} {r['n_real']:6d} {r['n_fake']:6d} {_f(r['ap'], 6)} "
-                      f"{_f(r['auroc'], 6)} {_f(r['acc_at_0_5'], 7)} {_f(r['acc_at_threshold'], 7)} "
-                      f"{_f(r['real_acc'], 6)} {_f(r['fake_acc'], 6)}", file=sys.stderr)
+                print(
+                    f"{r['generator'][:20]:20s} {r['n_real']:6d} {r['n_fake']:6d} {_f(r['ap'], 6)} "
+                    f"{_f(r['auroc'], 6)} {_f(r['acc_at_0_5'], 7)} {_f(r['acc_at_threshold'], 7)} "
+                    f"{_f(r['real_acc'], 6)} {_f(r['fake_acc'], 6)}",
+                    file=sys.stderr,
+                )
             for error in errors[:5]:
                 print(f"visbatch: warning: not scored: {error}", file=sys.stderr)
         if min_ap is not None and not (overall["ap"] is not None and overall["ap"] >= min_ap):

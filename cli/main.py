@@ -73,8 +73,9 @@ def _version_callback(value: bool):
 
 @app.callback()
 def root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version_callback, is_eager=True,
-                                           help="Print the version and exit."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
 ):
     """visbatch: batched saliency, CLIP scores, data selection, AI-image detection and quantization."""
 
@@ -116,8 +117,10 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
             for name, text in value.items():
                 print(f"  {name:20s} {text}")
             print("  timm:NAME            any timm model (weights via --pretrained PATH or timm's download)")
-            print(f"  <open_clip name>     {data['open_clip_models']} open_clip architectures "
-                  "(python -c 'import open_clip; print(open_clip.list_models())')")
+            print(
+                f"  <open_clip name>     {data['open_clip_models']} open_clip architectures "
+                "(python -c 'import open_clip; print(open_clip.list_models())')"
+            )
         elif key != "open_clip_models":
             print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
@@ -127,8 +130,9 @@ def merge(
     parts: list[str] = typer.Argument(..., help="Parquet outputs of the same job's --shard I/N runs."),
     output: str = typer.Option(..., "--output", "-o", help="The merged Parquet file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="Merge even if some shards are missing "
-                                       "(a warning names them)."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Merge even if some shards are missing (a warning names them)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors."),
 ):
     """Merge the outputs of --shard runs of one job into one file, in sorted path order."""

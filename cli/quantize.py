@@ -28,27 +28,43 @@ def quantize(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", envvar="VISBATCH_PRETRAINED"),
     bits: int = typer.Option(8, "--bits", help="8 or 4."),
     group_size: str = typer.Option("128", "--group-size", help="32, 64, 128 or channel."),
-    method: str = typer.Option("auto", "--method", help="auto (default: per block, whichever of rtn, awq and gptq "
-                               "has the lowest error on calibration images held out of the calibration), rtn, "
-                               "awq or gptq."),
+    method: str = typer.Option(
+        "auto",
+        "--method",
+        help="auto (default: per block, whichever of rtn, awq and gptq "
+        "has the lowest error on calibration images held out of the calibration), rtn, "
+        "awq or gptq.",
+    ),
     min_cosine: Optional[float] = typer.Option(
-        None, "--min-cosine", help="Exit 1 when the held-out cosine min (quantized vs original outputs) is below "
-        "this (a CI gate)."),
-    act_order: bool = typer.Option(False, "--act-order", help="gptq: columns by decreasing Hessian diagonal "
-                                   "(needs --group-size channel)."),
-    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="awq: search a clipping range per "
-                                  "output row and group (not for attention's q/k)."),
+        None,
+        "--min-cosine",
+        help="Exit 1 when the held-out cosine min (quantized vs original outputs) is below this (a CI gate).",
+    ),
+    act_order: bool = typer.Option(
+        False, "--act-order", help="gptq: columns by decreasing Hessian diagonal (needs --group-size channel)."
+    ),
+    awq_clip: bool = typer.Option(
+        True,
+        "--awq-clip/--no-awq-clip",
+        help="awq: search a clipping range per output row and group (not for attention's q/k).",
+    ),
     towers: str = typer.Option("visual", "--towers", help="CLIP: visual, text or all."),
     skip: Optional[list[str]] = typer.Option(None, "--skip", help="Layer name pattern to keep (repeatable)."),
     eval_images: Optional[str] = typer.Option(
-        None, "--eval-images", help="Held-out images for the report (default: 25% of --calib, held out)."),
+        None, "--eval-images", help="Held-out images for the report (default: 25% of --calib, held out)."
+    ),
     calib_limit: int = typer.Option(256, "--calib-limit", min=1, help="At most this many calibration images."),
     calib_prompts: Optional[str] = typer.Option(
-        None, "--calib-prompts", help="Text file, one prompt per line: calibrates a CLIP text tower."),
+        None, "--calib-prompts", help="Text file, one prompt per line: calibrates a CLIP text tower."
+    ),
     calib_captions: Optional[str] = typer.Option(
-        None, "--calib-captions", help="Captions table (caption column): calibrates a CLIP text tower."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="CLIP: comma-separated zero-shot labels; the "
-                                         "report gives label_agreement on the held-out images."),
+        None, "--calib-captions", help="Captions table (caption column): calibrates a CLIP text tower."
+    ),
+    labels: Optional[str] = typer.Option(
+        None,
+        "--labels",
+        help="CLIP: comma-separated zero-shot labels; the report gives label_agreement on the held-out images.",
+    ),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The quantized .safetensors file."),
     overwrite: OverwriteOpt = False,
     inspect: Optional[str] = typer.Option(None, "--inspect", help="Print what a quantized file holds and exit."),
@@ -104,8 +120,9 @@ def quantize(
         if eval_images:
             if not os.path.exists(eval_images):
                 raise UsageError(f"--eval-images {eval_images}: no such folder")
-            protected = protected.add(roots=[eval_images if os.path.isdir(eval_images)
-                                             else os.path.dirname(os.path.abspath(eval_images))])
+            protected = protected.add(
+                roots=[eval_images if os.path.isdir(eval_images) else os.path.dirname(os.path.abspath(eval_images))]
+            )
         protected.check_file(output, "output")
         protected.check_file(report_path, "report")
         check_creatable(output, "output")
@@ -119,10 +136,27 @@ def quantize(
             random.Random(0).shuffle(shuffled)
             cut = max(1, len(shuffled) // 4) if len(shuffled) > 1 else 0
             held_out, calibration = shuffled[:cut] or shuffled, (shuffled[cut:] or shuffled)[:calib_limit]
-        common = CommonOptions(inputs=[], manifest=None, model=model, pretrained=pretrained, device=device,
-                               precision="fp32", batch_size=batch_size, workers=workers, recursive=True, glob=[],
-                               limit=None, shard=None, max_pixels=89_478_485, resume=False, overwrite=overwrite,
-                               fail_on_error=False, json=as_json, quiet=quiet, output=output)
+        common = CommonOptions(
+            inputs=[],
+            manifest=None,
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            precision="fp32",
+            batch_size=batch_size,
+            workers=workers,
+            recursive=True,
+            glob=[],
+            limit=None,
+            shard=None,
+            max_pixels=89_478_485,
+            resume=False,
+            overwrite=overwrite,
+            fail_on_error=False,
+            json=as_json,
+            quiet=quiet,
+            output=output,
+        )
         loaded = load_model_for(common)
         config = RunConfig(output=output, batch_size=batch_size, workers=workers, quiet=True)
         texts = []
@@ -137,13 +171,21 @@ def quantize(
 
             texts += [str(r["caption"]) for r in read_table_file(calib_captions) if r.get("caption")]
         label_list = [label.strip() for label in (labels or "").split(",") if label.strip()]
-        if label_list and loaded.family != "open_clip":
+        if label_list and "text_embedding" not in loaded.capabilities:
             raise UsageError("--labels measures zero-shot agreement of a CLIP model; classifiers get top1_agreement")
-        if texts and loaded.family != "open_clip":
+        if texts and "text_embedding" not in loaded.capabilities:
             raise UsageError("--calib-prompts/--calib-captions calibrate a CLIP text tower; this model has none")
-        options = QuantizeOptions(bits=bits, group_size=None if group_size == "channel" else int(group_size),
-                                  method=method, towers=towers, skip=list(skip or []), act_order=act_order,
-                                  awq_clip=awq_clip, texts=texts, labels=label_list)
+        options = QuantizeOptions(
+            bits=bits,
+            group_size=None if group_size == "channel" else int(group_size),
+            method=method,
+            towers=towers,
+            skip=list(skip or []),
+            act_order=act_order,
+            awq_clip=awq_clip,
+            texts=texts,
+            labels=label_list,
+        )
         with OutputLock(output):
             report = run_quantize(loaded, calibration, held_out, output, options, config)
             write_report(report_path, report)
@@ -153,18 +195,24 @@ def quantize(
         if not quiet:
             lines = []
             if report["worse_than_rtn"]:
-                lines.append(f"visbatch: warning: on the held-out images, {method} is worse than plain rounding "
-                             f"(output MSE {report['output_mse']:.4g} vs RTN {report['rtn_output_mse']:.4g}); "
-                             "--method auto keeps RTN where it does better")
-            lines.append(f"visbatch quantize: {method} int{bits} g{options.group_size or 'channel'}: "
-                         f"{report['quantized_layers']} layers quantized, {report['kept_layers']} kept")
+                lines.append(
+                    f"visbatch: warning: on the held-out images, {method} is worse than plain rounding "
+                    f"(output MSE {report['output_mse']:.4g} vs RTN {report['rtn_output_mse']:.4g}); "
+                    "--method auto keeps RTN where it does better"
+                )
+            lines.append(
+                f"visbatch quantize: {method} int{bits} g{options.group_size or 'channel'}: "
+                f"{report['quantized_layers']} layers quantized, {report['kept_layers']} kept"
+            )
             lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in figures.items()]
             lines += [f"  file: {output}", f"  report: {report_path}"]
             print("\n".join(lines), file=sys.stderr)
         if min_cosine is not None and not report["cosine_min"] >= min_cosine:
             if not quiet:
-                print(f"visbatch: held-out cosine min {report['cosine_min']:.4f} is below --min-cosine {min_cosine}",
-                      file=sys.stderr)
+                print(
+                    f"visbatch: held-out cosine min {report['cosine_min']:.4f} is below --min-cosine {min_cosine}",
+                    file=sys.stderr,
+                )
             return EXIT_SOME_FAILED
         return EXIT_OK
 

@@ -31,11 +31,13 @@ def _print_methods() -> None:
 @job_command(default_model="efficientnet-lite0")
 def saliency(
     common,
-    method: str = typer.Option("auto", "--method", help="See --list-methods. auto: gradcam for CNNs, "
-                               "attention-relevance for ViTs."),
+    method: str = typer.Option(
+        "auto", "--method", help="See --list-methods. auto: gradcam for CNNs, attention-relevance for ViTs."
+    ),
     list_methods: bool = typer.Option(False, "--list-methods", help="List the methods and exit."),
     target: Optional[str] = typer.Option(
-        None, "--target", help="Classifiers: top1 (default), INDEX or CLASS_NAME. CLIP labels: predicted or LABEL."),
+        None, "--target", help="Classifiers: top1 (default), INDEX or CLASS_NAME. CLIP labels: predicted or LABEL."
+    ),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="CLIP: explain the similarity to this text."),
     labels: Optional[str] = typer.Option(None, "--labels", help="CLIP: zero-shot labels, comma-separated."),
     labels_file: Optional[str] = typer.Option(None, "--labels-file", help="CLIP: zero-shot labels, one per line."),
@@ -50,8 +52,9 @@ def saliency(
     samples: int = typer.Option(16, "--samples", min=1, help="smoothgrad: noisy samples per image."),
     sigma: float = typer.Option(0.15, "--sigma", min=0.0, help="SmoothGrad noise, fraction of the input range."),
     steps: int = typer.Option(32, "--steps", min=1, help="integrated-gradients: integration steps."),
-    ig_rule: str = typer.Option("gausslegendre", "--ig-rule",
-                                help="gausslegendre, riemann (trapezoid), riemann-left/right/middle."),
+    ig_rule: str = typer.Option(
+        "gausslegendre", "--ig-rule", help="gausslegendre, riemann (trapezoid), riemann-left/right/middle."
+    ),
     baseline: str = typer.Option("black", "--baseline", help="integrated-gradients: black, blur, noise or zero."),
     layer: Optional[str] = typer.Option(None, "--layer", help="gradcam: module name instead of the automatic layer."),
     masks: int = typer.Option(1000, "--masks", min=1, help="rise: number of random masks."),
@@ -60,11 +63,13 @@ def saliency(
     map_size: int = typer.Option(32, "--map-size", min=1, help="Side of the compact map stored in the table."),
     evaluate: bool = typer.Option(False, "--eval", help="Deletion and insertion AUC (Petsiuk et al. 2018)."),
     eval_steps: int = typer.Option(16, "--eval-steps", min=2, help="Steps of the deletion/insertion curves."),
-    eval_deletion: str = typer.Option("blur", "--eval-deletion",
-                                      help="What deleted pixels become: blur (default) or black (Petsiuk's original)."),
+    eval_deletion: str = typer.Option(
+        "blur", "--eval-deletion", help="What deleted pixels become: blur (default) or black (Petsiuk's original)."
+    ),
     save_maps: Optional[str] = typer.Option(None, "--save-maps", help="Folder for full-resolution maps (.npy)."),
     internal_batch_size: Optional[int] = typer.Option(
-        None, "--internal-batch-size", min=1, help="Largest forward pass of steps/samples/masks (memory bound)."),
+        None, "--internal-batch-size", min=1, help="Largest forward pass of steps/samples/masks (memory bound)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for noise and masks (per image: independent of batching)."),
     overlays: OverlaysOpt = None,
     overlay_size: OverlaySizeOpt = 512,
@@ -107,11 +112,13 @@ def saliency(
         if chosen not in METHODS:
             raise UsageError(f"unknown --method {chosen!r}; choose from {', '.join(METHODS)}")
         signed_maps = METHODS[chosen].signed or (chosen == "gradient" and signed)
-        settings = overlay_settings(overlays, overlay_size, colormap or ("coolwarm" if signed_maps else "turbo"),
-                                    alpha, overlay_style)
+        settings = overlay_settings(
+            overlays, overlay_size, colormap or ("coolwarm" if signed_maps else "turbo"), alpha, overlay_style
+        )
         settings["overlay_signed"] = signed_maps
-        config = pipeline_config(common, "saliency", model, items, files=[captions, labels_file], save_maps=save_maps,
-                                 **settings)
+        config = pipeline_config(
+            common, "saliency", model, items, files=[captions, labels_file], save_maps=save_maps, **settings
+        )
         params = {
             "gradient": {"signed": signed},
             "smoothgrad": {"samples": samples, "sigma": sigma, "signed": signed},
@@ -122,13 +129,26 @@ def saliency(
             params = {"signed": signed}
         roots = sorted({it.root for it in items})
         options = SaliencyOptions(
-            method=chosen, params=params, smooth=smooth, smooth_sigma=sigma, layer=layer, target=target,
-            prompt=prompt, labels=_read_labels(labels, labels_file), templates=list(template or [DEFAULT_TEMPLATE]),
+            method=chosen,
+            params=params,
+            smooth=smooth,
+            smooth_sigma=sigma,
+            layer=layer,
+            target=target,
+            prompt=prompt,
+            labels=_read_labels(labels, labels_file),
+            templates=list(template or [DEFAULT_TEMPLATE]),
             captions=TextTable.read(captions, path_column, caption_column, roots) if captions else None,
-            sidecar=sidecar, score=score, map_size=map_size, evaluate=evaluate, eval_steps=eval_steps, eval_deletion=eval_deletion,
+            sidecar=sidecar,
+            score=score,
+            map_size=map_size,
+            evaluate=evaluate,
+            eval_steps=eval_steps,
+            eval_deletion=eval_deletion,
             save_maps=save_maps,
             internal_batch_size=internal_batch_size or config.batch_size * (4 if model.device.type == "cuda" else 2),
-            seed=seed)
+            seed=seed,
+        )
         task = SaliencyTask(model, options)
         summary = run_pipeline(task, model, items, config)
         return finish(summary, common)

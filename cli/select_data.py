@@ -13,24 +13,37 @@ from visbatch.cli.common import UsageError, find_inputs, finish, guarded, job_co
 def select_data(
     common,
     budget: Optional[str] = typer.Option(
-        None, "--budget", help="Fraction of the pool (with a point: 0.3) or a count (10000). Default: all kept."),
-    strategy: str = typer.Option("random", "--strategy",
-                                 help="random, top-clip-score, kcenter, cluster-balanced or targeted."),
+        None, "--budget", help="Fraction of the pool (with a point: 0.3) or a count (10000). Default: all kept."
+    ),
+    strategy: str = typer.Option(
+        "random", "--strategy", help="random, top-clip-score, kcenter, cluster-balanced or targeted."
+    ),
     seed: int = typer.Option(0, "--seed"),
     reference: Optional[str] = typer.Option(None, "--reference", help="Folder of examples to match (targeted)."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="Embedding cache (default OUTPUT.embeddings.parquet); "
-                                        "a clip-score --save-embeddings output works too."),
+    cache: Optional[str] = typer.Option(
+        None,
+        "--cache",
+        help="Embedding cache (default OUTPUT.embeddings.parquet); a clip-score --save-embeddings output works too.",
+    ),
     clusters: Optional[int] = typer.Option(None, "--clusters", min=1, help="k-means clusters (default sqrt(pool))."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Skip near-duplicate removal."),
-    mirror: bool = typer.Option(True, "--mirror/--no-mirror", help="Dedup also matches mirrored copies (each "
-                                "image is embedded flipped left-right too, in the same batch)."),
+    mirror: bool = typer.Option(
+        True,
+        "--mirror/--no-mirror",
+        help="Dedup also matches mirrored copies (each image is embedded flipped left-right too, in the same batch).",
+    ),
     dedup_threshold: Optional[float] = typer.Option(
-        None, "--dedup-threshold", min=-1.0, max=1.0,
-        help="Cosine above which two images are near duplicates (default 0.95 for CLIP, 0.85 for classifiers)."),
+        None,
+        "--dedup-threshold",
+        min=-1.0,
+        max=1.0,
+        help="Cosine above which two images are near duplicates (default 0.95 for CLIP, 0.85 for classifiers).",
+    ),
     dedup_keep: str = typer.Option("centroid", "--dedup-keep", help="centroid or clip-score."),
     min_clip_score: Optional[float] = typer.Option(None, "--min-clip-score", help="Drop pairs below this CLIP-S."),
     clip_score_fraction: Optional[float] = typer.Option(
-        None, "--clip-score-fraction", min=0.0, max=1.0, help="Keep this fraction by CLIP-S (global threshold)."),
+        None, "--clip-score-fraction", min=0.0, max=1.0, help="Keep this fraction by CLIP-S (global threshold)."
+    ),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Score every image against this text."),
     captions: Optional[str] = typer.Option(None, "--captions", help="Captions table for the CLIP-score filter."),
     sidecar: bool = typer.Option(False, "--sidecar", help="Captions from image.txt / image.json ('caption')."),
@@ -65,8 +78,8 @@ def select_data(
             raise UsageError("give --min-clip-score or --clip-score-fraction, not both")
         if sum([prompt is not None, bool(captions), sidecar]) > 1:
             raise UsageError("choose one caption source: --prompt, --captions or --sidecar")
-        if strategy == "targeted" and not reference:
-            raise UsageError("--strategy targeted needs --reference DIR")
+        if "reference" in STRATEGIES[strategy].needs and not reference:
+            raise UsageError(f"--strategy {strategy} needs --reference DIR")
         if print_selected and common.json:
             raise UsageError("--print-selected and --json both write to stdout; choose one")
         if common.resume:
@@ -86,12 +99,22 @@ def select_data(
             if target:
                 check_creatable(target, f"{option} folder")
         options = SelectOptions(
-            budget=budget_value, strategy=strategy, seed=seed, clusters=clusters, dedup=not no_dedup, mirror=mirror,
-            dedup_threshold=dedup_threshold, dedup_keep=dedup_keep, min_clip_score=min_clip_score,
-            clip_score_fraction=clip_score_fraction, prompt=prompt,
+            budget=budget_value,
+            strategy=strategy,
+            seed=seed,
+            clusters=clusters,
+            dedup=not no_dedup,
+            mirror=mirror,
+            dedup_threshold=dedup_threshold,
+            dedup_keep=dedup_keep,
+            min_clip_score=min_clip_score,
+            clip_score_fraction=clip_score_fraction,
+            prompt=prompt,
             captions=TextTable.read(captions, path_column, caption_column, roots) if captions else None,
             sidecar=sidecar,
-            reference=reference_items, cache=cache)
+            reference=reference_items,
+            cache=cache,
+        )
         plans = []
 
         def check_destinations(selection) -> None:
@@ -110,8 +133,11 @@ def select_data(
                 print(display_path(item.path if len(roots) > 1 else item.relpath))
         code = finish(summary, common)
         if not common.quiet:
-            print("  selection vs random subset of the same size:\n    "
-                  + json.dumps(json_safe(summary.task_summary.get("comparison", {}))), file=sys.stderr)
+            print(
+                "  selection vs random subset of the same size:\n    "
+                + json.dumps(json_safe(summary.task_summary.get("comparison", {}))),
+                file=sys.stderr,
+            )
         return code
 
     raise typer.Exit(guarded(job, common.quiet))

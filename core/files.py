@@ -76,8 +76,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     except BaseException as exc:
         remove_quietly(tmp)
         if _is_io_failure(exc):
-            raise FatalError(f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                             ) from exc
+            raise FatalError(
+                f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
         raise
 
 
@@ -85,8 +86,16 @@ def _is_io_failure(exc: BaseException) -> bool:
     # pyarrow raises its own OSError subclasses, but safetensors and some pyarrow paths raise
     # plain exceptions whose text names the errno.
     text = str(exc).lower()
-    return any(word in text for word in ("no space left", "disk quota", "read-only file system",
-                                         "error writing bytes", "input/output error"))
+    return any(
+        word in text
+        for word in (
+            "no space left",
+            "disk quota",
+            "read-only file system",
+            "error writing bytes",
+            "input/output error",
+        )
+    )
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -165,8 +174,10 @@ class OutputLock:
                 owner = _read_owner(fd)
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise UsageError(f"output {self.path.name[:-len('.lock')]} is in use by {owner} "
-                                     f"(lock file {self.path}); wait for it or choose another -o")
+                    raise UsageError(
+                        f"output {self.path.name[: -len('.lock')]} is in use by {owner} "
+                        f"(lock file {self.path}); wait for it or choose another -o"
+                    )
                 raise FatalError(f"cannot lock {describe_os_error(exc, self.path)}") from exc
             # The file may have been removed (and recreated) by its previous owner between our
             # open and our flock: only a lock on the file the path names now counts.

@@ -10,6 +10,7 @@ missing). A path present in two parts is refused (shards never overlap).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,8 +20,13 @@ from visbatch.core.files import utc_now
 from visbatch.core.outputs import ROOT_FIELD, OutputError, describe_differences, read_run_metadata, write_parquet
 
 
-def merge_outputs(parts: list[str], output: str, overwrite: bool = False, allow_partial: bool = False,
-                  warnings: list[str] | None = None) -> int:
+def merge_outputs(
+    parts: list[str],
+    output: str,
+    overwrite: bool = False,
+    allow_partial: bool = False,
+    warnings: list[str] | None = None,
+) -> int:
     """Merge the Parquet outputs of ``--shard I/N`` runs into ``output`` (atomic); returns the row count.
 
     Missing shards with ``allow_partial`` are appended to ``warnings``.
@@ -62,8 +68,13 @@ def merge_outputs(parts: list[str], output: str, overwrite: bool = False, allow_
     if same.any():
         at = int(np.flatnonzero(same)[0])
         raise OutputError(f"{table.column('path')[at]} appears in two parts (were they shards of different jobs?)")
-    meta = {**metas[0], "roots": roots, "rows": table.num_rows, "merged_from": [os.path.abspath(p) for p in parts],
-            "finished_at": utc_now()}
+    meta = {
+        **metas[0],
+        "roots": roots,
+        "rows": table.num_rows,
+        "merged_from": [os.path.abspath(p) for p in parts],
+        "finished_at": utc_now(),
+    }
     shards = [m.get("shard") for m in metas]
     if shards[0] is not None:
         meta["shard"] = None
@@ -81,19 +92,22 @@ def _check_one_job(parts: list[str], metas: list[dict], allow_partial: bool, war
                 raise OutputError(f"{part} differs from {parts[0]} in {key}; only parts of one job can be merged")
         if (meta.get("model") or {}).get("checksum") != (first.get("model") or {}).get("checksum"):
             raise OutputError(f"{part} was made with other weights than {parts[0]}")
-        diffs = describe_differences({"task_options": first.get("task_options")},
-                                     {"task_options": meta.get("task_options")})
+        diffs = describe_differences(
+            {"task_options": first.get("task_options")}, {"task_options": meta.get("task_options")}
+        )
         if diffs:
             raise OutputError(f"{part} was run with other options than {parts[0]} ({'; '.join(diffs[:3])})")
-    shards = [m.get("shard") for m in metas]
+    shards: list[Any] = [m.get("shard") for m in metas]
     sharded = [s is not None for s in shards]
     if any(sharded) and not all(sharded):
         lone = parts[sharded.index(False)]
         raise OutputError(f"{lone} is not a --shard output but other parts are; only the shards of one job merge")
     if not any(sharded):
         if len(parts) > 1:
-            raise OutputError("none of the parts is a --shard output; merge joins the shards of one job "
-                              "(run each part with --shard I/N)")
+            raise OutputError(
+                "none of the parts is a --shard output; merge joins the shards of one job "
+                "(run each part with --shard I/N)"
+            )
         return
     counts = {s[1] for s in shards}
     if len(counts) > 1:

@@ -70,10 +70,23 @@ def row_key(row: dict, default_root: str) -> tuple[str, str]:
     return row.get("root") or default_root, os.fsdecode(raw) if raw is not None else row["path"]
 
 
-def base_row(item: ImageItem, status: str, error: str | None, width: int | None, height: int | None,
-             multi_root: bool, fingerprint: dict | None = None) -> dict:
-    row = {"path": display_path(item.relpath), "status": status, "error": error, "width": width, "height": height,
-           "path_bytes": path_bytes(item.relpath)}
+def base_row(
+    item: ImageItem,
+    status: str,
+    error: str | None,
+    width: int | None,
+    height: int | None,
+    multi_root: bool,
+    fingerprint: dict | None = None,
+) -> dict:
+    row = {
+        "path": display_path(item.relpath),
+        "status": status,
+        "error": error,
+        "width": width,
+        "height": height,
+        "path_bytes": path_bytes(item.relpath),
+    }
     row.update(fingerprint or {})
     if multi_root:
         row["root"] = display_path(item.root)
@@ -111,8 +124,16 @@ class ResultsWriter:
     The output is locked from construction until :meth:`finalize` or :meth:`close`.
     """
 
-    def __init__(self, output: str | os.PathLike, task_fields: Sequence[pa.Field], metadata: dict,
-                 *, multi_root: bool = False, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        task_fields: Sequence[pa.Field],
+        metadata: dict,
+        *,
+        multi_root: bool = False,
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
         self.output = Path(output)
         self.parts_dir = parts_dir_for(self.output)
         fields = list(BASE_FIELDS) + ([ROOT_FIELD] if multi_root else []) + list(task_fields)
@@ -148,10 +169,13 @@ class ResultsWriter:
             else:
                 if self.output.exists():
                     raise OutputError(
-                        f"output {self.output} exists; pass --overwrite to replace it or --resume to add to it")
+                        f"output {self.output} exists; pass --overwrite to replace it or --resume to add to it"
+                    )
                 if self.parts_dir.exists():
-                    raise OutputError(f"an interrupted run left {self.parts_dir}; pass --resume to finish it "
-                                      "or --overwrite to start over")
+                    raise OutputError(
+                        f"an interrupted run left {self.parts_dir}; pass --resume to finish it "
+                        "or --overwrite to start over"
+                    )
             self._created_parts_dir = not self.parts_dir.exists()
             self.parts_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -173,9 +197,12 @@ class ResultsWriter:
     def _check_compatible(self, previous: dict) -> None:
         diffs = describe_differences(previous, self._compat_keys(self.metadata))
         if diffs:
-            raise OutputError("--resume: the earlier run differs (" + "; ".join(diffs[:4])
-                              + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-                              + "); rerun with the same options, or pass --overwrite to start over")
+            raise OutputError(
+                "--resume: the earlier run differs ("
+                + "; ".join(diffs[:4])
+                + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+                + "); rerun with the same options, or pass --overwrite to start over"
+            )
 
     def _adopt_finished_output(self) -> None:
         """Make a finished output one of the parts, so a resumed run adds to it."""
@@ -234,8 +261,9 @@ class ResultsWriter:
         table = pa.Table.from_pydict(columns, schema=self.schema)
         self._write_part(table)
 
-    def finalize(self, reduce: Callable[[pa.Table], pa.Table] | None = None,
-                 drop: set[tuple[str, str]] | None = None) -> int:
+    def finalize(
+        self, reduce: Callable[[pa.Table], pa.Table] | None = None, drop: set[tuple[str, str]] | None = None
+    ) -> int:
         """Merge the parts in sorted order into the output, atomically. Returns the row count.
 
         ``drop`` are keys whose rows must not survive (inputs deleted since they were
@@ -250,8 +278,10 @@ class ResultsWriter:
             if drop:
                 roots = self.metadata.get("roots", [])
                 default_root = roots[0] if roots else ""
-                keys = [row_key(r, default_root) for r in table.select(
-                    ["path", "path_bytes"] + (["root"] if self.multi_root else [])).to_pylist()]
+                keys = [
+                    row_key(r, default_root)
+                    for r in table.select(["path", "path_bytes"] + (["root"] if self.multi_root else [])).to_pylist()
+                ]
                 table = table.filter(pa.array([k not in drop for k in keys], type=pa.bool_()))
             sort_keys = [("root", "ascending"), ("path", "ascending")] if self.multi_root else [("path", "ascending")]
             # A stable sort keeps parts in writing order within a key: the last row is the newest.

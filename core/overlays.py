@@ -29,14 +29,50 @@ from visbatch.core.images import ImageItem
 # Anchor colours of perceptual colormaps (from their published definitions),
 # interpolated into 256-entry lookup tables.
 _COLORMAP_ANCHORS = {
-    "turbo": [(48, 18, 59), (70, 107, 227), (41, 187, 236), (49, 242, 153), (164, 252, 60),
-              (237, 208, 58), (251, 128, 34), (209, 48, 8), (122, 4, 3)],
-    "viridis": [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
-                (31, 158, 137), (53, 183, 121), (109, 205, 89), (180, 222, 44), (253, 231, 37)],
-    "inferno": [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66),
-                (245, 125, 21), (250, 193, 39), (252, 255, 164)],
-    "jet": [(0, 0, 128), (0, 0, 255), (0, 128, 255), (0, 255, 255), (128, 255, 128),
-            (255, 255, 0), (255, 128, 0), (255, 0, 0), (128, 0, 0)],
+    "turbo": [
+        (48, 18, 59),
+        (70, 107, 227),
+        (41, 187, 236),
+        (49, 242, 153),
+        (164, 252, 60),
+        (237, 208, 58),
+        (251, 128, 34),
+        (209, 48, 8),
+        (122, 4, 3),
+    ],
+    "viridis": [
+        (68, 1, 84),
+        (72, 40, 120),
+        (62, 74, 137),
+        (49, 104, 142),
+        (38, 130, 142),
+        (31, 158, 137),
+        (53, 183, 121),
+        (109, 205, 89),
+        (180, 222, 44),
+        (253, 231, 37),
+    ],
+    "inferno": [
+        (0, 0, 4),
+        (40, 11, 84),
+        (101, 21, 110),
+        (159, 42, 99),
+        (212, 72, 66),
+        (245, 125, 21),
+        (250, 193, 39),
+        (252, 255, 164),
+    ],
+    "jet": [
+        (0, 0, 128),
+        (0, 0, 255),
+        (0, 128, 255),
+        (0, 255, 255),
+        (128, 255, 128),
+        (255, 255, 0),
+        (255, 128, 0),
+        (255, 0, 0),
+        (128, 0, 0),
+    ],
     "gray": [(0, 0, 0), (255, 255, 255)],
     # Diverging, for signed maps: blue for negative, white at 0, red for positive.
     "coolwarm": [(59, 76, 192), (141, 176, 254), (221, 221, 221), (244, 154, 123), (180, 4, 38)],
@@ -71,9 +107,15 @@ def normalize_map(heatmap: np.ndarray, signed: bool = False, clip_percentile: fl
     return np.zeros_like(heatmap) if hi <= lo else np.clip((heatmap - lo) / (hi - lo), 0, 1)
 
 
-def render_overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "turbo", alpha: float = 0.5,
-                   style: str = "blend", signed: bool = False,
-                   box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> np.ndarray:
+def render_overlay(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    colormap: str = "turbo",
+    alpha: float = 0.5,
+    style: str = "blend",
+    signed: bool = False,
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0),
+) -> np.ndarray:
     """Blend ``heatmap`` over the part ``box`` of ``image`` (HWC uint8) that it describes.
 
     ``box`` is (x0, y0, x1, y1) in units of the image size: the region the
@@ -84,14 +126,16 @@ def render_overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = "turb
     x0, y0, x1, y1 = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
     box_w, box_h = max(1, x1 - x0), max(1, y1 - y0)
     scaled = normalize_map(heatmap, signed)
-    resized = np.asarray(Image.fromarray(scaled.astype(np.float32), mode="F").resize((box_w, box_h), Image.Resampling.BILINEAR))
+    resized = np.asarray(
+        Image.fromarray(scaled.astype(np.float32), mode="F").resize((box_w, box_h), Image.Resampling.BILINEAR)
+    )
     colours = colormap_lut(colormap)[np.clip(np.round(resized * 255), 0, 255).astype(np.uint8)]
     # Clip the box to the image (a padded input reaches past the borders).
     cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     blended = image.copy()
     if cx1 > cx0 and cy1 > cy0:
         region = image[cy0:cy1, cx0:cx1].astype(np.float32)
-        tint = colours[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0].astype(np.float32)
+        tint = colours[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].astype(np.float32)
         blended[cy0:cy1, cx0:cx1] = (region * (1 - alpha) + tint * alpha).round().astype(np.uint8)
     if style == "blend":
         return blended
@@ -135,9 +179,17 @@ class FolderSink:
     ``guard(path)`` is called before each write (the inputs' protection).
     """
 
-    def __init__(self, folder: str | os.PathLike, kind: str, roots: Sequence[str] = (), threads: int = 2,
-                 max_pending: int = 64, suffix: str = ".png", encode: Callable[[np.ndarray], bytes] | None = None,
-                 guard: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        kind: str,
+        roots: Sequence[str] = (),
+        threads: int = 2,
+        max_pending: int = 64,
+        suffix: str = ".png",
+        encode: Callable[[np.ndarray], bytes] | None = None,
+        guard: Callable[[str], None] | None = None,
+    ):
         self.kind, self.suffix = kind, suffix
         self.encode = encode or png_bytes
         self.folder = Path(folder)

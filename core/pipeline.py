@@ -20,6 +20,9 @@ once its files are, so a resumed run redoes what was lost; ``--resume``
 redoes files that changed and drops rows of files that are gone; SIGINT and
 SIGTERM stop taking batches, keep what is written and leave the output
 resumable; a CUDA out-of-memory error on a batch retries it in halves.
+
+Over 400 lines on purpose: the one loop every subcommand shares, with its contracts (ordering,
+resume, signals, OOM halving) in one place.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pyarrow as pa
@@ -199,8 +202,7 @@ class Progress:
         done = self.ok + self.failed
         rate = done / max(time.monotonic() - self.start, 1e-9)
         print(
-            f"[visbatch {self.desc}] {done}/{self.total} images, {rate:.1f} img/s, "
-            f"ok {self.ok}, failed {self.failed}",
+            f"[visbatch {self.desc}] {done}/{self.total} images, {rate:.1f} img/s, ok {self.ok}, failed {self.failed}",
             file=sys.stderr,
             flush=True,
         )
@@ -234,8 +236,12 @@ class StopFlag:
             raise KeyboardInterrupt
         self.signal = signum
         if not self.quiet:
-            print(f"\n[visbatch] {signal.Signals(signum).name}: finishing the batch in hand, then stopping "
-                  "(again to stop at once); the output stays resumable with --resume", file=sys.stderr, flush=True)
+            print(
+                f"\n[visbatch] {signal.Signals(signum).name}: finishing the batch in hand, then stopping "
+                "(again to stop at once); the output stays resumable with --resume",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -258,8 +264,14 @@ def _worker_init(_worker_id: int) -> None:
 # ----------------------------------------------------------------------------
 
 
-def make_loader(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig,
-                display_size: int | None = None, annotate=None, geometry=None) -> torch.utils.data.DataLoader:
+def make_loader(
+    items: Sequence[ImageItem],
+    model: LoadedModel,
+    config: RunConfig,
+    display_size: int | None = None,
+    annotate=None,
+    geometry=None,
+) -> torch.utils.data.DataLoader:
     dataset = ImageDataset(items, geometry or model.preprocess.geometry, config.max_pixels, display_size, annotate)
     workers = max(0, int(config.workers))
     # The user chose the worker count; torch's "more workers than cores" advice is noise here.
@@ -286,8 +298,11 @@ def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list
         "task_options": task.options(),
         "command_line": config.command_line,
         "model": model.describe(),
-        "preprocessing": (model.preprocess.as_dict() if model.preprocess is not None
-                          else {"geometry": task.geometry.as_dict()}),
+        "preprocessing": (
+            model.preprocess.as_dict()
+            if model.preprocess is not None
+            else {"geometry": cast(Any, task).geometry.as_dict()}
+        ),
         "device": str(model.device),
         "precision": dtype_name(model.dtype),
         "torch_version": torch.__version__,
@@ -312,8 +327,11 @@ def _map_with_oom_split(task: Task, images: torch.Tensor, records: list[Record])
         half = len(records) // 2
         first = _map_with_oom_split(task, images[:half], records[:half])
         second = _map_with_oom_split(task, images[half:], records[half:])
-        return MapOutput(first.rows + second.rows, _join(first.overlays, second.overlays, half, len(records) - half),
-                         _join(first.arrays, second.arrays, half, len(records) - half))
+        return MapOutput(
+            first.rows + second.rows,
+            _join(first.overlays, second.overlays, half, len(records) - half),
+            _join(first.arrays, second.arrays, half, len(records) - half),
+        )
 
 
 def _join(a, b, n_a: int, n_b: int):
@@ -340,10 +358,15 @@ def check_outputs(config: RunConfig) -> None:
         if not config.resume and os.path.exists(output):
             raise OutputError(f"output {output} exists; pass --overwrite to replace it or --resume to add to it")
         if not config.resume and parts_dir_for(output).exists():
-            raise OutputError(f"an interrupted run left {parts_dir_for(output)}; pass --resume to finish it "
-                              "or --overwrite to start over")
-    for path, what in ((output, "output"), (config.overlays, "--overlays folder"),
-                       (config.save_maps, "--save-maps folder")):
+            raise OutputError(
+                f"an interrupted run left {parts_dir_for(output)}; pass --resume to finish it "
+                "or --overwrite to start over"
+            )
+    for path, what in (
+        (output, "output"),
+        (config.overlays, "--overlays folder"),
+        (config.save_maps, "--save-maps folder"),
+    ):
         if path:
             check_creatable(path, what)
 
@@ -374,8 +397,14 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
     summary = Summary(task=task.name, inputs=len(items), output=str(config.output), overlays=config.overlays)
     if model.is_random:
         summary.warnings.append(f"{model.spec} has random weights: its outputs mean nothing")
-    writer = ResultsWriter(config.output, fields, run_metadata(task, model, config, fields),
-                           multi_root=multi_root, resume=config.resume, overwrite=config.overwrite)
+    writer = ResultsWriter(
+        config.output,
+        fields,
+        run_metadata(task, model, config, fields),
+        multi_root=multi_root,
+        resume=config.resume,
+        overwrite=config.overwrite,
+    )
     sinks: list[FolderSink] = []
     try:
         drop: set[tuple[str, str]] = set()
@@ -383,11 +412,20 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
             items, drop = _reconcile(writer.done_rows(), items, summary)
         guard = config.protected.check_write if config.protected is not None else None
         overlay_sink = FolderSink(config.overlays, "overlay", roots, guard=guard) if config.overlays else None
-        map_sink = FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes, guard=guard) \
-            if config.save_maps else None
+        map_sink = (
+            FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes, guard=guard)
+            if config.save_maps
+            else None
+        )
         sinks = [s for s in (overlay_sink, map_sink) if s is not None]
-        loader = make_loader(items, model, config, display_size=config.overlay_size if overlay_sink else None,
-                             annotate=getattr(task, "annotate", None), geometry=getattr(task, "geometry", None))
+        loader = make_loader(
+            items,
+            model,
+            config,
+            display_size=config.overlay_size if overlay_sink else None,
+            annotate=getattr(task, "annotate", None),
+            geometry=getattr(task, "geometry", None),
+        )
         progress = Progress(len(items), config.quiet, config.log_interval, task.name)
         start = time.monotonic()
         pending: _Pending | None = None
@@ -457,8 +495,7 @@ class _Pending:
     writes: list[tuple[int, Future]]  # (row index, future of a sink write)
 
 
-def _process_batch(task, model, batch: Batch, overlay_sink, map_sink, config: RunConfig,
-                   multi_root: bool) -> _Pending:
+def _process_batch(task, model, batch: Batch, overlay_sink, map_sink, config: RunConfig, multi_root: bool) -> _Pending:
     ok_records = batch.ok_records
     output = MapOutput(rows=[])
     if ok_records:
@@ -467,10 +504,12 @@ def _process_batch(task, model, batch: Batch, overlay_sink, map_sink, config: Ru
         if len(output.rows) != len(ok_records):
             raise RuntimeError(f"task {task.name} returned {len(output.rows)} rows for {len(ok_records)} images")
     task_rows = iter(output.rows)
-    rows, row_of_record = [], {}
+    rows: list[dict] = []
+    row_of_record: dict[int, int] = {}
     for record in batch.records:
-        row = base_row(record.item, record.status, record.error, record.width, record.height, multi_root,
-                       record.fingerprint)
+        row = base_row(
+            record.item, record.status, record.error, record.width, record.height, multi_root, record.fingerprint
+        )
         if record.status == "ok":
             row.update(next(task_rows))
             if row.get("status") == "ok":
@@ -485,9 +524,15 @@ def _process_batch(task, model, batch: Batch, overlay_sink, map_sink, config: Ru
             continue
         heatmap = output.overlays[n] if overlay_sink is not None and output.overlays is not None else None
         if heatmap is not None and record.display is not None:
-            picture = render_overlay(record.display, heatmap, config.overlay_colormap, config.overlay_alpha,
-                                     config.overlay_style, config.overlay_signed,
-                                     crop_box(record.width, record.height, geometry))
+            picture = render_overlay(
+                record.display,
+                heatmap,
+                config.overlay_colormap,
+                config.overlay_alpha,
+                config.overlay_style,
+                config.overlay_signed,
+                crop_box(record.width, record.height, geometry),
+            )
             writes.append((index, overlay_sink.submit(record.item, picture)))
         array = output.arrays[n] if map_sink is not None and output.arrays is not None else None
         if array is not None:

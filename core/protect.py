@@ -85,7 +85,8 @@ class ProtectedInputs:
                 raise OutputOverlapsInput(f"{what} {path} is the input folder {root}")
             if _inside(real, root) and os.path.lexists(path) and _is_input_like(real):
                 raise OutputOverlapsInput(
-                    f"{what} {path} would replace {real}, a file in the input folder {root}; choose another path")
+                    f"{what} {path} would replace {real}, a file in the input folder {root}; choose another path"
+                )
 
     def check_folder(self, path: str | os.PathLike | None, what: str) -> None:
         """Refuse an output folder that is an input root, lies inside one, or contains one."""
@@ -94,20 +95,26 @@ class ProtectedInputs:
         path = os.fspath(path)
         real = _real(path)
         if os.path.exists(path) and not os.path.isdir(path):
-            raise OutputOverlapsInput(f"{what} {path} exists and is not a folder") if real in self.files else \
-                UsageError(f"{what} {path} exists and is not a folder")
+            raise (
+                OutputOverlapsInput(f"{what} {path} exists and is not a folder")
+                if real in self.files
+                else UsageError(f"{what} {path} exists and is not a folder")
+            )
         for root in self.roots:
             if _inside(real, root):
                 relation = "is" if real == root else "is inside"
-                raise OutputOverlapsInput(f"{what} {path} {relation} the input folder {root}; "
-                                          "choose a folder outside the inputs")
+                raise OutputOverlapsInput(
+                    f"{what} {path} {relation} the input folder {root}; choose a folder outside the inputs"
+                )
             if _inside(root, real):
-                raise OutputOverlapsInput(f"{what} {path} contains the input folder {root}; "
-                                          "choose a folder outside the inputs")
+                raise OutputOverlapsInput(
+                    f"{what} {path} contains the input folder {root}; choose a folder outside the inputs"
+                )
         for file in self.files:
             if _inside(file, real) and os.path.dirname(file) == real:
-                raise OutputOverlapsInput(f"{what} {path} holds the input file {file}; "
-                                          "choose a folder outside the inputs")
+                raise OutputOverlapsInput(
+                    f"{what} {path} holds the input file {file}; choose a folder outside the inputs"
+                )
 
     # -- while writing --------------------------------------------------------------------
 

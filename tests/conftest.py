@@ -51,12 +51,24 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-def run_cli(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 300,
-            cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    stdin: str | None = None,
+    env: dict | None = None,
+    timeout: float = 300,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``python -m visbatch.cli ARGS`` in a subprocess (the real entry point)."""
     full_env = {**os.environ, "VISBATCH_WORKERS": os.environ.get("VISBATCH_WORKERS", "0"), **(env or {})}
-    return subprocess.run([*VISBATCH, *map(str, args)], input=stdin, capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [*VISBATCH, *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def summary_json(result: subprocess.CompletedProcess) -> dict:
@@ -83,8 +95,9 @@ def assert_usage_error(command: str, inputs, output, args, message: str) -> None
 
     from visbatch.cli.main import app
 
-    result = CliRunner().invoke(app, [command, "--device", "cpu", "--workers", "0", str(inputs),
-                                      "-o", str(output), *args])
+    result = CliRunner().invoke(
+        app, [command, "--device", "cpu", "--workers", "0", str(inputs), "-o", str(output), *args]
+    )
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
 

@@ -29,7 +29,7 @@ def crops(fixture_images):
         array = np.asarray(decode_image(str(fixture_images / name)))
         for _ in range(4):
             y, x = rng.integers(0, array.shape[0] - 128), rng.integers(0, array.shape[1] - 128)
-            out.append(torch.from_numpy(array[y:y + 128, x:x + 128].copy()).permute(2, 0, 1))
+            out.append(torch.from_numpy(array[y : y + 128, x : x + 128].copy()).permute(2, 0, 1))
     return torch.stack(out)
 
 
@@ -74,6 +74,7 @@ def test_bitplanes_of_noise_and_of_smooth_images():
     assert (smooth_features[:, 2] > 0.99).all()  # vertical neighbours identical in a horizontal ramp
 
 
+@pytest.mark.slow
 def test_ap_and_auroc_match_scikit_learn():
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -81,10 +82,12 @@ def test_ap_and_auroc_match_scikit_learn():
     for _ in range(5):
         labels = rng.integers(0, 2, 200)
         scores = np.round(labels * 0.8 + rng.normal(size=200), 1)  # rounded: many ties
-        assert average_precision(torch.from_numpy(labels), torch.from_numpy(scores)) == \
-            pytest.approx(average_precision_score(labels, scores), abs=1e-6)
-        assert auroc(torch.from_numpy(labels), torch.from_numpy(scores)) == \
-            pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+        assert average_precision(torch.from_numpy(labels), torch.from_numpy(scores)) == pytest.approx(
+            average_precision_score(labels, scores), abs=1e-6
+        )
+        assert auroc(torch.from_numpy(labels), torch.from_numpy(scores)) == pytest.approx(
+            roc_auc_score(labels, scores), abs=1e-6
+        )
 
 
 def test_logistic_platt_and_threshold_on_imbalanced_data():

@@ -71,21 +71,23 @@ def test_clip_score_clips_each_pair_at_zero():
     image = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     text = torch.tensor([[1.0, 1.0], [-1.0, 0.2]])
     scores, cosines = clip_score(image, text, weight=2.5)
-    assert cosines[0].item() == pytest.approx(2 ** -0.5)
-    assert scores.tolist() == pytest.approx([2.5 * 2 ** -0.5, 0.0])
+    assert cosines[0].item() == pytest.approx(2**-0.5)
+    assert scores.tolist() == pytest.approx([2.5 * 2**-0.5, 0.0])
 
 
 def test_ref_clip_score_harmonic_mean():
     text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    refs = torch.tensor([
-        [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]],   # best cos = 1/sqrt(2)
-        [[0.0, -1.0, 0.0], [9.0, 9.0, 9.0]],  # second is padding (masked): best = -1 -> clipped 0
-        [[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
-    ])
+    refs = torch.tensor(
+        [
+            [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]],  # best cos = 1/sqrt(2)
+            [[0.0, -1.0, 0.0], [9.0, 9.0, 9.0]],  # second is padding (masked): best = -1 -> clipped 0
+            [[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
+        ]
+    )
     mask = torch.tensor([[True, True], [True, False], [True, False]])
     clip_s = torch.tensor([0.8, 0.5, 0.0])
     scores, best = ref_clip_score(clip_s, text, refs, mask)
-    a, b = 0.8, 2 ** -0.5
+    a, b = 0.8, 2**-0.5
     assert scores[0].item() == pytest.approx(2 * a * b / (a + b))
     assert best[1].item() == pytest.approx(-1.0) and scores[1].item() == 0.0
     assert scores[2].item() == 0.0  # both terms 0: defined as 0, not NaN
@@ -119,8 +121,9 @@ def test_long_caption_is_truncated_keeping_end_of_text(fixture_images, tmp_path,
     tokens = torch.tensor([ids])
     from visbatch.core.images import decode_image, pil_to_uint8_chw, resize_and_crop
 
-    img = pil_to_uint8_chw(resize_and_crop(decode_image(str(fixture_images / "chelsea.jpg")),
-                                           tiny.preprocess.geometry))[None]
+    img = pil_to_uint8_chw(
+        resize_and_crop(decode_image(str(fixture_images / "chelsea.jpg")), tiny.preprocess.geometry)
+    )[None]
     with torch.no_grad():
         cos = F.cosine_similarity(tiny.encode_image(tiny.to_input(img)), tiny.encode_text(tokens)).item()
     assert row["cosine"] == pytest.approx(cos, abs=1e-5)
@@ -135,9 +138,28 @@ def test_same_scores_for_batch_sizes_and_workers(fixture_images, tmp_path):
     outs = []
     for batch, workers in [(1, 0), (64, 2)]:
         out = tmp_path / f"b{batch}.parquet"
-        runner.invoke(app, ["clip-score", "--model", "test-tiny-clip", "--device", "cpu", str(fixture_images),
-                            "--prompt", "a photo", "--labels", "cat,cup,rocket", "-o", str(out),
-                            "--batch-size", str(batch), "--workers", str(workers)], catch_exceptions=False)
+        runner.invoke(
+            app,
+            [
+                "clip-score",
+                "--model",
+                "test-tiny-clip",
+                "--device",
+                "cpu",
+                str(fixture_images),
+                "--prompt",
+                "a photo",
+                "--labels",
+                "cat,cup,rocket",
+                "-o",
+                str(out),
+                "--batch-size",
+                str(batch),
+                "--workers",
+                str(workers),
+            ],
+            catch_exceptions=False,
+        )
         outs.append(table(out))
     for path in outs[0]:
         assert outs[0][path]["cosine"] == pytest.approx(outs[1][path]["cosine"], abs=1e-5)
@@ -163,11 +185,25 @@ def test_caption_sources_missing_empty_and_orphans(tmp_path):
     assert rows["sub/d.png"]["error"].startswith("no caption")
 
     caps = tmp_path / "caps.csv"
-    caps.write_text(f"file,text\na.png,first\n{root / 'sub' / 'd.png'},absolute path\nmissing.png,orphan\n"
-                    "gone/x.jpg,orphan two\nb.png,\na.png,repeated\n")
+    caps.write_text(
+        f"file,text\na.png,first\n{root / 'sub' / 'd.png'},absolute path\nmissing.png,orphan\n"
+        "gone/x.jpg,orphan two\nb.png,\na.png,repeated\n"
+    )
     out2 = tmp_path / "file.parquet"
-    result = score(root, "--captions", caps, "--path-column", "file", "--caption-column", "text",
-                   "--prefix", "A photo depicts ", "-o", out2, "--json")
+    result = score(
+        root,
+        "--captions",
+        caps,
+        "--path-column",
+        "file",
+        "--caption-column",
+        "text",
+        "--prefix",
+        "A photo depicts ",
+        "-o",
+        out2,
+        "--json",
+    )
     rows = table(out2)
     assert rows["a.png"]["caption"] == "A photo depicts first"
     assert rows["sub/d.png"]["caption"] == "A photo depicts absolute path"
@@ -194,8 +230,20 @@ def test_zero_shot_probabilities_and_template_ensemble(fixture_images, tmp_path,
     labels.write_text("cat\ncoffee\nrocket\nastronaut\n")
     out = tmp_path / "o.parquet"
     templates = ["a photo of a {}.", "a drawing of a {}."]
-    score(fixture_images, "--labels-file", labels, "--template", templates[0], "--template", templates[1],
-          "--save-probs", "--top-k", "2", "-o", out)
+    score(
+        fixture_images,
+        "--labels-file",
+        labels,
+        "--template",
+        templates[0],
+        "--template",
+        templates[1],
+        "--save-probs",
+        "--top-k",
+        "2",
+        "-o",
+        out,
+    )
     rows = table(out)
     for row in rows.values():
         assert sum(row["probs"]) == pytest.approx(1.0, abs=1e-5)
@@ -204,9 +252,12 @@ def test_zero_shot_probabilities_and_template_ensemble(fixture_images, tmp_path,
         assert "clip_score" not in row  # labels only: no caption columns
     task = ClipScoreTask(tiny, ClipScoreOptions(labels=["cat", "cup"], templates=templates))
     with torch.no_grad():
-        per_template = torch.stack([
-            F.normalize(tiny.encode_text(tiny.tokenize([t.format(label) for t in templates])), dim=-1)
-            for label in ["cat", "cup"]])
+        per_template = torch.stack(
+            [
+                F.normalize(tiny.encode_text(tiny.tokenize([t.format(label) for t in templates])), dim=-1)
+                for label in ["cat", "cup"]
+            ]
+        )
     expected = F.normalize(per_template.mean(dim=1), dim=-1)
     assert torch.allclose(task.class_embeddings, expected, atol=1e-6)
     assert torch.allclose(ensemble_text_embeddings(per_template), expected, atol=1e-6)
@@ -226,17 +277,20 @@ def test_save_embeddings_layout(fixture_images, tmp_path):
     assert len(row["content_hash"]) == 32 and row["text_embedding"] is not None
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "needs texts"),
-    (["--labels", "a,b", "--model", "test-tiny-cnn"], "needs a CLIP model"),
-    (["--prompt", "a", "--sidecar"], "one caption source"),
-    (["--labels", "cat"], "at least two labels"),
-    (["--labels", "a,b", "--template", "no placeholder"], "needs exactly one {}"),
-    (["--labels", "a,b", "--template", "{} {}"], "needs exactly one {}"),
-    (["--captions", "CAPS", "--caption-column", "nope"], "no column 'nope'"),
-    (["--prompt", "a", "--model", "test-tiny-cnn"], "needs a CLIP model"),
-    (["--captions", "/no/such.csv"], "file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "needs texts"),
+        (["--labels", "a,b", "--model", "test-tiny-cnn"], "needs a CLIP model"),
+        (["--prompt", "a", "--sidecar"], "one caption source"),
+        (["--labels", "cat"], "at least two labels"),
+        (["--labels", "a,b", "--template", "no placeholder"], "needs exactly one {}"),
+        (["--labels", "a,b", "--template", "{} {}"], "needs exactly one {}"),
+        (["--captions", "CAPS", "--caption-column", "nope"], "no column 'nope'"),
+        (["--prompt", "a", "--model", "test-tiny-cnn"], "needs a CLIP model"),
+        (["--captions", "/no/such.csv"], "file not found"),
+    ],
+)
 def test_usage_errors(fixture_images, tmp_path, args, message):
     caps = tmp_path / "caps.csv"
     caps.write_text("path,caption\nchelsea.jpg,x\n")
@@ -247,14 +301,15 @@ def test_usage_errors(fixture_images, tmp_path, args, message):
 
 
 def test_default_model_needs_download_and_says_so(fixture_images, tmp_path):
-    result = runner.invoke(app, ["clip-score", str(fixture_images), "--prompt", "x", "--device", "cpu",
-                                 "-o", str(tmp_path / "o.parquet")])
+    result = runner.invoke(
+        app, ["clip-score", str(fixture_images), "--prompt", "x", "--device", "cpu", "-o", str(tmp_path / "o.parquet")]
+    )
     assert result.exit_code == 3
     assert "laion2b_s34b_b79k" in result.stderr and "--pretrained PATH" in result.stderr
 
 
 def test_trimmed_text_tower_equals_open_clip(tiny):
-    from visbatch.core.models import _encode_text_trimmed
+    from visbatch.core.models.adapters import _encode_text_trimmed
 
     texts = ["a", "a photo of a cat", " ".join(["long"] * 200), ""]
     tokens = tiny.tokenize(texts)
@@ -262,6 +317,6 @@ def test_trimmed_text_tower_equals_open_clip(tiny):
     with torch.no_grad():
         full = tiny.module.encode_text(tokens)
         trimmed = _encode_text_trimmed(tiny.module, tokens)
-        one_by_one = torch.cat([_encode_text_trimmed(tiny.module, tokens[i:i + 1]) for i in range(len(texts))])
+        one_by_one = torch.cat([_encode_text_trimmed(tiny.module, tokens[i : i + 1]) for i in range(len(texts))])
     assert torch.allclose(full, trimmed, atol=1e-5)
     assert torch.allclose(full, one_by_one, atol=1e-5)

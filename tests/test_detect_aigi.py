@@ -38,25 +38,43 @@ def upsampled_root(tmp_path_factory, fixture_images):
         array = np.asarray(decode_image(str(fixture_images / name)))
         for j in range(3):
             y, x = rng.integers(0, array.shape[0] - 128), rng.integers(0, array.shape[1] - 128)
-            crop = array[y:y + 128, x:x + 128]
+            crop = array[y : y + 128, x : x + 128]
             small = F.avg_pool2d(torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float(), 2)
             nearest = small.repeat_interleave(2, -2).repeat_interleave(2, -1)
             inserted = torch.zeros(1, 3, 128, 128)
             inserted[..., ::2, ::2] = small
             tconv = F.conv2d(F.pad(inserted, (1, 1, 1, 1), mode="reflect"), kernel, groups=3)
             for generator, fake in (("nearest", nearest), ("tconv", tconv)):
-                for label, image in (("0_real", crop), ("1_fake", fake[0].permute(1, 2, 0).round().clamp(0, 255)
-                                                        .byte().numpy())):
+                for label, image in (
+                    ("0_real", crop),
+                    ("1_fake", fake[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()),
+                ):
                     folder = root / generator / label
                     folder.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(image).save(folder / f"{k}_{j}.png")
     return root
 
 
+@pytest.mark.slow
 def test_train_score_eval_round_trip(upsampled_root, tmp_path):
     detector = tmp_path / "det.safetensors"
-    report = json.loads(invoke("train", upsampled_root, "--features", "npr,bitplane,spectrum", "--size", "128",
-                               "-o", detector, "--device", "cpu", "--json").stdout.strip().splitlines()[-1])
+    report = json.loads(
+        invoke(
+            "train",
+            upsampled_root,
+            "--features",
+            "npr,bitplane,spectrum",
+            "--size",
+            "128",
+            "-o",
+            detector,
+            "--device",
+            "cpu",
+            "--json",
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert report["held_out_ap"] > 0.9 and set(report["per_generator"]) == {"nearest", "tconv"}
     assert (tmp_path / "det.features.parquet").exists()
     loaded = Detector.load(str(detector))
@@ -69,12 +87,40 @@ def test_train_score_eval_round_trip(upsampled_root, tmp_path):
     assert rows["all"]["n_real"] == 24 and rows["all"]["n_fake"] == 24 and rows["all"]["ap"] > 0.9
     for column in ("auroc", "acc_at_0_5", "acc_at_threshold", "real_acc", "fake_acc"):
         assert 0 <= rows["all"][column] <= 1
-    gate = runner.invoke(app, ["detect-aigi", "eval", str(upsampled_root), "--detector", str(detector), "-o",
-                               str(out), "--overwrite", "--device", "cpu", "--min-ap", "1.01"])
+    gate = runner.invoke(
+        app,
+        [
+            "detect-aigi",
+            "eval",
+            str(upsampled_root),
+            "--detector",
+            str(detector),
+            "-o",
+            str(out),
+            "--overwrite",
+            "--device",
+            "cpu",
+            "--min-ap",
+            "1.01",
+        ],
+    )
     assert gate.exit_code == 1 and "below --min-ap" in gate.stderr
     scores = tmp_path / "scores.parquet"
-    invoke("score", upsampled_root / "tconv", "--detector", detector, "-o", scores, "--device", "cpu",
-           "--workers", "0", "--tta", "--heatmaps", tmp_path / "maps")
+    invoke(
+        "score",
+        upsampled_root / "tconv",
+        "--detector",
+        detector,
+        "-o",
+        scores,
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--tta",
+        "--heatmaps",
+        tmp_path / "maps",
+    )
     table = pq.read_table(scores).to_pylist()
     assert len(table) == 24 and {r["label"] for r in table} <= {"real", "fake", "unsure"}
     for r in table:
@@ -85,43 +131,130 @@ def test_train_score_eval_round_trip(upsampled_root, tmp_path):
     assert len(list((tmp_path / "maps").rglob("*.png"))) == 24
 
 
+@pytest.mark.slow
 def test_embedding_backbone_is_recorded_and_enforced(upsampled_root, tmp_path):
     detector = tmp_path / "d.safetensors"
-    invoke("train", upsampled_root / "tconv", "--features", "embedding,spectrum", "--model", "test-tiny-cnn",
-           "--size", "128", "-o", detector, "--device", "cpu")
+    invoke(
+        "train",
+        upsampled_root / "tconv",
+        "--features",
+        "embedding,spectrum",
+        "--model",
+        "test-tiny-cnn",
+        "--size",
+        "128",
+        "-o",
+        detector,
+        "--device",
+        "cpu",
+    )
     loaded = Detector.load(str(detector))
     assert loaded.backbone["spec"] == "test-tiny-cnn" and any(n.startswith("emb_") for n in loaded.feature_names)
-    ok = runner.invoke(app, ["detect-aigi", "score", str(upsampled_root / "tconv"), "--detector", str(detector),
-                             "-o", str(tmp_path / "s.parquet"), "--device", "cpu", "--workers", "0"])
+    ok = runner.invoke(
+        app,
+        [
+            "detect-aigi",
+            "score",
+            str(upsampled_root / "tconv"),
+            "--detector",
+            str(detector),
+            "-o",
+            str(tmp_path / "s.parquet"),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
     assert ok.exit_code == 0, ok.output  # the detector's own backbone by default
-    wrong = runner.invoke(app, ["detect-aigi", "score", str(upsampled_root / "tconv"), "--detector",
-                                str(detector), "--model", "test-tiny-vit", "-o", str(tmp_path / "t.parquet"),
-                                "--device", "cpu"])
+    wrong = runner.invoke(
+        app,
+        [
+            "detect-aigi",
+            "score",
+            str(upsampled_root / "tconv"),
+            "--detector",
+            str(detector),
+            "--model",
+            "test-tiny-vit",
+            "-o",
+            str(tmp_path / "t.parquet"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert wrong.exit_code == 3 and "trained on backbone test-tiny-cnn" in wrong.stderr
     # The layers group runs the backbone too: it is recorded, and its features named per column.
     layers = tmp_path / "l.safetensors"
-    invoke("train", upsampled_root / "tconv", "--features", "layers", "--model", "test-tiny-cnn", "--size", "128",
-           "-o", layers, "--device", "cpu")
+    invoke(
+        "train",
+        upsampled_root / "tconv",
+        "--features",
+        "layers",
+        "--model",
+        "test-tiny-cnn",
+        "--size",
+        "128",
+        "-o",
+        layers,
+        "--device",
+        "cpu",
+    )
     loaded = Detector.load(str(layers))
     assert loaded.backbone["spec"] == "test-tiny-cnn" and loaded.feature_names[0] == "layers_0"
     assert len(loaded.feature_names) == 64 + 64 + 128 + 256 + 512 + 512  # five stages, then the embedding
-    invoke("score", upsampled_root / "tconv", "--detector", layers, "-o", tmp_path / "l.parquet", "--device", "cpu",
-           "--workers", "0")
+    invoke(
+        "score",
+        upsampled_root / "tconv",
+        "--detector",
+        layers,
+        "-o",
+        tmp_path / "l.parquet",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    )
 
 
+@pytest.mark.slow
 def test_vit_detector_heatmaps_come_from_patch_tokens(upsampled_root, tmp_path):
     detector = tmp_path / "vit.safetensors"
-    invoke("train", upsampled_root / "tconv", "--features", "embedding,spectrum", "--model", "test-tiny-vit",
-           "--size", "128", "-o", detector, "--device", "cpu")
+    invoke(
+        "train",
+        upsampled_root / "tconv",
+        "--features",
+        "embedding,spectrum",
+        "--model",
+        "test-tiny-vit",
+        "--size",
+        "128",
+        "-o",
+        detector,
+        "--device",
+        "cpu",
+    )
     scores = tmp_path / "s.parquet"
-    invoke("score", upsampled_root / "tconv" / "1_fake", "--detector", detector, "-o", scores, "--device", "cpu",
-           "--workers", "0", "--heatmaps", tmp_path / "maps")
+    invoke(
+        "score",
+        upsampled_root / "tconv" / "1_fake",
+        "--detector",
+        detector,
+        "-o",
+        scores,
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--heatmaps",
+        tmp_path / "maps",
+    )
     meta = json.loads(pq.read_schema(scores).metadata[b"visbatch"])
     assert meta["task_options"]["heatmap"] == "ViT patch tokens"
     assert len(list((tmp_path / "maps").rglob("*.png"))) == 12
     # The patch map swaps each patch token's embedding in for the image embedding and keeps the
     # other groups: with every patch equal to the image embedding it is the image's p_fake.
-    from visbatch.core.tasks.aigi.detector import ScoreTask
+    from visbatch.core.tasks.aigi.score import ScoreTask
 
     loaded = Detector.load(str(detector))
     backbone = load_model("test-tiny-vit", device="cpu")
@@ -134,8 +267,7 @@ def test_vit_detector_heatmaps_come_from_patch_tokens(upsampled_root, tmp_path):
     maps = task._patch_maps(pixels, features)
     p = loaded.probability(features)
     assert maps[0].shape == (14, 14) and np.allclose(maps[0], float(p[0])) and np.allclose(maps[1], float(p[1]))
-    cnn = ScoreTask(loaded, FeatureExtractor(load_model("test-tiny-cnn", device="cpu"), loaded.groups),
-                    heatmaps=True)
+    cnn = ScoreTask(loaded, FeatureExtractor(load_model("test-tiny-cnn", device="cpu"), loaded.groups), heatmaps=True)
     assert cnn.options()["heatmap"] == "4x4 tiles"
 
 
@@ -153,18 +285,32 @@ def test_univfd_head_loading(tmp_path):
         univfd_detector(str(head), tiny)
 
 
+@pytest.mark.slow
 def test_group_pattern_keeps_crops_of_one_photo_out_of_the_held_out_split(fixture_images, tmp_path):
     root = fixture_images.parent / "aigi"
     reports = {}
     for name, extra in (("random", []), ("grouped", ["--group-pattern", r"(.*)_\d+\.jpg$"])):
         out = tmp_path / f"{name}.safetensors"
-        result = invoke("train", root, "--features", "spectrum,npr,bitplane", "-o", out, "--device", "cpu", "--json",
-                        *extra)
+        result = invoke(
+            "train", root, "--features", "spectrum,npr,bitplane", "-o", out, "--device", "cpu", "--json", *extra
+        )
         reports[name] = json.loads(result.stdout.strip().splitlines()[-1])
     assert reports["random"]["split_groups"] is None
     assert reports["grouped"]["split_groups"] == 10 + 29  # 10 photos, each generated image its own group
-    bad = runner.invoke(app, ["detect-aigi", "train", str(root), "--group-pattern", "(", "-o",
-                              str(tmp_path / "x.safetensors"), "--features", "npr"])
+    bad = runner.invoke(
+        app,
+        [
+            "detect-aigi",
+            "train",
+            str(root),
+            "--group-pattern",
+            "(",
+            "-o",
+            str(tmp_path / "x.safetensors"),
+            "--features",
+            "npr",
+        ],
+    )
     assert bad.exit_code == 2 and "not a regular expression" in bad.stderr
 
 
@@ -174,18 +320,35 @@ def test_format_confound_warning_and_bad_detector(tmp_path, upsampled_root):
         (root / label).mkdir(parents=True)
         for i, path in enumerate(sorted((upsampled_root / "tconv" / label).glob("*.png"))[:6]):
             Image.open(path).save(root / label / f"{i}.{fmt.lower().replace('jpeg', 'jpg')}", format=fmt)
-    result = runner.invoke(app, ["detect-aigi", "train", str(root), "--features", "spectrum", "--size", "128",
-                                 "-o", str(tmp_path / "d.safetensors"), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "detect-aigi",
+            "train",
+            str(root),
+            "--features",
+            "spectrum",
+            "--size",
+            "128",
+            "-o",
+            str(tmp_path / "d.safetensors"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0 and "can learn the file format" in result.stderr
     assert "--normalize-format" in result.stderr
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"junk")
     r = runner.invoke(app, ["detect-aigi", "eval", str(root), "--detector", str(bad), "-o", str(tmp_path / "e.pq")])
     assert r.exit_code == 3 and "not a readable safetensors file" in r.stderr
-    r = runner.invoke(app, ["detect-aigi", "train", "--real", str(root / "0_real"), "-o", str(tmp_path / "y.safetensors")])
+    r = runner.invoke(
+        app, ["detect-aigi", "train", "--real", str(root / "0_real"), "-o", str(tmp_path / "y.safetensors")]
+    )
     assert r.exit_code == 2 and "--real and --fake" in r.stderr
 
 
+@pytest.mark.slow
 def test_real_generated_images_cross_validated(fixture_images):
     """29 text-to-image outputs against 30 crops of 10 public-domain photos, processed identically.
 
@@ -199,8 +362,10 @@ def test_real_generated_images_cross_validated(fixture_images):
     data = read_labelled_root(str(fixture_images.parent / "aigi"))
     pixels = torch.stack([pil_to_uint8_chw(decode_image(item.path)) for item in data.items])
     labels = torch.tensor(data.labels)
-    sources = [item.relpath.split("/")[-1].rsplit("_", 1)[0] if y == 0 else item.relpath
-               for item, y in zip(data.items, data.labels)]
+    sources = [
+        item.relpath.split("/")[-1].rsplit("_", 1)[0] if y == 0 else item.relpath
+        for item, y in zip(data.items, data.labels)
+    ]
     chance = float(labels.float().mean())
     backbone = load_model("efficientnet-lite0", device="cpu")
 
@@ -223,6 +388,7 @@ def test_real_generated_images_cross_validated(fixture_images):
     assert mean_cross_validated_ap(("npr", "bitplane", "spectrum")) > chance + 0.06
     assert mean_cross_validated_ap(("embedding",)) > chance + 0.03
 
+
 def test_tiles_policy_averages_the_tiles_inside_the_image(upsampled_root, tmp_path):
     from types import SimpleNamespace
 
@@ -243,15 +409,42 @@ def test_tiles_policy_averages_the_tiles_inside_the_image(upsampled_root, tmp_pa
     assert torch.allclose(features[1], tiles[1].mean(0), atol=1e-5)  # 60 px high: each row of tiles half inside
     # Trained and used end to end: 2x2 tiles of 64 px cover these 128 px images at native resolution.
     detector = tmp_path / "tiles.safetensors"
-    invoke("train", upsampled_root, "--features", "npr,spectrum", "--policy", "tiles", "--tiles", "2", "--size", "64",
-           "-o", detector, "--device", "cpu")
+    invoke(
+        "train",
+        upsampled_root,
+        "--features",
+        "npr,spectrum",
+        "--policy",
+        "tiles",
+        "--tiles",
+        "2",
+        "--size",
+        "64",
+        "-o",
+        detector,
+        "--device",
+        "cpu",
+    )
     loaded = Detector.load(str(detector))
     assert loaded.policy == "tiles" and loaded.tiles == 2 and loaded.size == 64
     out = tmp_path / "eval.parquet"
     invoke("eval", upsampled_root, "--detector", detector, "-o", out, "--device", "cpu", "--min-ap", "0.9")
     scores = tmp_path / "s.parquet"
-    invoke("score", upsampled_root / "nearest", "--detector", detector, "-o", scores, "--device", "cpu",
-           "--workers", "0", "--heatmaps", tmp_path / "maps", "--tta")
+    invoke(
+        "score",
+        upsampled_root / "nearest",
+        "--detector",
+        detector,
+        "-o",
+        scores,
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--heatmaps",
+        tmp_path / "maps",
+        "--tta",
+    )
     meta = json.loads(pq.read_schema(scores).metadata[b"visbatch"])
     assert meta["task_options"]["tiles"] == 2 and meta["task_options"]["heatmap"].startswith("2x2 tiles of 64 px")
     assert len(list((tmp_path / "maps").rglob("*.png"))) == 24
@@ -288,8 +481,19 @@ def test_format_1_detector_still_loads_and_scores_the_same(upsampled_root, tmp_p
 def test_fused_detector_shares_sum_to_its_logit(upsampled_root, tmp_path):
     """Per-group scores are each group's term of the fused logit: they add up to it (with the bias)."""
     detector = tmp_path / "det.safetensors"
-    invoke("train", upsampled_root, "--features", "npr,bitplane,spectrum", "--size", "128", "-o", detector,
-           "--device", "cpu", "--keep-all-groups")
+    invoke(
+        "train",
+        upsampled_root,
+        "--features",
+        "npr,bitplane,spectrum",
+        "--size",
+        "128",
+        "-o",
+        detector,
+        "--device",
+        "cpu",
+        "--keep-all-groups",
+    )
     loaded = Detector.load(str(detector))
     x = torch.randn(6, len(loaded.feature_names))
     shares = loaded.group_scores(x)

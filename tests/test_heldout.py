@@ -18,6 +18,8 @@ from conftest import REPO, invoke_cli
 sys.path.insert(0, str(REPO / "fixtures"))
 from photo_sets import CALIB, HELDOUT, PHOTOS, calibration_folder, planted_copies, stem_of  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses, the wheel, real weights or held-out runs
+
 
 @pytest.fixture(scope="module")
 def lite0():
@@ -38,8 +40,9 @@ def _quantize(model, tmp_path, size: int, bits: int, method: str) -> dict:
     assert not {p.name for p in HELDOUT.iterdir()} & {p.name for p in CALIB.iterdir()}
     options = QuantizeOptions(bits=bits, group_size=128, method=method)
     config = RunConfig(output="unused", batch_size=16, workers=0, quiet=True)
-    return run_quantize(model, calib, find_images([str(HELDOUT)]), str(tmp_path / f"{size}-{bits}-{method}.st"),
-                        options, config)
+    return run_quantize(
+        model, calib, find_images([str(HELDOUT)]), str(tmp_path / f"{size}-{bits}-{method}.st"), options, config
+    )
 
 
 @pytest.mark.parametrize("size", [4, 16, 64])
@@ -61,8 +64,22 @@ def test_quantize_default_holds_on_unseen_photos(lite0, tmp_path, size):
 def test_quantize_min_cosine_gate_from_cli(tmp_path):
     calib = calibration_folder(tmp_path / "calib", 4)
     out = tmp_path / "q.safetensors"
-    base = ["quantize", "--model", "efficientnet-lite0", "--calib", str(calib), "--eval-images", str(HELDOUT),
-            "--bits", "4", "--device", "cpu", "--workers", "0", "--json"]
+    base = [
+        "quantize",
+        "--model",
+        "efficientnet-lite0",
+        "--calib",
+        str(calib),
+        "--eval-images",
+        str(HELDOUT),
+        "--bits",
+        "4",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--json",
+    ]
     passed = invoke_cli(*base, "-o", str(out), "--min-cosine", "0")
     assert passed.exit_code == 0, passed.output
     report = json.loads(passed.stdout.strip().splitlines()[-1])
@@ -82,8 +99,19 @@ def test_dedup_keeps_one_image_per_group_of_real_copies(tmp_path):
     pool = tmp_path / "pool"
     stems = planted_copies(pool, photos)
     out = tmp_path / "m.parquet"
-    result = invoke_cli("select-data", str(pool), "-o", str(out), "--model", "efficientnet-lite0",
-                        "--device", "cpu", "--workers", "0", "--json")
+    result = invoke_cli(
+        "select-data",
+        str(pool),
+        "-o",
+        str(out),
+        "--model",
+        "efficientnet-lite0",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     rows = pq.read_table(out).to_pylist()
     kept = {s: [] for s in stems}
@@ -145,8 +173,20 @@ def test_aigi_selection_holds_on_held_out_generators(aigi_dev):
 def test_aigi_train_reports_each_held_out_generator(aigi_dev, tmp_path):
     root, _ = aigi_dev
     out = tmp_path / "det.safetensors"
-    result = invoke_cli("detect-aigi", "train", str(root), "--size", "128", "--device", "cpu", "--workers", "0",
-                        "-o", str(out), "--json")
+    result = invoke_cli(
+        "detect-aigi",
+        "train",
+        str(root),
+        "--size",
+        "128",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "-o",
+        str(out),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["folds"] == "generator"
@@ -165,8 +205,19 @@ def test_aigi_train_reports_each_held_out_generator(aigi_dev, tmp_path):
     assert list(detector.groups) == report["selected_groups"]
     assert detector.training["fold_ap"] == report["fold_ap"]
     scores = tmp_path / "s.parquet"
-    scored = invoke_cli("detect-aigi", "score", str(root / "tconv"), "--detector", str(out), "--device", "cpu",
-                        "--workers", "0", "-o", str(scores))
+    scored = invoke_cli(
+        "detect-aigi",
+        "score",
+        str(root / "tconv"),
+        "--detector",
+        str(out),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "-o",
+        str(scores),
+    )
     assert scored.exit_code == 0, scored.output
     rows = pq.read_table(scores).to_pylist()
     assert all(row["status"] == "ok" and 0 <= row["p_fake"] <= 1 for row in rows)

@@ -128,8 +128,7 @@ def test_limit_applies_after_sort(tmp_path):
 
 
 @settings(max_examples=30, deadline=None)
-@given(names=st.sets(st.text("abcdefgh/_-.0123", min_size=1, max_size=12), max_size=60),
-       count=st.integers(1, 7))
+@given(names=st.sets(st.text("abcdefgh/_-.0123", min_size=1, max_size=12), max_size=60), count=st.integers(1, 7))
 def test_shards_partition_any_set(names, count):
     buckets = [{n for n in names if shard_of(n, count) == i} for i in range(count)]
     assert set().union(*buckets) == set(names)
@@ -140,7 +139,7 @@ def test_shard_option_partitions_folder(image_folder):
     everything = rels(find_images([str(image_folder)]))
     parts = [rels(find_images([str(image_folder)], SourceOptions(shard=(i, 3)))) for i in range(3)]
     assert sorted(sum(parts, [])) == everything
-    assert all(set(a).isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1 :])
     # Stable: the same split on every call.
     assert parts[1] == rels(find_images([str(image_folder)], SourceOptions(shard=(1, 3))))
 

@@ -49,8 +49,13 @@ def places(pool: Path) -> dict[str, Path]:
     }
 
 
-FOLDER_PLACES = ["the root", "inside the root", "containing the root", "the root through a link",
-                 "inside the root through a link"]
+FOLDER_PLACES = [
+    "the root",
+    "inside the root",
+    "containing the root",
+    "the root through a link",
+    "inside the root through a link",
+]
 FILE_PLACES = ["the root", "an input image", "an input through a link", "a sidecar", "inside the root"]
 
 
@@ -63,33 +68,52 @@ def run_and_check(pool: Path, *args) -> None:
 
 
 @pytest.mark.parametrize("place", FILE_PLACES)
-@pytest.mark.parametrize("command", [
-    ["classify", *TINY_CNN],
-    ["saliency", *TINY_CNN, "--method", "gradient"],
-    ["clip-score", *TINY_CLIP, "--labels", "cat,dog"],
-    ["select-data", *TINY_CNN],
-], ids=["classify", "saliency", "clip-score", "select-data"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["classify", *TINY_CNN],
+        ["saliency", *TINY_CNN, "--method", "gradient"],
+        ["clip-score", *TINY_CLIP, "--labels", "cat,dog"],
+        ["select-data", *TINY_CNN],
+    ],
+    ids=["classify", "saliency", "clip-score", "select-data"],
+)
+@pytest.mark.slow
 def test_the_parquet_output_never_replaces_an_input(pool, place, command):
     run_and_check(pool, *command, pool, "-o", places(pool)[place], "--overwrite")
 
 
 @pytest.mark.parametrize("place", FOLDER_PLACES)
-@pytest.mark.parametrize("command,option", [
-    (["classify", *TINY_CNN], "--overlays"),
-    (["saliency", *TINY_CNN, "--method", "gradcam"], "--overlays"),
-    (["saliency", *TINY_CNN, "--method", "gradcam"], "--save-maps"),
-    (["select-data", *TINY_CNN], "--copy-to"),
-    (["select-data", *TINY_CNN], "--link-to"),
-    (["select-data", *TINY_CNN, "--link", "hardlink"], "--link-to"),
-], ids=["classify-overlays", "saliency-overlays", "saliency-maps", "copy-to", "link-to", "hardlink-to"])
+@pytest.mark.parametrize(
+    "command,option",
+    [
+        (["classify", *TINY_CNN], "--overlays"),
+        (["saliency", *TINY_CNN, "--method", "gradcam"], "--overlays"),
+        (["saliency", *TINY_CNN, "--method", "gradcam"], "--save-maps"),
+        (["select-data", *TINY_CNN], "--copy-to"),
+        (["select-data", *TINY_CNN], "--link-to"),
+        (["select-data", *TINY_CNN, "--link", "hardlink"], "--link-to"),
+    ],
+    ids=["classify-overlays", "saliency-overlays", "saliency-maps", "copy-to", "link-to", "hardlink-to"],
+)
+@pytest.mark.slow
 def test_output_folders_never_overlap_an_input_root(pool, tmp_path, place, command, option):
     run_and_check(pool, *command, pool, "-o", tmp_path / "out.parquet", option, places(pool)[place], "--overwrite")
 
 
 @pytest.mark.parametrize("place", ["an input image", "a sidecar", "an input through a link"])
 def test_the_embedding_cache_never_replaces_an_input(pool, tmp_path, place):
-    run_and_check(pool, "select-data", *TINY_CNN, pool, "-o", tmp_path / "o.parquet", "--cache", places(pool)[place],
-                  "--overwrite")
+    run_and_check(
+        pool,
+        "select-data",
+        *TINY_CNN,
+        pool,
+        "-o",
+        tmp_path / "o.parquet",
+        "--cache",
+        places(pool)[place],
+        "--overwrite",
+    )
 
 
 def test_a_folder_output_linked_back_into_the_inputs_is_not_written_through(pool, tmp_path):
@@ -125,8 +149,12 @@ def test_copy_to_never_clobbers_and_skips_identical_files(pool, tmp_path):
     (dest / "x.png").unlink()
     os.symlink(pool / "x.jpg", dest / "x.png")
     before = snapshot(pool)
-    assert invoke_cli("select-data", *TINY_CNN, "--no-dedup", pool, "-o", out, "--overwrite", "--copy-to", dest,
-                      "--quiet").exit_code == 0
+    assert (
+        invoke_cli(
+            "select-data", *TINY_CNN, "--no-dedup", pool, "-o", out, "--overwrite", "--copy-to", dest, "--quiet"
+        ).exit_code
+        == 0
+    )
     assert snapshot(pool) == before
     assert (dest / "x.png").read_bytes() == (pool / "x.png").read_bytes() and not (dest / "x.png").is_symlink()
 
@@ -137,11 +165,27 @@ def test_quantize_and_detector_outputs_never_replace_their_inputs(pool, tmp_path
     from visbatch.core.models import load_model
 
     weights = tmp_path / "data" / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in load_model("test-tiny-cnn", device="cpu").module.state_dict().items()},
-              str(weights))
+    save_file(
+        {k: v.contiguous() for k, v in load_model("test-tiny-cnn", device="cpu").module.state_dict().items()},
+        str(weights),
+    )
     before = snapshot(tmp_path / "data")
-    result = invoke_cli("quantize", "--model", "timm:resnet10t", "--pretrained", weights, "--calib", pool,
-                        "-o", weights, "--overwrite", "--device", "cpu", "--method", "rtn")
+    result = invoke_cli(
+        "quantize",
+        "--model",
+        "timm:resnet10t",
+        "--pretrained",
+        weights,
+        "--calib",
+        pool,
+        "-o",
+        weights,
+        "--overwrite",
+        "--device",
+        "cpu",
+        "--method",
+        "rtn",
+    )
     assert_one_line_error(result, 2, "input file")
     labelled = tmp_path / "data" / "labelled"
     for label in ("0_real", "1_fake"):
@@ -151,8 +195,9 @@ def test_quantize_and_detector_outputs_never_replace_their_inputs(pool, tmp_path
     for output in (labelled / "0_real" / "0.jpg", weights):
         result = invoke_cli("detect-aigi", "eval", labelled, "--detector", weights, "-o", output, "--overwrite")
         assert_one_line_error(result, 2)
-    result = invoke_cli("detect-aigi", "train", labelled, "--features", "npr", "-o", weights, "--overwrite",
-                        "--univfd-head", weights)
+    result = invoke_cli(
+        "detect-aigi", "train", labelled, "--features", "npr", "-o", weights, "--overwrite", "--univfd-head", weights
+    )
     assert_one_line_error(result, 2, "input file")
     assert snapshot(tmp_path / "data") == before
 
@@ -172,13 +217,18 @@ def test_merge_never_writes_over_a_part(pool, tmp_path):
 
 
 names = st.text(alphabet=st.sampled_from("abcXYZ-_. é日"), min_size=1, max_size=6).filter(
-    lambda s: not s.startswith(".") and s.strip() == s)
+    lambda s: not s.startswith(".") and s.strip() == s
+)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(stems=st.lists(names, min_size=1, max_size=4, unique_by=str.lower),
-       extensions=st.lists(st.sampled_from([".jpg", ".png", ".JPG", ".webp", ".jpeg"]), min_size=2, max_size=3,
-                           unique=True))
+@given(
+    stems=st.lists(names, min_size=1, max_size=4, unique_by=str.lower),
+    extensions=st.lists(
+        st.sampled_from([".jpg", ".png", ".JPG", ".webp", ".jpeg"]), min_size=2, max_size=3, unique=True
+    ),
+)
+@pytest.mark.slow
 def test_generated_names_each_get_their_own_row_and_overlay(tmp_path_factory, stems, extensions):
     root = tmp_path_factory.mktemp("names") / "in"
     for i, stem in enumerate(stems):

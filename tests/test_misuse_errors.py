@@ -31,24 +31,27 @@ def two(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("args,code,fragment", [
-    (["clip-score", *TINY_CLIP, "IN", "--labels", "a,b", "--template", "{} {}"], 2, "exactly one {}"),
-    (["saliency", *TINY_CNN, "IN", "--map-size", "100000"], 2, "--map-size"),
-    (["saliency", *TINY_CNN, "IN", "--ig-rule", "foo"], 2, "integration rule"),
-    (["saliency", *TINY_CNN, "IN", "--baseline", "foo"], 2, "--baseline"),
-    (["saliency", *TINY_CNN, "IN", "--eval-deletion", "foo"], 2, "--eval-deletion"),
-    (["classify", *TINY_CNN, "IN", "--limit", "0"], 2, "--limit"),
-    (["classify", *TINY_CNN, "IN", "--top-k", "-3"], 2, "--top-k"),
-    (["classify", *TINY_CNN, "IN", "--glob", "["], 2, "--glob"),
-    (["classify", *TINY_CNN, "IN", "--shard", "3/2"], 2, "--shard"),
-    (["classify", "--model", "test-tiny-vit", "--device", "cpu", "IN", "--overlays", "OUT_DIR"], 2, "--overlays"),
-    (["select-data", *TINY_CNN, "IN", "--print-selected", "--json"], 2, "choose one"),
-    (["classify", "--model", "missing.safetensors", "--device", "cpu", "IN"], 3, "model file not found"),
-    (["classify", *TINY_CNN, "IN", "-o", "A_FILE/sub/o.parquet"], 3, "not a folder"),
-    (["classify", *TINY_CNN, "IN", "--overlays", "A_FILE/ov"], 3, "not a folder"),
-    (["classify", *TINY_CNN, "IN", "--bogus"], 2, "No such option"),
-    (["classify", *TINY_CNN, "/no/such/folder"], 2, "input not found"),
-])
+@pytest.mark.parametrize(
+    "args,code,fragment",
+    [
+        (["clip-score", *TINY_CLIP, "IN", "--labels", "a,b", "--template", "{} {}"], 2, "exactly one {}"),
+        (["saliency", *TINY_CNN, "IN", "--map-size", "100000"], 2, "--map-size"),
+        (["saliency", *TINY_CNN, "IN", "--ig-rule", "foo"], 2, "integration rule"),
+        (["saliency", *TINY_CNN, "IN", "--baseline", "foo"], 2, "--baseline"),
+        (["saliency", *TINY_CNN, "IN", "--eval-deletion", "foo"], 2, "--eval-deletion"),
+        (["classify", *TINY_CNN, "IN", "--limit", "0"], 2, "--limit"),
+        (["classify", *TINY_CNN, "IN", "--top-k", "-3"], 2, "--top-k"),
+        (["classify", *TINY_CNN, "IN", "--glob", "["], 2, "--glob"),
+        (["classify", *TINY_CNN, "IN", "--shard", "3/2"], 2, "--shard"),
+        (["classify", "--model", "test-tiny-vit", "--device", "cpu", "IN", "--overlays", "OUT_DIR"], 2, "--overlays"),
+        (["select-data", *TINY_CNN, "IN", "--print-selected", "--json"], 2, "choose one"),
+        (["classify", "--model", "missing.safetensors", "--device", "cpu", "IN"], 3, "model file not found"),
+        (["classify", *TINY_CNN, "IN", "-o", "A_FILE/sub/o.parquet"], 3, "not a folder"),
+        (["classify", *TINY_CNN, "IN", "--overlays", "A_FILE/ov"], 3, "not a folder"),
+        (["classify", *TINY_CNN, "IN", "--bogus"], 2, "No such option"),
+        (["classify", *TINY_CNN, "/no/such/folder"], 2, "input not found"),
+    ],
+)
 def test_known_misuse_gives_one_line_and_the_documented_code(two, tmp_path, args, code, fragment):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -66,8 +69,7 @@ def test_known_misuse_gives_one_line_and_the_documented_code(two, tmp_path, args
 
 
 def test_bad_environment_values_are_usage_errors(two, tmp_path):
-    result = invoke_cli("classify", *TINY_CNN, two, "-o", tmp_path / "o.parquet",
-                        env={"VISBATCH_LOG_INTERVAL": "abc"})
+    result = invoke_cli("classify", *TINY_CNN, two, "-o", tmp_path / "o.parquet", env={"VISBATCH_LOG_INTERVAL": "abc"})
     assert_one_line_error(result, 2, "VISBATCH_LOG_INTERVAL")
     result = invoke_cli("classify", *TINY_CNN, two, "-o", tmp_path / "o.parquet", env={"VISBATCH_BATCH_SIZE": "x"})
     assert_one_line_error(result, 2, "VISBATCH_BATCH_SIZE")
@@ -75,10 +77,18 @@ def test_bad_environment_values_are_usage_errors(two, tmp_path):
 
 def test_a_second_run_on_the_same_output_is_told_who_holds_it(two, tmp_path):
     out = tmp_path / "o.parquet"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom visbatch.core.files import OutputLock\n"
-        f"OutputLock({str(out)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom visbatch.core.files import OutputLock\n"
+                f"OutputLock({str(out)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(120)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         result = invoke_cli("classify", *TINY_CNN, two, "-o", out, "--resume")
@@ -97,8 +107,19 @@ def test_quantize_over_only_broken_files_is_one_line(tmp_path):
     calib.mkdir()
     (calib / "a.jpg").write_bytes(b"not an image")
     (calib / "b.png").write_bytes(b"")
-    result = invoke_cli("quantize", "--model", "test-tiny-cnn", "--calib", calib, "--method", "rtn",
-                        "--device", "cpu", "-o", tmp_path / "q.safetensors")
+    result = invoke_cli(
+        "quantize",
+        "--model",
+        "test-tiny-cnn",
+        "--calib",
+        calib,
+        "--method",
+        "rtn",
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "q.safetensors",
+    )
     assert_one_line_error(result, 2, "could be decoded")
     assert not (tmp_path / "q.safetensors").exists()
 
@@ -106,8 +127,17 @@ def test_quantize_over_only_broken_files_is_one_line(tmp_path):
 def test_detect_aigi_train_with_one_image_per_class(tmp_path):
     for label in ("0_real", "1_fake"):
         write_image(tmp_path / "root" / label / "x.png", seed=3)
-    result = invoke_cli("detect-aigi", "train", tmp_path / "root", "--features", "npr", "--device", "cpu",
-                        "-o", tmp_path / "d.safetensors")
+    result = invoke_cli(
+        "detect-aigi",
+        "train",
+        tmp_path / "root",
+        "--features",
+        "npr",
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "d.safetensors",
+    )
     assert_one_line_error(result, 2, "at least 2 real and 2 fake")
 
 
@@ -117,8 +147,21 @@ def quantized_file(tmp_path_factory) -> Path:
     for i in range(3):
         write_image(root / "calib" / f"{i}.jpg", seed=i)
     out = root / "q.safetensors"
-    result = invoke_cli("quantize", "--model", "test-tiny-cnn", "--calib", root / "calib", "--method", "rtn",
-                        "--device", "cpu", "--bits", "8", "-o", out)
+    result = invoke_cli(
+        "quantize",
+        "--model",
+        "test-tiny-cnn",
+        "--calib",
+        root / "calib",
+        "--method",
+        "rtn",
+        "--device",
+        "cpu",
+        "--bits",
+        "8",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -155,41 +198,61 @@ def _nan_scales(tensors, metadata):
     tensors[name + ".scales"] = torch.full_like(tensors[name + ".scales"], float("nan"))
 
 
-@pytest.mark.parametrize("change,fragment", [(_halve_columns, "qweight"), (_say_four_bits, "qweight"),
-                                             (_nan_scales, "scales")],
-                         ids=["half-columns", "4-bit-metadata-over-int8", "nan-scales"])
+@pytest.mark.parametrize(
+    "change,fragment",
+    [(_halve_columns, "qweight"), (_say_four_bits, "qweight"), (_nan_scales, "scales")],
+    ids=["half-columns", "4-bit-metadata-over-int8", "nan-scales"],
+)
 def test_damaged_quantized_files_are_refused(quantized_file, two, tmp_path, change, fragment):
     damaged = _damage(quantized_file, tmp_path / "damaged.safetensors", change)
-    result = invoke_cli("classify", "--model", damaged, "--device", "cpu", "--workers", "0", two,
-                        "-o", tmp_path / "o.parquet")
+    result = invoke_cli(
+        "classify", "--model", damaged, "--device", "cpu", "--workers", "0", two, "-o", tmp_path / "o.parquet"
+    )
     assert_one_line_error(result, 3, fragment)
 
 
 def test_typer_errors_and_interrupts_are_one_line_from_the_real_entry_point(two, tmp_path):
-    result = subprocess.run([*VISBATCH, "classify", str(two), "--batch-size", "0", "-o", str(tmp_path / "o.parquet")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*VISBATCH, "classify", str(two), "--batch-size", "0", "-o", str(tmp_path / "o.parquet")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(result, 2, "--batch-size")
     assert "╭" not in result.stderr
 
 
-int_values = st.one_of(st.integers(-3, 3), st.integers(10 ** 6, 10 ** 12),
-                       st.sampled_from(["nan", "inf", "abc", "1e309", "", "-0"]))
-float_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr),
-                         st.sampled_from(["nan", "inf", "-inf", "abc", "1e309", ""]))
-OPTIONS = [("classify", "--top-k", int_values), ("classify", "--batch-size", int_values),
-           ("classify", "--max-pixels", int_values), ("classify", "--overlay-size", int_values),
-           ("saliency", "--map-size", int_values), ("saliency", "--eval-steps", int_values),
-           ("saliency", "--sigma", float_values), ("saliency", "--alpha", float_values),
-           ("saliency", "--samples", int_values)]
+int_values = st.one_of(
+    st.integers(-3, 3), st.integers(10**6, 10**12), st.sampled_from(["nan", "inf", "abc", "1e309", "", "-0"])
+)
+float_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr),
+    st.sampled_from(["nan", "inf", "-inf", "abc", "1e309", ""]),
+)
+OPTIONS = [
+    ("classify", "--top-k", int_values),
+    ("classify", "--batch-size", int_values),
+    ("classify", "--max-pixels", int_values),
+    ("classify", "--overlay-size", int_values),
+    ("saliency", "--map-size", int_values),
+    ("saliency", "--eval-steps", int_values),
+    ("saliency", "--sigma", float_values),
+    ("saliency", "--alpha", float_values),
+    ("saliency", "--samples", int_values),
+]
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(choice=st.sampled_from(range(len(OPTIONS))), data=st.data())
 def test_generated_option_values_never_reach_the_user_raw(two, tmp_path, choice, data):
     command, option, values = OPTIONS[choice]
     value = str(data.draw(values))
-    extra = ["--method", "smoothgrad", "--samples", "2", "--eval", "--eval-steps", "2"] \
-        if command == "saliency" and option not in ("--samples", "--eval-steps") else []
+    extra = (
+        ["--method", "smoothgrad", "--samples", "2", "--eval", "--eval-steps", "2"]
+        if command == "saliency" and option not in ("--samples", "--eval-steps")
+        else []
+    )
     if option == "--overlay-size":
         extra = ["--overlays", str(tmp_path / "ov")]
     out = tmp_path / "o.parquet"

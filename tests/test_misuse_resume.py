@@ -18,6 +18,9 @@ import pytest
 
 from conftest import VISBATCH, assert_one_line_error, invoke_cli, write_image
 
+pytestmark = pytest.mark.slow  # subprocesses, the wheel, real weights or held-out runs
+
+
 TINY_CNN = ["--model", "test-tiny-cnn", "--device", "cpu", "--workers", "0"]
 
 
@@ -33,17 +36,28 @@ def rows(path: Path) -> dict:
     return {r["path"]: r for r in pq.read_table(path).to_pylist()}
 
 
-@pytest.mark.parametrize("command,first,second,option", [
-    (["saliency", *TINY_CNN], ["--method", "gradient"], ["--method", "gradcam"], "method"),
-    (["saliency", *TINY_CNN, "--method", "smoothgrad"], ["--samples", "2"], ["--samples", "3"], "samples"),
-    (["saliency", *TINY_CNN, "--method", "smoothgrad", "--samples", "2"], ["--sigma", "0.1"], ["--sigma", "0.2"],
-     "sigma"),
-    (["saliency", *TINY_CNN, "--method", "gradient"], ["--target", "1"], ["--target", "2"], "target"),
-    (["classify", *TINY_CNN], ["--top-k", "2"], ["--top-k", "3"], "top_k"),
-    (["classify", *TINY_CNN], ["--max-pixels", "0"], [], "max_pixels"),
-    (["clip-score", "--model", "test-tiny-clip", "--device", "cpu", "--workers", "0"], ["--labels", "a,b"],
-     ["--labels", "a,c"], "labels"),
-])
+@pytest.mark.parametrize(
+    "command,first,second,option",
+    [
+        (["saliency", *TINY_CNN], ["--method", "gradient"], ["--method", "gradcam"], "method"),
+        (["saliency", *TINY_CNN, "--method", "smoothgrad"], ["--samples", "2"], ["--samples", "3"], "samples"),
+        (
+            ["saliency", *TINY_CNN, "--method", "smoothgrad", "--samples", "2"],
+            ["--sigma", "0.1"],
+            ["--sigma", "0.2"],
+            "sigma",
+        ),
+        (["saliency", *TINY_CNN, "--method", "gradient"], ["--target", "1"], ["--target", "2"], "target"),
+        (["classify", *TINY_CNN], ["--top-k", "2"], ["--top-k", "3"], "top_k"),
+        (["classify", *TINY_CNN], ["--max-pixels", "0"], [], "max_pixels"),
+        (
+            ["clip-score", "--model", "test-tiny-clip", "--device", "cpu", "--workers", "0"],
+            ["--labels", "a,b"],
+            ["--labels", "a,c"],
+            "labels",
+        ),
+    ],
+)
 def test_a_resume_with_other_options_is_refused_naming_the_option(folder, tmp_path, command, first, second, option):
     out = tmp_path / "o.parquet"
     assert invoke_cli(*command, folder, "-o", out, "--limit", "2", *first).exit_code == 0
@@ -63,8 +77,12 @@ def test_an_interrupted_run_also_refuses_other_options(tmp_path):
         write_image(root / f"{i:03d}.jpg", size=(48, 48), seed=i)
     out = tmp_path / "o.parquet"
     parts = tmp_path / "o.parquet.parts"
-    proc = subprocess.Popen([*VISBATCH, "classify", *TINY_CNN, str(root), "-o", str(out), "--top-k", "2",
-                             "--batch-size", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*VISBATCH, "classify", *TINY_CNN, str(root), "-o", str(out), "--top-k", "2", "--batch-size", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _signal_when(proc, lambda: len(list(parts.glob("part-*.arrow"))) >= 3, signal.SIGINT)
     assert proc.returncode == 130 and (parts / "run.json").exists()
     result = invoke_cli("classify", *TINY_CNN, root, "-o", out, "--resume", "--top-k", "4")
@@ -154,8 +172,22 @@ def test_detect_aigi_train_stops_with_130_and_resumes(tmp_path, sig):
         for i in range(150):
             write_image(root / label / f"{i:03d}.png", size=(96, 96), seed=i + (1000 if label == "1_fake" else 0))
     detector = tmp_path / "d.safetensors"
-    args = [*VISBATCH, "detect-aigi", "train", str(root), "--features", "npr,bitplane,spectrum", "--size", "64",
-            "--batch-size", "2", "--device", "cpu", "-o", str(detector)]
+    args = [
+        *VISBATCH,
+        "detect-aigi",
+        "train",
+        str(root),
+        "--features",
+        "npr,bitplane,spectrum",
+        "--size",
+        "64",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "-o",
+        str(detector),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parts = tmp_path / "d.features.parquet.parts"
     _, stderr = _signal_when(proc, lambda: len(list(parts.glob("part-*.arrow"))) >= 2, sig)
@@ -176,9 +208,26 @@ def test_quantize_stops_with_130_silently_with_q(tmp_path, fixture_images):
     for i in range(24):
         photo.rotate(i * 15).save(calib / f"{i}.jpg")
     out = tmp_path / "q.safetensors"
-    proc = subprocess.Popen([*VISBATCH, "quantize", "--model", "efficientnet-lite0", "--calib", str(calib),
-                             "--method", "gptq", "--device", "cpu", "-o", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *VISBATCH,
+            "quantize",
+            "--model",
+            "efficientnet-lite0",
+            "--calib",
+            str(calib),
+            "--method",
+            "gptq",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     started = time.monotonic()
     stdout, stderr = _signal_when(proc, lambda: time.monotonic() - started > 6, signal.SIGTERM)
     assert proc.returncode == 130 and stderr == "" and stdout == ""

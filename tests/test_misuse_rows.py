@@ -88,6 +88,7 @@ COMMANDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_row_is_ok_and_finite_or_an_error_with_a_reason(awkward, tmp_path, name):
     out = tmp_path / "o.parquet"
@@ -126,25 +127,45 @@ def test_flat_images_get_finite_fake_probabilities(tmp_path):
         img.save(root / "1_fake" / f"f{i}.png")
     Image.new("RGB", (64, 64), (128,) * 3).save(root / "0_real" / "grey.png")  # a flat image in training
     detector = tmp_path / "d.safetensors"
-    result = invoke_cli("detect-aigi", "train", root, "--features", "npr,bitplane,spectrum", "--size", "32",
-                        "--device", "cpu", "-o", detector)
+    result = invoke_cli(
+        "detect-aigi",
+        "train",
+        root,
+        "--features",
+        "npr,bitplane,spectrum",
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "-o",
+        detector,
+    )
     assert result.exit_code == 0, result.output
     flat = tmp_path / "flat"
     flat.mkdir()
     for name, colour in (("black.png", 0), ("grey.jpg", 128), ("white.gif", 255)):
         Image.new("RGB", (48, 48), (colour,) * 3).save(flat / name)
     out = tmp_path / "s.parquet"
-    assert invoke_cli("detect-aigi", "score", flat, "--detector", detector, "--device", "cpu", "--workers", "0",
-                      "-o", out).exit_code == 0
+    assert (
+        invoke_cli(
+            "detect-aigi", "score", flat, "--detector", detector, "--device", "cpu", "--workers", "0", "-o", out
+        ).exit_code
+        == 0
+    )
     for row in assert_rows_true(out, 3):
         assert row["status"] == "ok" and 0 <= row["p_fake"] <= 1
 
 
+@pytest.mark.slow
 def test_a_non_utf8_name_on_stdin_is_one_row(awkward, tmp_path):
     out = tmp_path / "o.parquet"
     paths = os.fsencode(str(awkward / BAD_NAME)) + b"\n" + os.fsencode(str(awkward / "ok.jpg")) + b"\n"
-    result = subprocess.run([*VISBATCH, "classify", *TINY_CNN, "-", "-o", str(out), "--quiet"], input=paths,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [*VISBATCH, "classify", *TINY_CNN, "-", "-o", str(out), "--quiet"],
+        input=paths,
+        capture_output=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     rows = assert_rows_true(out, 2)
     assert {r["status"] for r in rows} == {"ok"}
@@ -160,22 +181,53 @@ def test_random_weights_are_never_silent(awkward, tmp_path):
 
 def test_manifest_rows_without_a_path_are_counted(awkward, tmp_path):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"path": str(awkward / "ok.jpg")}) + "\n" + json.dumps({"path": None}) + "\n"
-                        + json.dumps({"other": 1}) + "\n")
+    manifest.write_text(
+        json.dumps({"path": str(awkward / "ok.jpg")})
+        + "\n"
+        + json.dumps({"path": None})
+        + "\n"
+        + json.dumps({"other": 1})
+        + "\n"
+    )
     result = invoke_cli("classify", *TINY_CNN, "--manifest", manifest, "-o", tmp_path / "o.parquet", "--json")
     assert result.exit_code == 0, result.output
     assert "2 rows of --manifest" in result.stderr and "rows 2, 3" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", [0o002, 0o022, 0o077])
 def test_every_output_honours_the_umask(awkward, tmp_path, mask):
     previous = os.umask(mask)
     try:
         out = tmp_path / "o.parquet"
-        assert invoke_cli("saliency", *TINY_CNN, "--method", "gradcam", awkward / "ok.jpg", "-o", out,
-                          "--overlays", tmp_path / "ov", "--save-maps", tmp_path / "maps").exit_code == 0
-        assert invoke_cli("select-data", *TINY_CNN, awkward / "ok.jpg", "-o", tmp_path / "s.parquet",
-                          "--copy-to", tmp_path / "copy").exit_code == 0
+        assert (
+            invoke_cli(
+                "saliency",
+                *TINY_CNN,
+                "--method",
+                "gradcam",
+                awkward / "ok.jpg",
+                "-o",
+                out,
+                "--overlays",
+                tmp_path / "ov",
+                "--save-maps",
+                tmp_path / "maps",
+            ).exit_code
+            == 0
+        )
+        assert (
+            invoke_cli(
+                "select-data",
+                *TINY_CNN,
+                awkward / "ok.jpg",
+                "-o",
+                tmp_path / "s.parquet",
+                "--copy-to",
+                tmp_path / "copy",
+            ).exit_code
+            == 0
+        )
         files = [p for p in tmp_path.rglob("*") if p.is_file()]
         assert len(files) >= 6
         for path in files:
@@ -199,8 +251,17 @@ def test_an_overlay_that_cannot_be_written_fails_its_row(awkward, tmp_path, monk
 
     monkeypatch.setattr(overlays_module, "atomic_write_bytes", refuse_one)
     out = tmp_path / "o.parquet"
-    result = invoke_cli("classify", *TINY_CNN, awkward / "grey.jpg", awkward / "ok.jpg", "-o", out,
-                        "--overlays", tmp_path / "ov", "--fail-on-error")
+    result = invoke_cli(
+        "classify",
+        *TINY_CNN,
+        awkward / "grey.jpg",
+        awkward / "ok.jpg",
+        "-o",
+        out,
+        "--overlays",
+        tmp_path / "ov",
+        "--fail-on-error",
+    )
     assert result.exit_code == 1, result.output
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert rows["grey.jpg"]["status"] == "error" and "overlay not written" in rows["grey.jpg"]["error"]
@@ -249,6 +310,7 @@ def test_a_parquet_write_failure_names_the_file_and_cleans_up(awkward, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_sigterm_mid_run_is_exit_130_and_quiet_with_q(tmp_path):
     import signal
     import time
@@ -257,9 +319,26 @@ def test_sigterm_mid_run_is_exit_130_and_quiet_with_q(tmp_path):
     for i in range(400):
         write_image(root / f"{i:03d}.jpg", size=(64, 64), seed=i)
     out = tmp_path / "o.parquet"
-    proc = subprocess.Popen([*VISBATCH, "saliency", *TINY_CNN, str(root), "-o", str(out), "--method", "rise",
-                             "--masks", "64", "--batch-size", "2", "-q"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *VISBATCH,
+            "saliency",
+            *TINY_CNN,
+            str(root),
+            "-o",
+            str(out),
+            "--method",
+            "rise",
+            "--masks",
+            "64",
+            "--batch-size",
+            "2",
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     parts = tmp_path / "o.parquet.parts"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(parts.glob("part-*.arrow")):

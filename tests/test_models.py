@@ -42,15 +42,20 @@ def test_preprocessing_matches_open_clip(fixture_images):
             # The transform of a real config, without building its 150M weights.
             preprocess = open_clip.image_transform(224, is_train=False)
             model.preprocess = type(model.preprocess)(
-                type(model.preprocess.geometry)(resize=224, crop=(224, 224)), model.preprocess.mean, model.preprocess.std)
+                type(model.preprocess.geometry)(resize=224, crop=(224, 224)),
+                model.preprocess.mean,
+                model.preprocess.std,
+            )
         else:
             _, _, preprocess = open_clip.create_model_and_transforms(name)
         for photo in PHOTOS:
             ours = _ours(model, fixture_images / photo)
             theirs = preprocess(decode_image(str(fixture_images / photo)))[None]
             assert ours.shape == theirs.shape == (1, 3, size, size)
-            diff = (_unnormalize(ours, model.preprocess.mean, model.preprocess.std)
-                    - _unnormalize(theirs, model.preprocess.mean, model.preprocess.std)).abs()
+            diff = (
+                _unnormalize(ours, model.preprocess.mean, model.preprocess.std)
+                - _unnormalize(theirs, model.preprocess.mean, model.preprocess.std)
+            ).abs()
             # Bit-identical up to float rounding: same resize arithmetic, same uint8 step.
             assert diff.mean().item() < 1e-6 and diff.max().item() < 1e-5
 

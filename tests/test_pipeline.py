@@ -68,6 +68,7 @@ def test_fail_on_error_exit_code(image_folder, tmp_path):
     assert (tmp_path / "o.parquet").exists(), "results are still written"
 
 
+@pytest.mark.slow
 def test_same_results_for_any_workers_and_batch_size(image_folder, tmp_path):
     outs = []
     for workers, batch in [(0, 1), (2, 4), (3, 32)]:
@@ -86,8 +87,18 @@ def test_metadata_and_atomic_output(image_folder, tmp_path):
     out = tmp_path / "res" / "out.parquet"
     assert classify(image_folder, "-o", out).exit_code == 0
     meta = read_run_metadata(out)
-    for key in ["visbatch_version", "command_line", "model", "preprocessing", "device", "precision",
-                "started_at", "finished_at", "roots", "task_options"]:
+    for key in [
+        "visbatch_version",
+        "command_line",
+        "model",
+        "preprocessing",
+        "device",
+        "precision",
+        "started_at",
+        "finished_at",
+        "roots",
+        "task_options",
+    ]:
         assert key in meta, key
     assert meta["model"]["spec"] == "test-tiny-cnn" and meta["model"]["checksum"]
     assert meta["roots"] == [str(image_folder.resolve())]
@@ -146,6 +157,7 @@ def many_images(tmp_path):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_to_exactly_one_row_per_image(many_images, tmp_path, sig):
     out = tmp_path / "out.parquet"
@@ -173,10 +185,15 @@ def test_killed_run_resumes_to_exactly_one_row_per_image(many_images, tmp_path, 
     assert not parts_dir_for(out).exists()
 
 
+@pytest.mark.slow
 def test_interrupted_run_needs_resume_or_overwrite(many_images, tmp_path):
     out = tmp_path / "out.parquet"
-    proc = subprocess.Popen([*VISBATCH, "classify", *TINY, str(many_images), "-o", str(out), "--batch-size", "2",
-                             "--workers", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*VISBATCH, "classify", *TINY, str(many_images), "-o", str(out), "--batch-size", "2", "--workers", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_parts(out, 1, proc)
     proc.kill()
     proc.wait()
@@ -248,12 +265,21 @@ def test_exit_codes_and_one_line_errors(image_folder, tmp_path, args, code, mess
 
 def test_env_vars_set_options(image_folder, tmp_path):
     out = tmp_path / "o.parquet"
-    result = invoke("classify", image_folder, env={"VISBATCH_MODEL": "test-tiny-cnn", "VISBATCH_LIMIT": "3",
-                                                   "VISBATCH_OUTPUT": str(out), "VISBATCH_WORKERS": "0"})
+    result = invoke(
+        "classify",
+        image_folder,
+        env={
+            "VISBATCH_MODEL": "test-tiny-cnn",
+            "VISBATCH_LIMIT": "3",
+            "VISBATCH_OUTPUT": str(out),
+            "VISBATCH_WORKERS": "0",
+        },
+    )
     assert result.exit_code == 0, result.output
     assert len(rows(out)) == 3 and read_run_metadata(out)["model"]["spec"] == "test-tiny-cnn"
 
 
+@pytest.mark.slow
 def test_console_script_version_info_and_json(image_folder, tmp_path):
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("visbatch ")
@@ -264,8 +290,7 @@ def test_console_script_version_info_and_json(image_folder, tmp_path):
     assert result.returncode == 0 and result.stderr == ""
     assert summary_json(result)["ok"] == 10
     # Not a terminal: periodic log lines instead of a progress bar.
-    logged = run_cli("classify", *TINY, image_folder, "-o", tmp_path / "p.parquet",
-                     env={"VISBATCH_LOG_INTERVAL": "0"})
+    logged = run_cli("classify", *TINY, image_folder, "-o", tmp_path / "p.parquet", env={"VISBATCH_LOG_INTERVAL": "0"})
     assert "img/s" in logged.stderr and "\r" not in logged.stderr
 
 
@@ -328,6 +353,7 @@ def test_reduce_stage_sees_every_row_including_resumed(image_folder, tmp_path):
     assert all(a["brightness"] >= b["brightness"] for a, b in zip(by_rank, by_rank[1:]))
 
 
+@pytest.mark.slow
 def test_shard_outputs_merge_back_to_the_whole_run(image_folder, tmp_path):
     whole = tmp_path / "whole.parquet"
     assert classify(image_folder, "-o", whole).exit_code == 0

@@ -17,6 +17,7 @@ from conftest import write_image
 from visbatch.cli.main import app
 from visbatch.core.images import decode_image, find_images, pil_to_uint8_chw, resize_and_crop
 from visbatch.core.models import ModelError, load_model
+from visbatch.core.quantized.weights import pack_int4, unpack_int4
 from visbatch.core.tasks.quantize import (
     QuantizedWeightStore,
     calibrate,
@@ -27,7 +28,7 @@ from visbatch.core.tasks.quantize import (
     run_images,
 )
 from visbatch.core.tasks.quantize.job import QuantizeOptions, apply_overrides, quantize_targets
-from visbatch.core.tasks.quantize.quant import pack_int4, quantize_weight, unpack_int4
+from visbatch.core.tasks.quantize.quant import quantize_weight
 
 runner = CliRunner()
 
@@ -69,19 +70,24 @@ def lite0_batches(tmp_path_factory, fixture_images):
     model = load_model("efficientnet-lite0", device="cpu")
 
     def batch(items):
-        return torch.stack([pil_to_uint8_chw(resize_and_crop(decode_image(i.path), model.preprocess.geometry))
-                            for i in items])
+        return torch.stack(
+            [pil_to_uint8_chw(resize_and_crop(decode_image(i.path), model.preprocess.geometry)) for i in items]
+        )
 
     return model, batch(find_images([str(calib_dir)])), batch(find_images([str(fixture_images)]))
 
 
 def _quantized_outputs(model, calib, photos, bits, group, method, awq_clip=True):
     targets, _ = quantization_targets(model)
-    layers, overrides = quantize_targets(model, targets, [calib], [],
-                                         QuantizeOptions(bits=bits, group_size=group, method=method, awq_clip=awq_clip))
+    layers, overrides = quantize_targets(
+        model, targets, [calib], [], QuantizeOptions(bits=bits, group_size=group, method=method, awq_clip=awq_clip)
+    )
     module = copy.deepcopy(model.module)
     apply_overrides(module, overrides)
-    install(module, {l.target.name: (l.target.kind, QuantizedWeightStore(l.weight, l.column_scale)) for l in layers})
+    install(
+        module,
+        {q.target.name: (q.target.kind, QuantizedWeightStore(q.weight, q.column_scale)) for q in layers},
+    )
     original = model.module
     with torch.inference_mode():
         reference = run_images(model, photos).float()
@@ -93,6 +99,7 @@ def _quantized_outputs(model, calib, photos, bits, group, method, awq_clip=True)
     return reference, quantized, layers
 
 
+@pytest.mark.slow
 def test_int8_keeps_real_predictions(lite0_batches):
     model, calib, photos = lite0_batches
     for method in ("gptq", "rtn", "awq"):
@@ -106,6 +113,7 @@ def test_int8_keeps_real_predictions(lite0_batches):
         assert cosine.min() >= (0.999 if method == "gptq" else 0.997), (method, cosine)
 
 
+@pytest.mark.slow
 def test_int4_awq_and_gptq_beat_rtn(lite0_batches):
     model, calib, photos = lite0_batches
     reference, rtn, rtn_layers = _quantized_outputs(model, calib, photos, 4, 128, "rtn")
@@ -141,9 +149,30 @@ def test_awq_folds_scales_into_layernorm_and_file_matches(tmp_path, fixture_imag
     for i in range(8):
         write_image(calib / f"{i}.png", size=(64, 64), seed=i)
     out = tmp_path / "vit.safetensors"
-    result = runner.invoke(app, ["quantize", "--model", "test-tiny-vit", "--calib", str(calib), "--bits", "4",
-                                 "--group-size", "32", "--method", "awq", "-o", str(out), "--device", "cpu",
-                                 "--eval-images", str(fixture_images), "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "--model",
+            "test-tiny-vit",
+            "--calib",
+            str(calib),
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--method",
+            "awq",
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--eval-images",
+            str(fixture_images),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     layers = read_quantized_config(str(out))["layers"]
     for block in range(2):
@@ -163,8 +192,12 @@ def test_awq_folds_scales_into_layernorm_and_file_matches(tmp_path, fixture_imag
     assert all(f"__quant__.{n}.column_scale" not in names for n in folded)
     loaded = load_model(str(out), device="cpu")
     reference = load_model("test-tiny-vit", device="cpu")
-    photos = torch.stack([pil_to_uint8_chw(resize_and_crop(decode_image(i.path), reference.preprocess.geometry))
-                          for i in find_images([str(fixture_images)])])
+    photos = torch.stack(
+        [
+            pil_to_uint8_chw(resize_and_crop(decode_image(i.path), reference.preprocess.geometry))
+            for i in find_images([str(fixture_images)])
+        ]
+    )
     with torch.inference_mode():
         cosine = F.cosine_similarity(run_images(loaded, photos).float(), run_images(reference, photos).float())
     assert cosine.min() > 0.95
@@ -206,12 +239,13 @@ class _Chained(torch.nn.Module):
 def _toy_quantize(module, method="awq"):
     from types import SimpleNamespace
 
+    from visbatch.core.models import adapter_for
     from visbatch.core.tasks.quantize import Target
     from visbatch.core.tasks.quantize.blockwise import capture_chain_inputs, find_chains, quantize_chain
 
     torch.manual_seed(0)
     data = [torch.randn(4, 10, 64) * torch.linspace(0.1, 5, 64) for _ in range(2)]
-    model = SimpleNamespace(module=module, family="timm")
+    model = SimpleNamespace(module=module, family="timm", adapter=adapter_for("timm"))
     targets = [Target(f"blocks.{i}.fc", "linear", block.fc) for i, block in enumerate(module.blocks)]
     chains, loose = find_chains(model, targets)
     assert len(chains) == 1 and not loose
@@ -234,6 +268,7 @@ def test_blocks_that_are_not_a_chain_fall_back_to_one_pass():
     assert _toy_quantize(_Chained(parallel=True)) is None
 
 
+@pytest.mark.slow
 def test_tiny_clip_attention_in_proj_is_quantized_and_loads_everywhere(tmp_path, fixture_images):
     calib = tmp_path / "calib"
     for i in range(6):
@@ -241,10 +276,34 @@ def test_tiny_clip_attention_in_proj_is_quantized_and_loads_everywhere(tmp_path,
     out = tmp_path / "tiny.safetensors"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car on a street\ntwo people walking on a beach at sunset\n")
-    result = runner.invoke(app, ["quantize", "--model", "test-tiny-clip", "--calib", str(calib), "--bits", "4",
-                                 "--group-size", "32", "--towers", "all", "--calib-prompts", str(prompts),
-                                 "--method", "awq", "-o", str(out), "--device", "cpu", "--json",
-                                 "--labels", "cat,car,beach,tree"], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "--model",
+            "test-tiny-clip",
+            "--calib",
+            str(calib),
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--towers",
+            "all",
+            "--calib-prompts",
+            str(prompts),
+            "--method",
+            "awq",
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--json",
+            "--labels",
+            "cat,car,beach,tree",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["bytes_after"] < figures["bytes_before"]
@@ -264,16 +323,34 @@ def test_tiny_clip_attention_in_proj_is_quantized_and_loads_everywhere(tmp_path,
     report = pq.read_table(str(out)[: -len(".safetensors")] + ".report.parquet").to_pylist()
     assert any(r["kind"].startswith("kept") and r["layer"] == "visual.conv1" for r in report)
     # The file is a model spec for every subcommand.
-    for command in (["clip-score", "--prompt", "a photo"], ["saliency", "--prompt", "a photo", "--method", "gradient"],
-                    ["select-data"]):
-        r = runner.invoke(app, [command[0], "--model", str(out), "--device", "cpu", "--workers", "0",
-                                str(fixture_images), "-o", str(tmp_path / f"{command[0]}.parquet"), *command[1:]],
-                          catch_exceptions=False)
+    for command in (
+        ["clip-score", "--prompt", "a photo"],
+        ["saliency", "--prompt", "a photo", "--method", "gradient"],
+        ["select-data"],
+    ):
+        r = runner.invoke(
+            app,
+            [
+                command[0],
+                "--model",
+                str(out),
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                str(fixture_images),
+                "-o",
+                str(tmp_path / f"{command[0]}.parquet"),
+                *command[1:],
+            ],
+            catch_exceptions=False,
+        )
         assert r.exit_code == 0, (command, r.output)
     loaded = load_model(str(out), device="cpu")
     assert loaded.checksum.startswith("sha256:") and "quantized" in loaded.notes[0]
 
 
+@pytest.mark.slow
 def test_quantized_file_round_trip_matches_in_memory(tmp_path, lite0_batches):
     model, calib, photos = lite0_batches
     out = tmp_path / "q.safetensors"
@@ -283,8 +360,11 @@ def test_quantized_file_round_trip_matches_in_memory(tmp_path, lite0_batches):
 
         calib_dir.mkdir(exist_ok=True)
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(calib_dir / f"{i}.png")
-    result = runner.invoke(app, ["quantize", "--calib", str(calib_dir), "--bits", "8", "-o", str(out), "--device",
-                                 "cpu", "--json"], catch_exceptions=False)
+    result = runner.invoke(
+        app,
+        ["quantize", "--calib", str(calib_dir), "--bits", "8", "-o", str(out), "--device", "cpu", "--json"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     loaded = load_model(str(out), device="cpu")
     with torch.inference_mode():
@@ -305,8 +385,21 @@ def test_quantized_file_round_trip_matches_in_memory(tmp_path, lite0_batches):
     # Every subcommand takes --runtime for a quantized file.
     write_image(tmp_path / "in" / "a.png")
     for runtime, code in (("memory", 0), ("fastest", 2)):
-        r = runner.invoke(app, ["classify", str(tmp_path / "in"), "--model", str(out), "--runtime", runtime,
-                                "--device", "cpu", "-o", str(tmp_path / f"{runtime}.parquet")])
+        r = runner.invoke(
+            app,
+            [
+                "classify",
+                str(tmp_path / "in"),
+                "--model",
+                str(out),
+                "--runtime",
+                runtime,
+                "--device",
+                "cpu",
+                "-o",
+                str(tmp_path / f"{runtime}.parquet"),
+            ],
+        )
         assert r.exit_code == code, r.output
     assert "--runtime must be speed or memory" in r.stderr
 
@@ -323,14 +416,20 @@ def test_metadata_validation(tmp_path):
     with pytest.raises(ModelError, match="format version 9"):
         load_model(str(wrong), device="cpu")
     broken = tmp_path / "broken.safetensors"
-    save_file({"w": torch.zeros(2)}, str(broken), metadata={"format": "visbatch-quantized", "format_version": "1",
-                                                            "config": "{not json"})
+    save_file(
+        {"w": torch.zeros(2)},
+        str(broken),
+        metadata={"format": "visbatch-quantized", "format_version": "1", "config": "{not json"},
+    )
     with pytest.raises(ModelError, match="corrupt"):
         load_model(str(broken), device="cpu")
     other_layout = tmp_path / "layout.safetensors"
     config = {"method": "rtn", "bits": 4, "source": {}, "layers": {}, "layout": "column-major nibbles"}
-    save_file({"w": torch.zeros(2)}, str(other_layout), metadata={
-        "format": "visbatch-quantized", "format_version": "1", "config": json.dumps(config)})
+    save_file(
+        {"w": torch.zeros(2)},
+        str(other_layout),
+        metadata={"format": "visbatch-quantized", "format_version": "1", "config": json.dumps(config)},
+    )
     with pytest.raises(ModelError, match="unknown weight layout 'column-major nibbles'"):
         load_model(str(other_layout), device="cpu")
     garbage = tmp_path / "garbage.safetensors"
@@ -340,17 +439,22 @@ def test_metadata_validation(tmp_path):
     assert result.exit_code == 3 and "not a readable safetensors file" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bits", "3"], "--bits"),
-    (["--method", "hqq"], "--method"),
-    (["--act-order"], "--act-order"),
-    (["--group-size", "100"], "--group-size"),
-    (["--towers", "text"], "no text tower"),
-    (["--labels", "cat,dog"], "--labels measures zero-shot agreement of a CLIP model"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", "3"], "--bits"),
+        (["--method", "hqq"], "--method"),
+        (["--act-order"], "--act-order"),
+        (["--group-size", "100"], "--group-size"),
+        (["--towers", "text"], "no text tower"),
+        (["--labels", "cat,dog"], "--labels measures zero-shot agreement of a CLIP model"),
+    ],
+)
 def test_usage_errors(tmp_path, fixture_images, args, message):
-    result = runner.invoke(app, ["quantize", "--calib", str(fixture_images), "-o", str(tmp_path / "q.safetensors"),
-                                 "--device", "cpu", *args])
+    result = runner.invoke(
+        app,
+        ["quantize", "--calib", str(fixture_images), "-o", str(tmp_path / "q.safetensors"), "--device", "cpu", *args],
+    )
     assert result.exit_code == 2, result.output
     assert message in result.stderr
 
@@ -358,7 +462,7 @@ def test_usage_errors(tmp_path, fixture_images, args, message):
 def test_int4_kernel_layout_matches_pytorch_tinygemm_semantics():
     """The scale/zero conversion, checked with PyTorch's CPU build of the same kernel family
     (``w = (q - 8) * scale + zero``); the CUDA kernel itself is verified per layer at first use."""
-    from visbatch.core.tasks.quantize.kernels import swap_nibbles, tinygemm_scale_and_zero
+    from visbatch.core.quantized.kernels import swap_nibbles, tinygemm_scale_and_zero
 
     torch.manual_seed(0)
     w = torch.randn(64, 256)
@@ -371,15 +475,17 @@ def test_int4_kernel_layout_matches_pytorch_tinygemm_semantics():
     expected = x.float() @ quantized.dequantize().T
     assert float((got - expected).norm() / expected.norm()) < 1e-2
     swapped = swap_nibbles(quantized.qweight)
-    assert torch.equal(swapped >> 4, q[:, 0::2].to(torch.uint8)) and torch.equal(swapped & 0x0F, q[:, 1::2].to(torch.uint8))
+    assert torch.equal(swapped >> 4, q[:, 0::2].to(torch.uint8)) and torch.equal(
+        swapped & 0x0F, q[:, 1::2].to(torch.uint8)
+    )
 
 
 def test_kernel_is_used_only_when_it_agrees_with_the_dequantized_weight():
-    from visbatch.core.tasks.quantize.kernels import verified_kernel
+    from visbatch.core.quantized.kernels import verified_kernel
 
     w = torch.randn(32, 64)
-    good = verified_kernel(lambda: (lambda x: x.float() @ w.T), w, 64, "cpu")
-    wrong = verified_kernel(lambda: (lambda x: x.float() @ (w * 1.5).T), w, 64, "cpu")
+    good = verified_kernel(lambda: lambda x: x.float() @ w.T, w, 64, "cpu")
+    wrong = verified_kernel(lambda: lambda x: x.float() @ (w * 1.5).T, w, 64, "cpu")
 
     def broken():
         raise RuntimeError("no kernel image for this device")

@@ -18,9 +18,16 @@ from conftest import invoke_cli, write_image
 
 pytestmark = pytest.mark.slow
 
-CNN_METHODS = [["--method", "gradient"], ["--method", "input-x-gradient"], ["--method", "smoothgrad", "--samples", "2"],
-               ["--method", "integrated-gradients", "--steps", "2"], ["--method", "gradcam"],
-               ["--method", "gradcam++"], ["--method", "rise", "--masks", "8"], ["--method", "random"]]
+CNN_METHODS = [
+    ["--method", "gradient"],
+    ["--method", "input-x-gradient"],
+    ["--method", "smoothgrad", "--samples", "2"],
+    ["--method", "integrated-gradients", "--steps", "2"],
+    ["--method", "gradcam"],
+    ["--method", "gradcam++"],
+    ["--method", "rise", "--masks", "8"],
+    ["--method", "random"],
+]
 CLIP_METHODS = CNN_METHODS + [["--method", "attention-relevance"]]
 
 
@@ -33,12 +40,30 @@ def files(tmp_path_factory) -> dict:
     prompts = root / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car\n")
     made = {}
-    for family, model, extra in (("cnn", "test-tiny-cnn", []),
-                                 ("clip", "test-tiny-clip", ["--towers", "all", "--calib-prompts", str(prompts)])):
+    for family, model, extra in (
+        ("cnn", "test-tiny-cnn", []),
+        ("clip", "test-tiny-clip", ["--towers", "all", "--calib-prompts", str(prompts)]),
+    ):
         for bits in (8, 4):
             out = root / f"{family}-int{bits}.safetensors"
-            result = invoke_cli("quantize", "--model", model, "--calib", root / "calib", "--bits", bits,
-                                "--group-size", "32", "--method", "rtn", "--device", "cpu", "-o", out, *extra)
+            result = invoke_cli(
+                "quantize",
+                "--model",
+                model,
+                "--calib",
+                root / "calib",
+                "--bits",
+                bits,
+                "--group-size",
+                "32",
+                "--method",
+                "rtn",
+                "--device",
+                "cpu",
+                "-o",
+                out,
+                *extra,
+            )
             assert result.exit_code == 0, result.output
             made[(family, bits)] = out
     return {"root": root, "files": made}
@@ -82,10 +107,36 @@ def test_every_subcommand_runs_on_a_quantized_file(files, tmp_path, family, bits
         for i in range(3):
             write_image(labelled / label / f"{i}.png", size=(64, 64), seed=i + (50 if label == "1_fake" else 0))
     env = {"VISBATCH_RUNTIME": runtime}
-    result = invoke_cli("detect-aigi", "train", labelled, "--features", "embedding,npr", "--model", model,
-                        "--size", "32", "--device", "cpu", "-o", detector, env=env)
+    result = invoke_cli(
+        "detect-aigi",
+        "train",
+        labelled,
+        "--features",
+        "embedding,npr",
+        "--model",
+        model,
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "-o",
+        detector,
+        env=env,
+    )
     assert result.exit_code == 0, result.output
-    result = invoke_cli("detect-aigi", "score", images, "--detector", detector, "--device", "cpu", "--workers", "0",
-                        "-o", tmp_path / "s.parquet", env=env)
+    result = invoke_cli(
+        "detect-aigi",
+        "score",
+        images,
+        "--detector",
+        detector,
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "-o",
+        tmp_path / "s.parquet",
+        env=env,
+    )
     assert result.exit_code == 0, result.output
     check_rows(tmp_path / "s.parquet", 4)

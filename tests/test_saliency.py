@@ -36,8 +36,10 @@ def tiny_vit():
 
 
 def inputs(model, fixture_images, names=PHOTOS[:2]):
-    images = [pil_to_uint8_chw(resize_and_crop(decode_image(str(fixture_images / n)), model.preprocess.geometry))
-              for n in names]
+    images = [
+        pil_to_uint8_chw(resize_and_crop(decode_image(str(fixture_images / n)), model.preprocess.geometry))
+        for n in names
+    ]
     return model.to_input(torch.stack(images))
 
 
@@ -72,6 +74,7 @@ def assert_close(ours, theirs, rel=1e-4):
 # ----------------------------------------------------------------------------- Captum parity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny_vit", "lite0"])
 def test_gradient_methods_match_captum(which, request, fixture_images):
     from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
@@ -88,12 +91,16 @@ def test_gradient_methods_match_captum(which, request, fixture_images):
     assert_close(methods.input_x_gradient(forward, x, t).raw, InputXGradient(forward).attribute(x, target=t))
 
     black = black_of(model)
-    for rule, captum_rule in [("gausslegendre", "gausslegendre"), ("riemann-middle", "riemann_middle"),
-                              ("riemann-right", "riemann_right"), ("riemann", "riemann_trapezoid")]:
-        ours = methods.integrated_gradients(forward, x, t, steps=12, rule=rule, black=black,
-                                            internal_batch_size=7).raw
-        theirs = IntegratedGradients(forward).attribute(x, baselines=black.expand_as(x), target=t, n_steps=12,
-                                                        method=captum_rule, internal_batch_size=7)
+    for rule, captum_rule in [
+        ("gausslegendre", "gausslegendre"),
+        ("riemann-middle", "riemann_middle"),
+        ("riemann-right", "riemann_right"),
+        ("riemann", "riemann_trapezoid"),
+    ]:
+        ours = methods.integrated_gradients(forward, x, t, steps=12, rule=rule, black=black, internal_batch_size=7).raw
+        theirs = IntegratedGradients(forward).attribute(
+            x, baselines=black.expand_as(x), target=t, n_steps=12, method=captum_rule, internal_batch_size=7
+        )
         if rule == "riemann":
             # Captum's trapezoid puts its 12 points 1/11 apart but weights them by 1/12 (ends 1/24),
             # so its sum is short by 11/12; ours weights by the spacing and meets completeness.
@@ -102,11 +109,11 @@ def test_gradient_methods_match_captum(which, request, fixture_images):
 
     stdev = 0.15 * 4.0  # any float: both draw the same noise from the same seed
     torch.manual_seed(123)
-    theirs = NoiseTunnel(Saliency(forward)).attribute(x, nt_type="smoothgrad", nt_samples=4, stdevs=stdev,
-                                                      target=t, abs=True)
+    theirs = NoiseTunnel(Saliency(forward)).attribute(
+        x, nt_type="smoothgrad", nt_samples=4, stdevs=stdev, target=t, abs=True
+    )
     torch.manual_seed(123)
-    ours = methods.smoothgrad(forward, x, t, samples=4, sigma=0.15, pixel_range=(0.0, 4.0),
-                              internal_batch_size=3).raw
+    ours = methods.smoothgrad(forward, x, t, samples=4, sigma=0.15, pixel_range=(0.0, 4.0), internal_batch_size=3).raw
     assert_close(ours, theirs)
 
 
@@ -173,12 +180,18 @@ def _ig_gaps(model, x, steps_list, rule):
     t = targets_of(model, x)
     with torch.no_grad():
         difference = (forward(x) - forward(black_of(model).expand_as(x))).gather(1, t.view(-1, 1)).squeeze(1).abs()
-    gaps = {steps: methods.integrated_gradients(forward, x, t, steps=steps, rule=rule, black=black_of(model),
-                                                internal_batch_size=64).extras["completeness_gap"].abs()
-            for steps in steps_list}
+    gaps = {
+        steps: methods.integrated_gradients(
+            forward, x, t, steps=steps, rule=rule, black=black_of(model), internal_batch_size=64
+        )
+        .extras["completeness_gap"]
+        .abs()
+        for steps in steps_list
+    }
     return gaps, difference
 
 
+@pytest.mark.slow
 def test_integrated_gradients_completeness_smooth_model(tiny_vit, fixture_images):
     # GELU network: the Riemann sum converges steadily.
     gaps, difference = _ig_gaps(tiny_vit, inputs(tiny_vit, fixture_images, PHOTOS), (4, 16, 64), "riemann")
@@ -186,6 +199,7 @@ def test_integrated_gradients_completeness_smooth_model(tiny_vit, fixture_images
     assert (gaps[64] < 1e-3 * difference).all(), (gaps, difference)
 
 
+@pytest.mark.slow
 def test_integrated_gradients_completeness_real_model(lite0, fixture_images):
     # ReLU6 network: the integrand is piecewise, convergence is not monotone per image but the gap
     # falls from ~20% of f(x) - f(black) at 32 steps to ~3% at 128 (measured 2026-11-23).
@@ -216,8 +230,13 @@ def test_attention_relevance_on_registers_and_non_square_input():
     model = load_model("test-tiny-vit-reg", device="cpu")
     spatial = find_spatial_layer(model, image_hw=(48, 80))
     x = torch.randn(3, 3, 48, 80)
-    result = methods.attention_relevance(classifier_forward(model), x, torch.tensor([0, 1, 2]),
-                                         attention=attention_modules(model.module), spatial=spatial)
+    result = methods.attention_relevance(
+        classifier_forward(model),
+        x,
+        torch.tensor([0, 1, 2]),
+        attention=attention_modules(model.module),
+        spatial=spatial,
+    )
     assert result.low_res.shape == (3, 3, 5) and result.maps.shape == (3, 48, 80)
     assert (result.low_res >= 0).all() and torch.isfinite(result.maps).all()
 
@@ -234,14 +253,21 @@ def photo_variants(lite0, fixture_images):
         for flip in (False, True):
             for scale in (1.0, 0.8):
                 w, h = img.size
-                crop = img.crop((int(w * (1 - scale) / 2), int(h * (1 - scale) / 2),
-                                 int(w * (1 + scale) / 2), int(h * (1 + scale) / 2)))
+                crop = img.crop(
+                    (
+                        int(w * (1 - scale) / 2),
+                        int(h * (1 - scale) / 2),
+                        int(w * (1 + scale) / 2),
+                        int(h * (1 + scale) / 2),
+                    )
+                )
                 if flip:
                     crop = crop.transpose(0)
                 tensors.append(pil_to_uint8_chw(resize_and_crop(crop, lite0.preprocess.geometry)))
     return lite0.to_input(torch.stack(tensors))
 
 
+@pytest.mark.slow
 def test_deletion_auc_beats_random_maps(lite0, photo_variants):
     x = photo_variants[::2]  # the 4 photos, whole and zoomed in
     forward = classifier_forward(lite0)
@@ -250,21 +276,23 @@ def test_deletion_auc_beats_random_maps(lite0, photo_variants):
     layer = methods.LayerAccess(dict(lite0.module.named_modules())[spatial.name], spatial)
     maps = {
         "gradcam": methods.gradcam(forward, x, t, layer=layer).maps,
-        "ig": methods.integrated_gradients(forward, x, t, steps=16, black=black_of(lite0),
-                                           internal_batch_size=64).maps,
+        "ig": methods.integrated_gradients(forward, x, t, steps=16, black=black_of(lite0), internal_batch_size=64).maps,
         "random": methods.random_map(forward, x, t, generator=torch.Generator().manual_seed(0)).maps,
     }
 
     def probability(z, tt):
         return forward(z).softmax(-1).gather(1, tt.view(-1, 1)).squeeze(1)
 
-    deletion = {k: deletion_insertion_auc(probability, x, t, m, 10, black_of(lite0), 64)[0].mean().item()
-                for k, m in maps.items()}
+    deletion = {
+        k: deletion_insertion_auc(probability, x, t, m, 10, black_of(lite0), 64)[0].mean().item()
+        for k, m in maps.items()
+    }
     # Measured 2026-11-23 (8 inputs, 10 steps, blur deletion): gradcam 0.115, ig 0.054, random 0.201.
     assert deletion["gradcam"] < 0.8 * deletion["random"], deletion
     assert deletion["ig"] < 0.5 * deletion["random"], deletion
 
 
+@pytest.mark.slow
 def test_model_randomization_sanity_check(lite0, photo_variants):
     """Adebayo et al. 2018: maps must change when the top layers are re-initialized."""
     x = photo_variants[:8]
@@ -298,11 +326,14 @@ def test_model_randomization_sanity_check(lite0, photo_variants):
         assert spearman(original, changed).mean() < bound, (method, spearman(original, changed))
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_over_many_batches(tiny_vit):
     import gc
 
-    task = SaliencyTask(tiny_vit, SaliencyOptions(method="integrated-gradients", params={"steps": 8}, evaluate=True,
-                                                  internal_batch_size=16))
+    task = SaliencyTask(
+        tiny_vit,
+        SaliencyOptions(method="integrated-gradients", params={"steps": 8}, evaluate=True, internal_batch_size=16),
+    )
     images = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8)
     from visbatch.core.images import ImageItem, Record
 
@@ -310,7 +341,7 @@ def test_memory_stays_bounded_over_many_batches(tiny_vit):
 
     def rss_mb():
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     for _ in range(5):
         task.map(images, records)
@@ -328,16 +359,31 @@ def test_memory_stays_bounded_over_many_batches(tiny_vit):
 
 
 def sal(*args, expect=0):
-    result = runner.invoke(app, ["saliency", "--device", "cpu", "--workers", "0", *map(str, args)],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        app, ["saliency", "--device", "cpu", "--workers", "0", *map(str, args)], catch_exceptions=False
+    )
     assert result.exit_code == expect, result.output
     return result
 
 
+@pytest.mark.slow
 def test_cli_classifier_rows_overlays_and_maps(fixture_images, tmp_path):
     out, overlays, maps = tmp_path / "o.parquet", tmp_path / "ov", tmp_path / "maps"
-    result = sal(fixture_images, "-o", out, "--overlays", overlays, "--save-maps", maps, "--eval",
-                 "--eval-steps", "4", "--map-size", "8", "--json")
+    result = sal(
+        fixture_images,
+        "-o",
+        out,
+        "--overlays",
+        overlays,
+        "--save-maps",
+        maps,
+        "--eval",
+        "--eval-steps",
+        "4",
+        "--map-size",
+        "8",
+        "--json",
+    )
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     cat = rows["chelsea.jpg"]
     assert cat["method"] == "gradcam" and "cat" in cat["target"] and 281 <= cat["target_index"] <= 285
@@ -357,8 +403,18 @@ def test_cli_targets_by_name_and_index(fixture_images, tmp_path):
     sal(fixture_images / "coffee.jpg", "-o", out, "--target", "tabby", "--method", "gradient")
     row = pq.read_table(out).to_pylist()[0]
     assert row["target_index"] == 281 and row["target"].startswith("tabby")
-    sal(fixture_images / "coffee.jpg", "-o", out, "--target", "967", "--overwrite", "--method", "integrated-gradients",
-        "--steps", "8")
+    sal(
+        fixture_images / "coffee.jpg",
+        "-o",
+        out,
+        "--target",
+        "967",
+        "--overwrite",
+        "--method",
+        "integrated-gradients",
+        "--steps",
+        "8",
+    )
     row = pq.read_table(out).to_pylist()[0]
     assert row["target"] == "espresso" and row["completeness_gap"] is not None
 
@@ -369,8 +425,22 @@ def test_cli_clip_prompt_labels_and_captions(fixture_images, tmp_path):
     sal(fixture_images, *clip, "--prompt", "a cat", "-o", out, "--method", "gradient")
     rows = pq.read_table(out).to_pylist()
     assert {r["target"] for r in rows} == {"a cat"} and all(-1 <= r["target_score"] <= 1 for r in rows)
-    sal(fixture_images, *clip, "--labels", "cat,cup,rocket", "--target", "cup", "-o", out, "--overwrite",
-        "--method", "attention-relevance", "--eval", "--eval-steps", "3")
+    sal(
+        fixture_images,
+        *clip,
+        "--labels",
+        "cat,cup,rocket",
+        "--target",
+        "cup",
+        "-o",
+        out,
+        "--overwrite",
+        "--method",
+        "attention-relevance",
+        "--eval",
+        "--eval-steps",
+        "3",
+    )
     rows = pq.read_table(out).to_pylist()
     assert {r["target"] for r in rows} == {"cup"} and all(r["deletion_auc"] is not None for r in rows)
     caps = tmp_path / "caps.csv"
@@ -385,8 +455,19 @@ def test_cli_smoothgrad_is_independent_of_batching(fixture_images, tmp_path):
     tables = []
     for batch in (1, 4):
         out = tmp_path / f"b{batch}.parquet"
-        sal(fixture_images, "--model", "test-tiny-vit", "--method", "smoothgrad", "--samples", "3",
-            "--batch-size", batch, "-o", out)
+        sal(
+            fixture_images,
+            "--model",
+            "test-tiny-vit",
+            "--method",
+            "smoothgrad",
+            "--samples",
+            "3",
+            "--batch-size",
+            batch,
+            "-o",
+            out,
+        )
         tables.append(pq.read_table(out).to_pylist())
     for a, b in zip(*tables):
         assert np.allclose(a["map"], b["map"], atol=1e-5)
@@ -394,24 +475,49 @@ def test_cli_smoothgrad_is_independent_of_batching(fixture_images, tmp_path):
 
 def test_cli_smooth_wrapper_and_rise(fixture_images, tmp_path):
     out = tmp_path / "o.parquet"
-    sal(fixture_images / "chelsea.jpg", "--model", "test-tiny-vit", "--method", "integrated-gradients",
-        "--smooth", "2", "--steps", "4", "-o", out)
+    sal(
+        fixture_images / "chelsea.jpg",
+        "--model",
+        "test-tiny-vit",
+        "--method",
+        "integrated-gradients",
+        "--smooth",
+        "2",
+        "--steps",
+        "4",
+        "-o",
+        out,
+    )
     assert pq.read_table(out).to_pylist()[0]["method"] == "smooth-integrated-gradients"
-    sal(fixture_images / "chelsea.jpg", "--model", "test-tiny-vit", "--method", "rise", "--masks", "50",
-        "-o", out, "--overwrite")
+    sal(
+        fixture_images / "chelsea.jpg",
+        "--model",
+        "test-tiny-vit",
+        "--method",
+        "rise",
+        "--masks",
+        "50",
+        "-o",
+        out,
+        "--overwrite",
+    )
     assert pq.read_table(out).to_pylist()[0]["method"] == "rise"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--target", "unicorn"], "not a class"),
-    (["--target", "5000"], "1000 classes"),
-    (["--prompt", "a cat"], "classifier"),
-    (["--method", "magic"], "unknown --method"),
-    (["--method", "gradcam", "--smooth", "4"], "--smooth wraps gradient methods"),
-    (["--method", "attention-relevance"], "needs a ViT"),
-    (["--method", "gradcam", "--layer", "blocks.99"], "no layer"),
-    (["--model", "test-tiny-clip"], "exactly one of --prompt"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "unicorn"], "not a class"),
+        (["--target", "5000"], "1000 classes"),
+        (["--prompt", "a cat"], "classifier"),
+        (["--method", "magic"], "unknown --method"),
+        (["--method", "gradcam", "--smooth", "4"], "--smooth wraps gradient methods"),
+        (["--method", "attention-relevance"], "needs a ViT"),
+        (["--method", "gradcam", "--layer", "blocks.99"], "no layer"),
+        (["--model", "test-tiny-clip"], "exactly one of --prompt"),
+    ],
+)
+@pytest.mark.slow
 def test_cli_usage_errors(fixture_images, tmp_path, args, message):
     assert_usage_error("saliency", fixture_images, tmp_path / "o.parquet", args, message)
 

@@ -27,9 +27,9 @@ class ClassifyTask:
     name = "classify"
 
     def __init__(self, model: LoadedModel, top_k: int = 5, overlays: bool = False):
-        model.require("class_logits")
-        if model.family != "timm":
+        if "text_embedding" in model.capabilities and "class_logits" not in model.capabilities:
             raise UsageError(f"classify needs a classifier; {model.spec} is a CLIP model (use clip-score --labels)")
+        model.require("class_logits")
         self.model = model
         self.top_k = min(top_k, len(model.class_names or [])) or top_k
         self.want_overlays = overlays

@@ -14,6 +14,9 @@ the *mean* at 0 rather than each pair, defaults to
 token ids, which drops the end-of-text token whose position CLIP pools, so
 scores of long captions collapse. For captions within the context length,
 ``torchmetrics_score = 40 * clip_score`` wherever the cosine is positive.
+
+Over 400 lines: the text utilities (TextTable, TextEncoder, captions) that select-data and saliency
+also use still live here; they belong in a core/texts.py (not yet moved).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -44,8 +48,9 @@ TEXT_CACHE_SIZE = 65536
 # ----------------------------------------------------------------------------
 
 
-def clip_score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
-               weight: float = DEFAULT_WEIGHT) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_score(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, weight: float = DEFAULT_WEIGHT
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIPScore per image-text pair, and the raw cosine.
 
     ``CLIP-S(c, v) = w * max(cos(E_v, E_c), 0)`` with ``w = 2.5``.
@@ -67,8 +72,12 @@ def clip_score(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
     return weight * cosine.clamp(min=0), cosine
 
 
-def ref_clip_score(clip_scores: torch.Tensor, text_embeddings: torch.Tensor, reference_embeddings: torch.Tensor,
-                   reference_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_clip_score(
+    clip_scores: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    reference_embeddings: torch.Tensor,
+    reference_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RefCLIPScore: harmonic mean of CLIP-S and the best reference similarity.
 
     ``RefCLIP-S(c, R, v) = H-Mean(CLIP-S(c, v), max(max_{r in R} cos(E_c, E_r), 0))``
@@ -112,8 +121,9 @@ def ensemble_text_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.normalize(embeddings.float(), dim=-1).mean(dim=1), dim=-1)
 
 
-def zero_shot_probabilities(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor,
-                            logit_scale: float = 100.0) -> torch.Tensor:
+def zero_shot_probabilities(
+    image_embeddings: torch.Tensor, class_embeddings: torch.Tensor, logit_scale: float = 100.0
+) -> torch.Tensor:
     """``softmax(logit_scale * cos(E_v, e_c))`` over classes: [N, C], rows sum to 1."""
     image = F.normalize(image_embeddings.float(), dim=-1)
     classes = F.normalize(class_embeddings.float(), dim=-1)
@@ -163,16 +173,23 @@ class TextTable:
         if rows:
             missing = [c for c in (path_column, text_column) if c not in rows[0]]
             if missing:
-                raise InputError(f"{path}: no column {', '.join(map(repr, missing))} "
-                                 f"(columns: {', '.join(map(str, rows[0]))}); see --path-column/--caption-column")
+                raise InputError(
+                    f"{path}: no column {', '.join(map(repr, missing))} "
+                    f"(columns: {', '.join(map(str, rows[0]))}); see --path-column/--caption-column"
+                )
         for row in rows:
             image_path = row.get(path_column)
             if image_path is None or str(image_path).strip() == "":
                 continue
             image_path = str(image_path).strip()
             values = row.get(text_column)
-            texts = [str(v) for v in values] if isinstance(values, (list, tuple)) else \
-                [] if values is None else [str(values)]
+            texts = (
+                [str(v) for v in values]
+                if isinstance(values, (list, tuple))
+                else []
+                if values is None
+                else [str(values)]
+            )
             if os.path.isabs(image_path):
                 target = table.by_absolute.setdefault(_norm_key(image_path), [])
                 exists = os.path.exists(image_path)
@@ -274,7 +291,7 @@ class TextEncoder:
         # Similar lengths in one batch: the text tower runs only up to the longest caption.
         missing.sort(key=len)
         for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start:start + self.batch_size]
+            chunk = missing[start : start + self.batch_size]
             # open_clip's tokenizer truncates to the context length keeping end-of-text last.
             tokens = self.model.tokenize(chunk).to(self.model.device)
             embeddings = self.model.encode_text(tokens).float()
@@ -321,8 +338,10 @@ class ClipScoreTask:
         model.require("image_embedding")
         self.has_text = bool(options.prompt is not None or options.captions or options.sidecar)
         if not self.has_text and not options.labels and not options.save_embeddings:
-            raise UsageError("clip-score needs texts: --prompt, --captions, --sidecar, --labels for zero-shot, "
-                             "or --save-embeddings alone")
+            raise UsageError(
+                "clip-score needs texts: --prompt, --captions, --sidecar, --labels for zero-shot, "
+                "or --save-embeddings alone"
+            )
         if sum([options.prompt is not None, options.captions is not None, options.sidecar]) > 1:
             raise UsageError("choose one caption source: --prompt, --captions or --sidecar")
         if options.references is not None and not self.has_text:
@@ -346,6 +365,7 @@ class ClipScoreTask:
 
     def _class_embeddings(self) -> torch.Tensor:
         labels, templates = self.config.labels, self.config.templates
+        assert labels is not None  # only called with --labels
         texts = [fill_template(template, label) for label in labels for template in templates]
         embeddings = self.text.encode(texts).view(len(labels), len(templates), -1)
         return ensemble_text_embeddings(embeddings)
@@ -355,11 +375,18 @@ class ClipScoreTask:
     def fields(self) -> list[pa.Field]:
         fields = []
         if self.has_text:
-            fields += [pa.field("caption", pa.string()), pa.field("clip_score", pa.float32()),
-                       pa.field("cosine", pa.float32()), pa.field("truncated", pa.bool_())]
+            fields += [
+                pa.field("caption", pa.string()),
+                pa.field("clip_score", pa.float32()),
+                pa.field("cosine", pa.float32()),
+                pa.field("truncated", pa.bool_()),
+            ]
         if self.config.references is not None:
-            fields += [pa.field("ref_clip_score", pa.float32()), pa.field("reference_cosine", pa.float32()),
-                       pa.field("n_references", pa.int32())]
+            fields += [
+                pa.field("ref_clip_score", pa.float32()),
+                pa.field("reference_cosine", pa.float32()),
+                pa.field("n_references", pa.int32()),
+            ]
         if self.config.labels:
             fields += [pa.field("top_labels", pa.list_(pa.string())), pa.field("top_probs", pa.list_(pa.float32()))]
             if self.config.save_probs:
@@ -377,11 +404,22 @@ class ClipScoreTask:
     def options(self) -> dict:
         o = self.config
         return {
-            "text_source": "prompt" if o.prompt is not None else "captions" if o.captions else
-            "sidecar" if o.sidecar else None,
-            "prompt": o.prompt, "prefix": o.prefix, "weight": o.weight, "references": o.references is not None,
-            "labels": o.labels, "templates": o.templates if o.labels else None, "top_k": o.top_k,
-            "logit_scale": self.logit_scale, "save_embeddings": o.save_embeddings,
+            "text_source": "prompt"
+            if o.prompt is not None
+            else "captions"
+            if o.captions
+            else "sidecar"
+            if o.sidecar
+            else None,
+            "prompt": o.prompt,
+            "prefix": o.prefix,
+            "weight": o.weight,
+            "references": o.references is not None,
+            "labels": o.labels,
+            "templates": o.templates if o.labels else None,
+            "top_k": o.top_k,
+            "logit_scale": self.logit_scale,
+            "save_embeddings": o.save_embeddings,
             "save_mirrored": o.save_flipped,
             "context_length": self.model.context_length,
         }
@@ -396,7 +434,7 @@ class ClipScoreTask:
         if self.config.save_flipped:
             # The mirrored images in the same forward pass as the originals: one batch of 2B.
             both = self.model.encode_image(torch.cat([x, x.flip(-1)])).float()
-            image_embeddings, flipped_embeddings = both[: len(x)], both[len(x):]
+            image_embeddings, flipped_embeddings = both[: len(x)], both[len(x) :]
         else:
             image_embeddings = self.model.encode_image(x).float()
         rows: list[dict] = [{} for _ in records]
@@ -428,26 +466,29 @@ class ClipScoreTask:
                 rows[i].update(status="error", error=error)
         if not good:
             return
-        texts = [captions[i][0] for i in good]
+        texts = [cast(str, captions[i][0]) for i in good]  # good: the captions that are not None
         text_embeddings = self.text.encode(texts)
         scores, cosines = clip_score(image_embeddings[good], text_embeddings, self.config.weight)
         ref_scores = ref_best = None
         n_refs = None
         if self.config.references is not None:
             ref_scores, ref_best, n_refs = self._reference_scores(scores, text_embeddings, [records[i] for i in good])
-        text_normalized = F.normalize(text_embeddings, dim=-1).half().cpu().numpy() \
-            if self.config.save_embeddings else None
+        text_normalized = (
+            F.normalize(text_embeddings, dim=-1).half().cpu().numpy() if self.config.save_embeddings else None
+        )
         scores_np, cosines_np = scores.cpu().numpy(), cosines.cpu().numpy()
         self._scores.append(scores_np)
         for j, i in enumerate(good):
             truncated = self.text.is_truncated(texts[j])
             self._truncated += bool(truncated)
-            rows[i].update(caption=texts[j], clip_score=float(scores_np[j]), cosine=float(cosines_np[j]),
-                           truncated=truncated)
+            rows[i].update(
+                caption=texts[j], clip_score=float(scores_np[j]), cosine=float(cosines_np[j]), truncated=truncated
+            )
             if ref_scores is not None:
                 if n_refs[j]:
-                    rows[i].update(ref_clip_score=float(ref_scores[j]), reference_cosine=float(ref_best[j]),
-                                   n_references=n_refs[j])
+                    rows[i].update(
+                        ref_clip_score=float(ref_scores[j]), reference_cosine=float(ref_best[j]), n_references=n_refs[j]
+                    )
                 else:
                     rows[i].update(n_references=0)
             if text_normalized is not None:
@@ -466,7 +507,7 @@ class ClipScoreTask:
         offset = 0
         for n, count in enumerate(counts):
             if count:
-                padded[n, :count] = encoded[offset:offset + count]
+                padded[n, :count] = encoded[offset : offset + count]
                 mask[n, :count] = True
             offset += count
         has_any = mask.any(dim=1)
@@ -480,9 +521,12 @@ class ClipScoreTask:
             scores = np.concatenate(self._scores) if self._scores else np.empty(0)
             out["scored"] = int(scores.size)
             if scores.size:
-                out.update(clip_score_mean=float(scores.mean()), clip_score_median=float(np.median(scores)),
-                           clip_score_p10=float(np.percentile(scores, 10)),
-                           clip_score_p90=float(np.percentile(scores, 90)))
+                out.update(
+                    clip_score_mean=float(scores.mean()),
+                    clip_score_median=float(np.median(scores)),
+                    clip_score_p10=float(np.percentile(scores, 10)),
+                    clip_score_p90=float(np.percentile(scores, 90)),
+                )
             out["truncated_captions"] = self._truncated
         for name, table in (("captions", self.config.captions), ("references", self.config.references)):
             if table is not None:

@@ -1,3 +1,9 @@
-"""detect-aigi's maths: artefact features (``features``) and the calibrated classifier with its
-evaluation measures (``classifier``). The train/score/eval commands that use them are not built
-yet (see the project's issue on detect-aigi)."""
+"""detect-aigi: detectors of AI-generated images.
+
+- :mod:`.features`: the artefact feature groups (NPR, bit planes, spectrum);
+- :mod:`.classifier`: logistic regression, Platt scaling, threshold, AP/AUROC/ECE;
+- :mod:`.fusion`: per-group regressions fused by a stacked one, leave-one-generator-out folds;
+- :mod:`.detector`: labelled inputs, the feature extractor and task, the detector file,
+  training, scoring and evaluation;
+- :mod:`.job`: the train and eval jobs the CLI runs (features through the pipeline, resumable).
+"""

@@ -32,8 +32,9 @@ class LogisticModel:
         return ((features.float() - self.mean) / self.std) * self.weight
 
 
-def fit_logistic(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2, iterations: int = 200
-                 ) -> LogisticModel:
+def fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2, iterations: int = 200
+) -> LogisticModel:
     """Minimize mean BCE + ``l2`` * ||w||^2 / 2 on standardized features (labels 1 = fake)."""
     x = features.float()
     y = labels.float()
@@ -63,8 +64,9 @@ def fit_platt(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 100)
     z = logits.float().detach()
     y = labels.float()
     positives, negatives = float(y.sum()), float((1 - y).sum())
-    target = torch.where(y > 0.5, torch.full_like(y, (positives + 1) / (positives + 2)),
-                         torch.full_like(y, 1 / (negatives + 2)))
+    target = torch.where(
+        y > 0.5, torch.full_like(y, (positives + 1) / (positives + 2)), torch.full_like(y, 1 / (negatives + 2))
+    )
     a = torch.ones((), requires_grad=True)
     b = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([a, b], max_iter=iterations, line_search_fn="strong_wolfe")

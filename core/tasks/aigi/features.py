@@ -45,13 +45,23 @@ def npr_features(x: torch.Tensor) -> torch.Tensor:
     """[B, 4]: mean |r| and std of the residual at phase (0, 0), the smallest phase's mean |r|
     relative to the image's neighbour differences, and the spread of the four phases."""
     x = _even(x.float())
-    gradient = ((x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3))
-                + (x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=(1, 2, 3))) / 2 + 1e-6
-    phases = torch.stack([npr_residual(x, dy, dx).abs().mean(dim=(1, 2, 3))
-                          for dy in (0, 1) for dx in (0, 1)], dim=1) / gradient.unsqueeze(1)
+    gradient = (
+        (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3))
+        + (x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=(1, 2, 3))
+    ) / 2 + 1e-6
+    phases = torch.stack(
+        [npr_residual(x, dy, dx).abs().mean(dim=(1, 2, 3)) for dy in (0, 1) for dx in (0, 1)], dim=1
+    ) / gradient.unsqueeze(1)
     base = npr_residual(x)
-    return torch.stack([base.abs().mean(dim=(1, 2, 3)), base.std(dim=(1, 2, 3)), phases.min(dim=1).values,
-                        phases.max(dim=1).values - phases.min(dim=1).values], dim=1)
+    return torch.stack(
+        [
+            base.abs().mean(dim=(1, 2, 3)),
+            base.std(dim=(1, 2, 3)),
+            phases.min(dim=1).values,
+            phases.max(dim=1).values - phases.min(dim=1).values,
+        ],
+        dim=1,
+    )
 
 
 def bitplane_features(pixels: torch.Tensor) -> torch.Tensor:
@@ -88,8 +98,12 @@ def spectrum_features(x: torch.Tensor) -> torch.Tensor:
             return power[:, index_v, :].mean(dim=1) + floor
         return power[:, :, index_h].mean(dim=1) + floor
 
-    feats = [torch.log(line(index_h=w // 2) / median), torch.log(line(index_v=h // 2) / median),
-             torch.log(line(index_h=w // 4) / median), torch.log(line(index_v=h // 4) / median)]
+    feats = [
+        torch.log(line(index_h=w // 2) / median),
+        torch.log(line(index_v=h // 2) / median),
+        torch.log(line(index_h=w // 4) / median),
+        torch.log(line(index_v=h // 4) / median),
+    ]
     fy = torch.fft.fftfreq(h, device=x.device).abs().view(-1, 1)
     fx = torch.fft.fftfreq(w, device=x.device).abs().view(1, -1)
     high = ((fy > 0.25) | (fx > 0.25)).float()

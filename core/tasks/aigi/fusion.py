@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ class FusedClassifier:
 # ----------------------------------------------------------------------------
 
 
-def generator_folds(labels: Sequence[int], generators: Sequence[str]) -> np.ndarray | None:
+def generator_folds(labels: Sequence[int] | np.ndarray, generators: Sequence[str]) -> np.ndarray | None:
     """One fold id per item, one fold per generator, when there are at least 3 generators and each
     has real and fake images (so every held-out fold can be scored and every training side has both
     classes); otherwise None."""
@@ -89,8 +90,9 @@ def generator_folds(labels: Sequence[int], generators: Sequence[str]) -> np.ndar
     return np.array([index[g] for g in generators])
 
 
-def stratified_folds(labels: Sequence[int], k: int = FOLDS, seed: int = 0,
-                     groups: Sequence[str] | None = None) -> np.ndarray:
+def stratified_folds(
+    labels: Sequence[int] | np.ndarray, k: int = FOLDS, seed: int = 0, groups: Sequence[str] | None = None
+) -> np.ndarray:
     """Fold ids with each class spread over ``k`` folds (fewer when a class is smaller); with
     ``groups``, the items of one group share a fold."""
     labels = np.asarray(labels)
@@ -113,8 +115,9 @@ def stratified_folds(labels: Sequence[int], k: int = FOLDS, seed: int = 0,
 # ----------------------------------------------------------------------------
 
 
-def _fold_scores(labels: torch.Tensor, folds: np.ndarray, logits: torch.Tensor
-                 ) -> tuple[float, float, dict[int, float]]:
+def _fold_scores(
+    labels: torch.Tensor, folds: np.ndarray, logits: torch.Tensor
+) -> tuple[float, float, dict[int, float]]:
     """(mean AP over folds, mean AUROC over folds, {fold: AP}) of out-of-fold ``logits``; a fold
     with one class has no AP and is left out."""
     aps, aucs = {}, []
@@ -159,8 +162,9 @@ class GroupCheck:
     oof_logits: torch.Tensor
 
 
-def check_group(group: str, features: torch.Tensor, labels: torch.Tensor, folds: np.ndarray,
-                l2_grid: Sequence[float] = L2_GRID) -> GroupCheck:
+def check_group(
+    group: str, features: torch.Tensor, labels: torch.Tensor, folds: np.ndarray, l2_grid: Sequence[float] = L2_GRID
+) -> GroupCheck:
     """The group's L2 chosen by mean held-out-fold AP (ties: the stronger regularisation)."""
     best = None
     for l2 in sorted(l2_grid, reverse=True):
@@ -168,7 +172,7 @@ def check_group(group: str, features: torch.Tensor, labels: torch.Tensor, folds:
         ap, auc, per_fold = _fold_scores(labels, folds, logits)
         if best is None or (ap == ap and ap > best.mean_ap + 1e-9):
             best = GroupCheck(group, l2, ap, auc, per_fold, logits)
-    return best
+    return cast(GroupCheck, best)  # set on the first L2 of the (non-empty) grid
 
 
 @dataclass
@@ -182,8 +186,16 @@ class FusionFit:
     fused_mean_ap: float
 
 
-def fit_fused(features: torch.Tensor, labels: torch.Tensor, columns: dict[str, torch.Tensor], folds: np.ndarray,
-              fold_kind: str, fold_names: Sequence[str], select: bool, l2: float | None = None) -> FusionFit:
+def fit_fused(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    columns: dict[str, torch.Tensor],
+    folds: np.ndarray,
+    fold_kind: str,
+    fold_names: Sequence[str],
+    select: bool,
+    l2: float | None = None,
+) -> FusionFit:
     """Per-group L2 (chosen from :data:`L2_GRID`, or ``l2`` for every group) and out-of-fold logits;
     with ``select``, greedy forward selection of groups by the stacked fusion's mean held-out-fold
     AP; then every kept group and the fusion refitted on all rows."""
@@ -218,12 +230,13 @@ def fit_fused(features: torch.Tensor, labels: torch.Tensor, columns: dict[str, t
     else:
         selected = list(columns)
         score, per_fold = fused_score(selected)
-    members = [GroupModel(g, columns[g], fit_logistic(features[:, columns[g]], labels, l2=by_group[g].l2),
-                          by_group[g].l2) for g in selected]
+    members = [
+        GroupModel(g, columns[g], fit_logistic(features[:, columns[g]], labels, l2=by_group[g].l2), by_group[g].l2)
+        for g in selected
+    ]
     stacked = torch.stack([by_group[g].oof_logits for g in selected], dim=1)
     fusion = fit_logistic(stacked, labels, l2=FUSION_L2)
-    return FusionFit(FusedClassifier(members, fusion), checks, selected, fold_kind, list(fold_names),
-                     per_fold, score)
+    return FusionFit(FusedClassifier(members, fusion), checks, selected, fold_kind, list(fold_names), per_fold, score)
 
 
 def chance_groups(checks: Sequence[GroupCheck]) -> list[str]:
@@ -231,9 +244,14 @@ def chance_groups(checks: Sequence[GroupCheck]) -> list[str]:
     return [c.group for c in checks if not c.mean_auroc >= CHANCE_AUROC]
 
 
-def held_out_generator_ap(features: torch.Tensor, labels: torch.Tensor, generators: Sequence[str],
-                          columns: dict[str, torch.Tensor], select: bool = True, l2: float | None = None
-                          ) -> dict[str, dict]:
+def held_out_generator_ap(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    generators: Sequence[str],
+    columns: dict[str, torch.Tensor],
+    select: bool = True,
+    l2: float | None = None,
+) -> dict[str, dict]:
     """An outer leave-one-generator-out check of the whole training procedure: for each generator,
     :func:`fit_fused` on the others (its own inner folds and selection never see it), then the AP on
     it. Returns ``{generator: {"ap": AP of the fused detector, "selected": its groups, "group_ap":
@@ -248,13 +266,24 @@ def held_out_generator_ap(features: torch.Tensor, labels: torch.Tensor, generato
         kind = "generator"
         if folds is None:
             folds, kind = stratified_folds(labels[train].tolist()), "stratified"
-        fit = fit_fused(features[train], labels[train], columns, folds, kind, sorted(set(train_gens)),
-                        select=select and kind == "generator" and len(columns) > 1, l2=l2)
+        fit = fit_fused(
+            features[train],
+            labels[train],
+            columns,
+            folds,
+            kind,
+            sorted(set(train_gens)),
+            select=select and kind == "generator" and len(columns) > 1,
+            l2=l2,
+        )
         alone = {}
         for check in fit.checks:
             cols = columns[check.group]
             model = fit_logistic(features[train][:, cols], labels[train], l2=check.l2)
             alone[check.group] = average_precision(labels[held], model.logits(features[held][:, cols]))
-        out[name] = {"ap": average_precision(labels[held], fit.classifier.logits(features[held])),
-                     "selected": fit.selected, "group_ap": alone}
+        out[name] = {
+            "ap": average_precision(labels[held], fit.classifier.logits(features[held])),
+            "selected": fit.selected,
+            "group_ap": alone,
+        }
     return out

@@ -39,14 +39,22 @@ def features_path_for(output: str) -> str:
     return stem + ".features.parquet"
 
 
-def compute_features(data: LabelledItems, extractor: FeatureExtractor, geometry: Geometry, normalize_format: bool,
-                     host, config: RunConfig) -> tuple[list[int], torch.Tensor, list[str]]:
+def compute_features(
+    data: LabelledItems,
+    extractor: FeatureExtractor,
+    geometry: Geometry,
+    normalize_format: bool,
+    host,
+    config: RunConfig,
+) -> tuple[list[int], torch.Tensor, list[str]]:
     """Run the feature map stage over ``data`` into ``config.output``; returns (indices of the items
     that gave finite features, their vectors [n, D], one-line reasons for the others)."""
     summary = run_pipeline(FeatureTask(extractor, geometry, normalize_format), host, data.items, config)
     if summary.interrupted:
-        raise Interrupted("interrupted while computing features; run the same command with --resume to "
-                          f"continue from the {summary.processed + summary.resumed} images done")
+        raise Interrupted(
+            "interrupted while computing features; run the same command with --resume to "
+            f"continue from the {summary.processed + summary.resumed} images done"
+        )
     roots = read_run_metadata(config.output).get("roots") or [data.items[0].root]
     by_key = {row_key(r, roots[0]): r for r in pq.read_table(config.output).to_pylist()}
     keep, vectors, errors = [], [], []
@@ -80,8 +88,10 @@ def check_class_counts(data: LabelledItems, what: str = "training") -> None:
     fake = sum(data.labels)
     real = len(data.labels) - fake
     if real < MIN_PER_CLASS or fake < MIN_PER_CLASS:
-        raise UsageError(f"{what} needs at least {MIN_PER_CLASS} real and {MIN_PER_CLASS} fake images with usable "
-                         f"features (one of each to train on, one to calibrate on); got {real} real, {fake} fake")
+        raise UsageError(
+            f"{what} needs at least {MIN_PER_CLASS} real and {MIN_PER_CLASS} fake images with usable "
+            f"features (one of each to train on, one to calibrate on); got {real} real, {fake} fake"
+        )
 
 
 @dataclass
@@ -99,41 +109,72 @@ class TrainSettings:
     warnings: list[str] = field(default_factory=list)
 
 
-def train_job(data: LabelledItems, extractor: FeatureExtractor, geometry: Geometry, host, backbone,
-              settings: TrainSettings, config: RunConfig) -> tuple[Detector, dict]:
+def train_job(
+    data: LabelledItems,
+    extractor: FeatureExtractor,
+    geometry: Geometry,
+    host,
+    backbone,
+    settings: TrainSettings,
+    config: RunConfig,
+) -> tuple[Detector, dict]:
     """Features, then a calibrated detector; not-usable images are counted in ``settings.warnings``."""
     keep, vectors, errors = compute_features(data, extractor, geometry, settings.normalize_format, host, config)
     settings.warnings += [f"not used: {error}" for error in errors[:5]]
     if len(errors) > 5:
         settings.warnings.append(f"... and {len(errors) - 5} more images not used")
-    kept = LabelledItems([data.items[i] for i in keep], [data.labels[i] for i in keep],
-                         [data.generators[i] for i in keep])
+    kept = LabelledItems(
+        [data.items[i] for i in keep], [data.labels[i] for i in keep], [data.generators[i] for i in keep]
+    )
     check_class_counts(kept)
     names = extractor.names()
     if len(names) != vectors.shape[1]:
         raise RuntimeError(f"{vectors.shape[1]} features but {len(names)} names")
     groups = split_groups(kept, settings.group_pattern) if settings.group_pattern else None
-    detector, report = train_detector(vectors, kept, settings.groups, names, settings.policy, settings.size,
-                                      backbone.describe() if backbone else None, settings.holdout, settings.seed,
-                                      settings.l2, tiles=settings.tiles, split_groups=groups,
-                                      select=settings.select)
+    detector, report = train_detector(
+        vectors,
+        kept,
+        settings.groups,
+        names,
+        settings.policy,
+        settings.size,
+        backbone.describe() if backbone else None,
+        settings.holdout,
+        settings.seed,
+        settings.l2,
+        tiles=settings.tiles,
+        split_groups=groups,
+        select=settings.select,
+    )
     detector.training["normalize_format"] = settings.normalize_format
     detector.training["unreadable"] = len(errors)
     report["unreadable"] = len(errors)
     for group in report["groups_at_chance"]:
-        settings.warnings.append(f"feature group {group} is at chance on held-out folds ({report['folds']} "
-                                 f"folds, AUROC {report['groups'][group]['fold_auroc_mean']:.2f}): it does not "
-                                 "carry over to images it did not train on")
+        settings.warnings.append(
+            f"feature group {group} is at chance on held-out folds ({report['folds']} "
+            f"folds, AUROC {report['groups'][group]['fold_auroc_mean']:.2f}): it does not "
+            "carry over to images it did not train on"
+        )
     dropped = [g for g in report["requested_groups"] if g not in report["selected_groups"]]
     if dropped:
-        settings.warnings.append(f"leave-one-generator-out dropped {', '.join(dropped)} (no gain on held-out "
-                                 "generators); --keep-all-groups keeps them")
+        settings.warnings.append(
+            f"leave-one-generator-out dropped {', '.join(dropped)} (no gain on held-out "
+            "generators); --keep-all-groups keeps them"
+        )
     return detector, report
 
 
-def evaluate_job(data: LabelledItems, detector: Detector, extractor: FeatureExtractor, geometry: Geometry, host,
-                 normalize_format: bool, config: RunConfig, output: str, metadata: dict
-                 ) -> tuple[list[dict], list[str]]:
+def evaluate_job(
+    data: LabelledItems,
+    detector: Detector,
+    extractor: FeatureExtractor,
+    geometry: Geometry,
+    host,
+    normalize_format: bool,
+    config: RunConfig,
+    output: str,
+    metadata: dict,
+) -> tuple[list[dict], list[str]]:
     """Features, then per-generator figures written to ``output``; returns (rows, unusable images)."""
     keep, vectors, errors = compute_features(data, extractor, geometry, normalize_format, host, config)
     if not keep:

@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from visbatch.core.tasks.quantize.quant import QuantizedWeight, quantize_weight
+from visbatch.core.quantized.weights import QuantizedWeight
+from visbatch.core.tasks.quantize.quant import quantize_weight
 
 ALPHA_GRID = 20
 CLIP_GRID = 20
@@ -35,24 +36,34 @@ def awq_scale(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def scaled_effective_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None,
-                            clip: torch.Tensor | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
+def scaled_effective_weight(
+    weight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None, clip: torch.Tensor | None = None
+) -> tuple[QuantizedWeight, torch.Tensor]:
     """Quantize ``W diag(s)`` and return it with the effective weight ``Q(W diag(s)) diag(1/s)``."""
     quantized = quantize_weight(weight * scale.view(1, -1), bits, group_size, clip)
     return quantized, quantized.dequantize(torch.float32) / scale.view(1, -1)
 
 
-def awq_quantize(weight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, bits: int, group_size: int | None,
-                 clip: bool) -> tuple[QuantizedWeight, torch.Tensor]:
+def awq_quantize(
+    weight: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, bits: int, group_size: int | None, clip: bool
+) -> tuple[QuantizedWeight, torch.Tensor]:
     """Round ``W diag(s)``, after the clip search on the input ``rows`` (divided by ``s``) when
     ``clip`` and there are rows; returns the quantized weight and the effective weight."""
-    ratios = (search_clip(weight * scale.view(1, -1), rows / scale.view(1, -1), bits, group_size)
-              if clip and rows is not None and rows.numel() else None)
+    ratios = (
+        search_clip(weight * scale.view(1, -1), rows / scale.view(1, -1), bits, group_size)
+        if clip and rows is not None and rows.numel()
+        else None
+    )
     return scaled_effective_weight(weight, scale, bits, group_size, ratios)
 
 
-def search_scale(weights: Sequence[torch.Tensor], magnitude: torch.Tensor, bits: int, group_size: int | None,
-                 evaluate: Callable[[list[torch.Tensor]], float]) -> tuple[float, torch.Tensor, float]:
+def search_scale(
+    weights: Sequence[torch.Tensor],
+    magnitude: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    evaluate: Callable[[list[torch.Tensor]], float],
+) -> tuple[float, torch.Tensor, float]:
     """(alpha, s, error) for layers with the given fp32 ``weights`` [out, in] sharing one input
     whose per-channel mean magnitude is ``magnitude``. ``evaluate`` takes the layers' effective
     weights and returns the output error they cause."""

@@ -26,6 +26,9 @@ held once (inputs and outputs of the current block). A chain whose blocks do
 not pass their output straight to the next block is detected on the first
 batch and its layers fall back to the one-pass path (``calibrate`` +
 ``quantize_layer``).
+
+Over 400 lines on purpose: one algorithm (capture a block's inputs, choose and quantize its layers,
+feed the next block) whose steps share their state.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class Chain:
 
 def find_chains(model: LoadedModel, targets) -> tuple[list[Chain], list]:
     """(chains holding targets, targets outside every chain)."""
-    chains, inside = [], set()
+    chains: list[Chain] = []
+    inside: set[str] = set()
     for container_name in CHAIN_CONTAINERS:
         try:
             container = model.module.get_submodule(container_name)
@@ -66,8 +70,9 @@ def find_chains(model: LoadedModel, targets) -> tuple[list[Chain], list]:
             continue
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
             continue
-        if any(container_name.startswith(c.container + ".") or c.container.startswith(container_name + ".")
-               for c in chains):
+        if any(
+            container_name.startswith(c.container + ".") or c.container.startswith(container_name + ".") for c in chains
+        ):
             continue
         blocks = []
         for index, child in enumerate(container):
@@ -80,7 +85,7 @@ def find_chains(model: LoadedModel, targets) -> tuple[list[Chain], list]:
         if len(blocks) < 2 or not names:
             continue
         inside |= names
-        tower = "text" if model.family == "open_clip" and not container_name.startswith("visual.") else "visual"
+        tower = model.adapter.tower_of(container_name)
         chains.append(Chain(container_name, blocks, tower))
     return chains, [t for t in targets if t.name not in inside]
 
@@ -107,14 +112,16 @@ def capture_chain_inputs(chain: Chain, drive) -> list[tuple[tuple, dict]] | None
         def hook(module, args, kwargs):
             if checking[0]:
                 seen[index] = args[0] if args else next(iter(kwargs.values()))
+
         return hook
 
     for run in drive():  # one batch unhooked first: lazy decisions (the text tower's trim check) run once
         run()
         break
     handles = [first.register_forward_pre_hook(grab, with_kwargs=True)]
-    handles += [block.register_forward_pre_hook(record(i), with_kwargs=True)
-                for i, (_, block) in enumerate(chain.blocks)]
+    handles += [
+        block.register_forward_pre_hook(record(i), with_kwargs=True) for i, (_, block) in enumerate(chain.blocks)
+    ]
     try:
         for run in drive():
             try:
@@ -131,8 +138,11 @@ def capture_chain_inputs(chain: Chain, drive) -> list[tuple[tuple, dict]] | None
     args, kwargs = captured[0]
     x = args[0]
     for index, (_, block) in enumerate(chain.blocks):
-        if index in seen and (not isinstance(x, torch.Tensor) or x.shape != seen[index].shape
-                              or not torch.allclose(x, seen[index], rtol=1e-4, atol=1e-5)):
+        if index in seen and (
+            not isinstance(x, torch.Tensor)
+            or x.shape != seen[index].shape
+            or not torch.allclose(x, seen[index], rtol=1e-4, atol=1e-5)
+        ):
             return None
         x = _first(block(x, *args[1:], **kwargs))
     return captured
@@ -145,8 +155,9 @@ class _Observation:
     norm_of_group: dict[int, tuple[str, nn.Module]] = field(default_factory=dict)  # group index -> LayerNorm
 
 
-def _observe(block_name: str, block: nn.Module, targets, inputs, generator, outputs: list,
-             want_hessian: bool = False) -> _Observation:
+def _observe(
+    block_name: str, block: nn.Module, targets, inputs, generator, outputs: list, want_hessian: bool = False
+) -> _Observation:
     from visbatch.core.tasks.quantize import ActivationStats, _input_of, register_input_hook
 
     observation = _Observation({t.name: ActivationStats(want_hessian) for t in targets})
@@ -155,16 +166,20 @@ def _observe(block_name: str, block: nn.Module, targets, inputs, generator, outp
     handles = []
     recording = [True]
     for target in targets:
+
         def hook(raw, target=target):
             if recording[0]:
                 first_batch[target.name] = raw  # held, so no tensor id is reused while grouping
             observation.stats[target.name].add(_input_of(target, (raw,)), generator)
+
         handles.append(register_input_hook(target, hook))
     for name, module in block.named_modules():
         if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+
             def norm_hook(mod, args, output, name=name):
                 if recording[0]:
                     norm_outputs.append((f"{block_name}.{name}", mod, output))
+
             handles.append(module.register_forward_hook(norm_hook))
     try:
         for args, kwargs in inputs:
@@ -222,9 +237,18 @@ def _search_inputs(inputs, outputs):
 
 
 @torch.no_grad()
-def quantize_chain(chain: Chain, targets, inputs, bits: int, group_size: int | None, method: str,
-                   act_order: bool = False, awq_clip: bool = True, validation=None, root: nn.Module | None = None
-                   ) -> tuple[list, dict[str, torch.Tensor]]:
+def quantize_chain(
+    chain: Chain,
+    targets,
+    inputs,
+    bits: int,
+    group_size: int | None,
+    method: str,
+    act_order: bool = False,
+    awq_clip: bool = True,
+    validation=None,
+    root: nn.Module | None = None,
+) -> tuple[list, dict[str, torch.Tensor]]:
     """Quantize the ``targets`` inside ``chain`` block by block from the first block's captured
     ``inputs``. Returns (QuantizedLayer list, parameter overrides {name: tensor} for folded
     LayerNorms).
@@ -240,31 +264,45 @@ def quantize_chain(chain: Chain, targets, inputs, bits: int, group_size: int | N
     for block_name, block in chain.blocks:
         block_targets = [t for t in targets if t.name.startswith(block_name + ".")]
         outputs: list[torch.Tensor] = []
-        observation = _observe(block_name, block, block_targets, inputs, generator, outputs,
-                               want_hessian=method in ("gptq", "auto"))
+        observation = _observe(
+            block_name, block, block_targets, inputs, generator, outputs, want_hessian=method in ("gptq", "auto")
+        )
         if method == "auto":
             chosen, chosen_overrides, validation = _choose_block(
-                block, block_targets, observation, inputs, outputs, validation, root, bits, group_size, act_order,
-                awq_clip)
+                block,
+                block_targets,
+                observation,
+                inputs,
+                outputs,
+                validation,
+                root,
+                bits,
+                group_size,
+                act_order,
+                awq_clip,
+            )
             layers += chosen
             overrides.update(chosen_overrides)
             if chosen and chosen[0].method == "gptq":
                 outputs = _quantized_outputs(block, chosen, inputs)
         elif method != "awq":
-            block_layers = [quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order)
-                            for t in block_targets]
+            block_layers = [
+                quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order) for t in block_targets
+            ]
             layers += block_layers
             if method == "gptq":
                 outputs = _quantized_outputs(block, block_layers, inputs)
         else:
-            layers += _awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip,
-                                 overrides)
+            layers += _awq_block(
+                block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip, overrides
+            )
         inputs = [((output,) + args[1:], kwargs) for (args, kwargs), output in zip(inputs, outputs)]
     return layers, overrides
 
 
-def _choose_block(block, block_targets, observation, inputs, outputs, validation, root, bits, group_size,
-                  act_order, awq_clip):
+def _choose_block(
+    block, block_targets, observation, inputs, outputs, validation, root, bits, group_size, act_order, awq_clip
+):
     """Every method for one block; the one with the lowest validation block-output error.
     Returns (layers, overrides, the validation inputs of the next block)."""
     from visbatch.core.tasks.quantize import effective_weight, quantize_layer
@@ -272,16 +310,22 @@ def _choose_block(block, block_targets, observation, inputs, outputs, validation
     references = [_first(block(*args, **kwargs)) for args, kwargs in validation]
     candidates = {}
     for method in ("rtn", "gptq"):
-        candidates[method] = ([quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order)
-                               for t in block_targets], {})
+        candidates[method] = (
+            [quantize_layer(t, bits, group_size, method, observation.stats[t.name], act_order) for t in block_targets],
+            {},
+        )
     awq_overrides: dict[str, torch.Tensor] = {}
-    candidates["awq"] = (_awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip,
-                                    awq_overrides), awq_overrides)
+    candidates["awq"] = (
+        _awq_block(block, block_targets, observation, inputs, outputs, bits, group_size, awq_clip, awq_overrides),
+        awq_overrides,
+    )
     best = None
     for method in ("rtn", "awq", "gptq"):  # RTN first: it wins ties
         block_layers, block_overrides = candidates[method]
-        changes = [(_weight_parameter(layer.target), effective_weight(layer.weight, layer.column_scale))
-                   for layer in block_layers]
+        changes = [
+            (_weight_parameter(layer.target), effective_weight(layer.weight, layer.column_scale))
+            for layer in block_layers
+        ]
         changes += [(root.get_parameter(name), value) for name, value in block_overrides.items()]
         with _replaced(changes):
             error = _block_error(block, validation, references)
@@ -299,8 +343,12 @@ def _quantized_outputs(block, block_layers, inputs) -> list[torch.Tensor]:
     calibrated on what the already-quantized blocks before it produce."""
     from visbatch.core.tasks.quantize import effective_weight
 
-    with _replaced([(_weight_parameter(layer.target), effective_weight(layer.weight, layer.column_scale))
-                    for layer in block_layers]):
+    with _replaced(
+        [
+            (_weight_parameter(layer.target), effective_weight(layer.weight, layer.column_scale))
+            for layer in block_layers
+        ]
+    ):
         return [_first(block(*args, **kwargs)) for args, kwargs in inputs]
 
 
@@ -314,14 +362,22 @@ def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_s
     originals = {t.name: t.weight().float().cpu().clone() for t in block_targets}
     plans = []
     for index, group in enumerate(observation.groups):
+
         def evaluate(effective, group=group):
             with _replaced([(_weight_parameter(t), w) for t, w in zip(group, effective)]):
                 return _block_error(block, search_in, search_out)
 
         magnitude = observation.stats[group[0].name].mean_abs().float().cpu()
         alpha, scale, _ = search_scale([originals[t.name] for t in group], magnitude, bits, group_size, evaluate)
-        plans.append({"group": group, "alpha": alpha, "scale": scale, "folded_into": None,
-                      "norm": observation.norm_of_group.get(index)})
+        plans.append(
+            {
+                "group": group,
+                "alpha": alpha,
+                "scale": scale,
+                "folded_into": None,
+                "norm": observation.norm_of_group.get(index),
+            }
+        )
     for plan in plans:
         if plan["alpha"]:
             _fold(block, block_targets, plan, originals, search_in, search_out, overrides)
@@ -330,15 +386,24 @@ def _awq_block(block, block_targets, observation, inputs, outputs, bits, group_s
         scale = plan["scale"]
         for target in plan["group"]:
             w, rows = originals[target.name], observation.stats[target.name].sample().float()
-            quantized, effective = awq_quantize(w, scale, rows, bits, group_size,
-                                                awq_clip and not feeds_softmax(target))
+            quantized, effective = awq_quantize(
+                w, scale, rows, bits, group_size, awq_clip and not feeds_softmax(target)
+            )
             original = target.weight().float().cpu()  # errors against the unfolded model
             effective = _unfold(effective, target, plans)
-            layers.append(QuantizedLayer(
-                target, quantized, None if plan["folded_into"] else 1 / scale, plan["alpha"],
-                float((effective - original).norm() / original.norm().clamp(min=1e-12)),
-                _output_error(original, effective, rows), folded_into=plan["folded_into"], method="awq",
-                calibration_rows=observation.stats[target.name].count))
+            layers.append(
+                QuantizedLayer(
+                    target,
+                    quantized,
+                    None if plan["folded_into"] else 1 / scale,
+                    plan["alpha"],
+                    float((effective - original).norm() / original.norm().clamp(min=1e-12)),
+                    _output_error(original, effective, rows),
+                    folded_into=plan["folded_into"],
+                    method="awq",
+                    calibration_rows=observation.stats[target.name].count,
+                )
+            )
     for target in block_targets:  # never reached by the block's forward: plain rounding
         if all(target is not t for plan in plans for t in plan["group"]):
             layers.append(quantize_layer(target, bits, group_size, "rtn", observation.stats[target.name]))
@@ -384,12 +449,12 @@ def _fold(block, block_targets, plan, originals, search_in, search_out, override
     values = originals[producer.name].clone()
     if values.shape[0] != 3 * width:
         return
-    values[2 * width:] /= scale.view(-1, 1)
+    values[2 * width :] /= scale.view(-1, 1)
     folded = [(_weight_parameter(producer), values)]
     bias = _value_bias(producer)
     if bias is not None:
         new_bias = bias.detach().float().cpu().clone()
-        new_bias[2 * width:] /= scale
+        new_bias[2 * width :] /= scale
         folded.append((bias, new_bias))
     if _keeps_block_output(block, changes + folded, search_in, search_out):
         originals[producer.name] = values  # the q/k/v projection is quantized with its value rows scaled
@@ -407,7 +472,7 @@ def _unfold(effective, target, plans):
         if other.get("unfold_rows", (None,))[0] == target.name:
             width = other["unfold_rows"][1]
             effective = effective.clone()
-            effective[2 * width:] *= other["scale"].view(-1, 1)
+            effective[2 * width :] *= other["scale"].view(-1, 1)
     return effective
 
 
@@ -419,4 +484,4 @@ def _keeps_block_output(block, changes, search_in, search_out) -> bool:
     """Whether the block's output on the search inputs stays the same (up to float rounding)
     with the parameters replaced by ``changes`` [(parameter, new value)]."""
     with _replaced(changes):
-        return _block_error(block, search_in, search_out) <= FOLD_TOLERANCE ** 2
+        return _block_error(block, search_in, search_out) <= FOLD_TOLERANCE**2

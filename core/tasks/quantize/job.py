@@ -52,8 +52,9 @@ def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, 
             batches.append(batch.images)
         errors += [f"{r.item.relpath}: {r.error}" for r in batch.records if r.status != "ok"]
     if not batches:
-        raise UsageError(f"none of the {len(items)} {what} images could be decoded"
-                         + (f" (first: {errors[0]})" if errors else ""))
+        raise UsageError(
+            f"none of the {len(items)} {what} images could be decoded" + (f" (first: {errors[0]})" if errors else "")
+        )
     return batches
 
 
@@ -94,14 +95,20 @@ def _throughput(model: LoadedModel, module: torch.nn.Module, batch: torch.Tensor
 def _drivers(model: LoadedModel, batches: list[torch.Tensor], texts: list[str], tower: str):
     """A function giving one call per batch (images, or chunks of texts for a CLIP text tower)."""
     if tower == "text":
-        chunks = [texts[i:i + 64] for i in range(0, len(texts), 64)]
+        chunks = [texts[i : i + 64] for i in range(0, len(texts), 64)]
         return lambda: (lambda chunk=chunk: model.encode_text(model.tokenize(chunk)) for chunk in chunks)
     return lambda: (lambda images=images: run_images(model, images) for images in batches)
 
 
-def quantize_targets(model: LoadedModel, targets: list, calib_batches: list[torch.Tensor], texts: list[str],
-                     options: QuantizeOptions, validation_batches: list[torch.Tensor] | None = None,
-                     validation_texts: list[str] | None = None) -> tuple[list, dict[str, torch.Tensor]]:
+def quantize_targets(
+    model: LoadedModel,
+    targets: list,
+    calib_batches: list[torch.Tensor],
+    texts: list[str],
+    options: QuantizeOptions,
+    validation_batches: list[torch.Tensor] | None = None,
+    validation_texts: list[str] | None = None,
+) -> tuple[list, dict[str, torch.Tensor]]:
     """Quantize every target: block by block inside chains (bounded memory, AWQ measured on block
     outputs), one pass for the rest. With ``method="auto"`` each block (or loose layer) keeps the
     method with the lowest error on the validation images/texts (held out of the calibration).
@@ -117,31 +124,62 @@ def quantize_targets(model: LoadedModel, targets: list, calib_batches: list[torc
         inputs = capture_chain_inputs(chain, _drivers(model, calib_batches, texts, chain.tower))
         validation = None
         if inputs is not None and auto:
-            validation = capture_chain_inputs(chain, _drivers(model, validation_batches or calib_batches,
-                                                              validation_texts or texts, chain.tower))
+            validation = capture_chain_inputs(
+                chain, _drivers(model, validation_batches or calib_batches, validation_texts or texts, chain.tower)
+            )
         if inputs is None or (auto and validation is None):
             loose += chain_targets
             continue
-        chain_layers, chain_overrides = quantize_chain(chain, chain_targets, inputs, options.bits, options.group_size,
-                                                       options.method, options.act_order, options.awq_clip,
-                                                       validation=validation, root=model.module)
+        chain_layers, chain_overrides = quantize_chain(
+            chain,
+            chain_targets,
+            inputs,
+            options.bits,
+            options.group_size,
+            options.method,
+            options.act_order,
+            options.awq_clip,
+            validation=validation,
+            root=model.module,
+        )
         layers += chain_layers
         overrides.update(chain_overrides)
-    text_names = {t.name for t in targets if model.family == "open_clip" and not t.name.startswith("visual.")}
+    text_names = {t.name for t in targets if model.adapter.tower_of(t.name) == "text"}
     calibrated = [t for t in loose if t.name not in text_names or texts]
     want_hessian = options.method in ("gptq", "auto")
     stats = calibrate(model, calibrated, calib_batches, texts, want_hessian=want_hessian) if calibrated else {}
-    held = (calibrate(model, calibrated, validation_batches or calib_batches, validation_texts or texts)
-            if calibrated and auto else {})
+    held = (
+        calibrate(model, calibrated, validation_batches or calib_batches, validation_texts or texts)
+        if calibrated and auto
+        else {}
+    )
     for target in loose:
         if target.name not in stats:  # without calibration texts the text tower is rounded to nearest
             layers.append(quantize_layer(target, options.bits, options.group_size, "rtn", None))
         elif auto:
-            layers.append(choose_layer(target, options.bits, options.group_size, stats[target.name],
-                                       held.get(target.name), options.act_order, options.awq_clip))
+            layers.append(
+                choose_layer(
+                    target,
+                    options.bits,
+                    options.group_size,
+                    stats[target.name],
+                    held.get(target.name),
+                    options.act_order,
+                    options.awq_clip,
+                )
+            )
         else:
-            layers.append(quantize_layer(target, options.bits, options.group_size, options.method,
-                                         stats[target.name], options.act_order, options.awq_clip))
+            layers.append(
+                quantize_layer(
+                    target,
+                    options.bits,
+                    options.group_size,
+                    options.method,
+                    stats[target.name],
+                    options.act_order,
+                    options.awq_clip,
+                )
+            )
     order = {t.name: i for i, t in enumerate(targets)}
     return sorted(layers, key=lambda layer: order[layer.target.name]), overrides
 
@@ -168,23 +206,43 @@ def split_validation(items: Sequence, fraction: float = 0.25, seed: int = 0) -> 
 def _installed(model: LoadedModel, layers: list, overrides: dict) -> torch.nn.Module:
     module = copy.deepcopy(model.module)
     apply_overrides(module, overrides)
-    install(module, {layer.target.name: (layer.target.kind, QuantizedWeightStore(layer.weight, layer.column_scale))
-                     for layer in layers})
+    install(
+        module,
+        {
+            layer.target.name: (layer.target.kind, QuantizedWeightStore(layer.weight, layer.column_scale))
+            for layer in layers
+        },
+    )
     return module.to(model.device)
 
 
-def _agreement(model: LoadedModel, options: QuantizeOptions, before: torch.Tensor, after: torch.Tensor,
-               module: torch.nn.Module) -> dict:
-    if model.family != "open_clip":
+def _agreement(
+    model: LoadedModel, options: QuantizeOptions, before: torch.Tensor, after: torch.Tensor, module: torch.nn.Module
+) -> dict:
+    if "class_logits" in model.capabilities:
         return {"top1_agreement": float((before.argmax(1) == after.argmax(1)).float().mean())}
     if options.labels:
-        return {"label_agreement": float((_zero_shot(model, model.module, options.labels, before)
-                                          == _zero_shot(model, module, options.labels, after)).float().mean())}
+        return {
+            "label_agreement": float(
+                (
+                    _zero_shot(model, model.module, options.labels, before)
+                    == _zero_shot(model, module, options.labels, after)
+                )
+                .float()
+                .mean()
+            )
+        }
     return {}
 
 
-def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Sequence[ImageItem], output: str,
-                 options: QuantizeOptions, config: RunConfig) -> dict:
+def run_quantize(
+    model: LoadedModel,
+    calib: Sequence[ImageItem],
+    held_out: Sequence[ImageItem],
+    output: str,
+    options: QuantizeOptions,
+    config: RunConfig,
+) -> dict:
     """Quantize ``model`` and write ``output``; returns the report (end-to-end figures and layers).
 
     The figures are measured on ``held_out`` images, none of which calibrated anything. With
@@ -195,30 +253,37 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
     targets, kept = quantization_targets(model, options.towers, options.skip)
     if not targets:
         raise UsageError(f"nothing to quantize in {model.spec} (towers={options.towers}, skip={options.skip})")
-    text_targets = [t for t in targets if not t.name.startswith("visual.")] if model.family == "open_clip" else []
+    text_targets = [t for t in targets if model.adapter.tower_of(t.name) == "text"]
     texts = options.texts if text_targets else []
-    validation_items, validation_texts = [], []
+    validation_items: list[ImageItem] = []
+    validation_texts: list[str] = []
     if options.method == "auto":
         calib, validation_items = split_validation(calib)
         texts, validation_texts = split_validation(texts) if texts else ([], [])
     calib_batches = _batches(calib, model, config, "calibration")
     validation_batches = _batches(validation_items, model, config, "validation") if validation_items else None
     eval_batches = _batches(held_out, model, config, "held-out")
-    layers, overrides = quantize_targets(model, targets, calib_batches, texts, options, validation_batches,
-                                         validation_texts)
+    layers, overrides = quantize_targets(
+        model, targets, calib_batches, texts, options, validation_batches, validation_texts
+    )
     quantized_module = _installed(model, layers, overrides)
     before = _outputs(model, model.module, eval_batches)
     after = _outputs(model, quantized_module, eval_batches)
     cosine = F.cosine_similarity(before, after, dim=1)
     methods = sorted({layer.method for layer in layers})
     report = {
-        "method": options.method, "bits": options.bits,
-        "group_size": options.group_size or "channel", "towers": options.towers,
-        "quantized_layers": len(layers), "kept_layers": len(kept),
+        "method": options.method,
+        "bits": options.bits,
+        "group_size": options.group_size or "channel",
+        "towers": options.towers,
+        "quantized_layers": len(layers),
+        "kept_layers": len(kept),
         "layers_by_method": {m: sum(layer.method == m for layer in layers) for m in methods},
-        "calibration_images": len(calib), "validation_images": len(validation_items),
+        "calibration_images": len(calib),
+        "validation_images": len(validation_items),
         "eval_images": int(before.shape[0]),
-        "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
         "output_mse": float(((before - after) ** 2).mean()),
         **_agreement(model, options, before, after, quantized_module),
     }
@@ -235,33 +300,56 @@ def run_quantize(model: LoadedModel, calib: Sequence[ImageItem], held_out: Seque
         report["worse_than_rtn"] = False
     report["bytes_before"] = int(sum(t.numel() * t.element_size() for t in model.module.state_dict().values()))
     calibration = {"images": len(calib), "validation_images": len(validation_items), "texts": len(texts)}
-    file_config = {"method": options.method, "act_order": options.act_order, "awq_clip": options.awq_clip,
-                   "bits": options.bits, "group_size": options.group_size, "towers": options.towers,
-                   "skip": options.skip, "calibration": calibration,
-                   "kept": [f"{name}: {why}" for name, why in kept]}
+    file_config = {
+        "method": options.method,
+        "act_order": options.act_order,
+        "awq_clip": options.awq_clip,
+        "bits": options.bits,
+        "group_size": options.group_size,
+        "towers": options.towers,
+        "skip": options.skip,
+        "calibration": calibration,
+        "kept": [f"{name}: {why}" for name, why in kept],
+    }
     report["bytes_after"] = save_quantized(output, model, layers, file_config, overrides)
     if eval_batches:
         report["images_per_s_before"] = _throughput(model, model.module, eval_batches[0])
         report["images_per_s_after"] = _throughput(model, quantized_module, eval_batches[0])
     report["layers"] = [
-        {"layer": layer.target.name, "kind": layer.target.kind, "shape": list(layer.weight.shape),
-         "method": layer.method, "alpha": layer.alpha, "scales_folded_into": layer.folded_into,
-         "calibration_rows": layer.calibration_rows,
-         "rows_per_width": layer.calibration_rows / max(layer.weight.shape[1], 1),
-         "weight_error": layer.weight_error, "output_error": layer.output_error,
-         "validation_error": layer.validation_error}
+        {
+            "layer": layer.target.name,
+            "kind": layer.target.kind,
+            "shape": list(layer.weight.shape),
+            "method": layer.method,
+            "alpha": layer.alpha,
+            "scales_folded_into": layer.folded_into,
+            "calibration_rows": layer.calibration_rows,
+            "rows_per_width": layer.calibration_rows / max(layer.weight.shape[1], 1),
+            "weight_error": layer.weight_error,
+            "output_error": layer.output_error,
+            "validation_error": layer.validation_error,
+        }
         for layer in layers
     ]
     report["kept"] = [{"layer": name, "reason": why} for name, why in kept]
     return report
 
 
-REPORT_SCHEMA = pa.schema([
-    pa.field("layer", pa.string()), pa.field("kind", pa.string()), pa.field("shape", pa.list_(pa.int64())),
-    pa.field("method", pa.string()), pa.field("alpha", pa.float64()), pa.field("scales_folded_into", pa.string()),
-    pa.field("calibration_rows", pa.int64()), pa.field("rows_per_width", pa.float64()),
-    pa.field("weight_error", pa.float64()), pa.field("output_error", pa.float64()),
-    pa.field("validation_error", pa.float64())])
+REPORT_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("shape", pa.list_(pa.int64())),
+        pa.field("method", pa.string()),
+        pa.field("alpha", pa.float64()),
+        pa.field("scales_folded_into", pa.string()),
+        pa.field("calibration_rows", pa.int64()),
+        pa.field("rows_per_width", pa.float64()),
+        pa.field("weight_error", pa.float64()),
+        pa.field("output_error", pa.float64()),
+        pa.field("validation_error", pa.float64()),
+    ]
+)
 
 
 def write_report(path: str, report: dict) -> None:

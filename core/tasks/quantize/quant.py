@@ -14,40 +14,15 @@ int4 values are packed two per byte (low nibble first).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from visbatch.core.errors import UsageError
+from visbatch.core.quantized.weights import QuantizedWeight, pack_int4
 
 
-@dataclass
-class QuantizedWeight:
-    qweight: torch.Tensor  # uint8: [out, in] for 8 bits, [out, ceil(in / 2)] packed for 4 bits
-    scales: torch.Tensor  # float32 [out, groups]
-    zeros: torch.Tensor  # uint8 [out, groups]
-    bits: int
-    group_size: int  # columns per group (== in_features for per-channel)
-    shape: tuple[int, int]
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out_features, in_features = self.shape
-        q = unpack_int4(self.qweight, in_features) if self.bits == 4 else self.qweight
-        groups = self.scales.shape[1]
-        padded = groups * self.group_size
-        q = q.float()
-        if padded != in_features:
-            q = torch.nn.functional.pad(q, (0, padded - in_features))
-        q = q.view(out_features, groups, self.group_size)
-        w = (q - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
-        return w.view(out_features, padded)[:, :in_features].to(dtype)
-
-    def nbytes(self) -> int:
-        return self.qweight.numel() + self.scales.numel() * 2 + self.zeros.numel()  # scales stored as fp16
-
-
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None,
-                    clip: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int | None, clip: torch.Tensor | None = None
+) -> QuantizedWeight:
     """Asymmetric group-wise quantization (see module docstring). ``group_size=None``: per channel.
 
     ``clip`` [out, groups] in (0, 1] shrinks each group's range [min, max] before rounding
@@ -70,17 +45,18 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None,
     hi = grouped.amax(dim=-1).clamp(min=0)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     scale = storable_scale(hi - lo, levels)
     zero = torch.round(-lo / scale).clamp(0, levels)
     q = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     q = q.clamp(0, levels).to(torch.uint8).view(out_features, padded)[:, :in_features]
     packed = pack_int4(q) if bits == 4 else q.contiguous()
-    return QuantizedWeight(packed, scale.contiguous(), zero.to(torch.uint8).contiguous(), bits, group,
-                           (out_features, in_features))
+    return QuantizedWeight(
+        packed, scale.contiguous(), zero.to(torch.uint8).contiguous(), bits, group, (out_features, in_features)
+    )
 
 
-FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MIN_NORMAL = 2.0**-14
 
 
 def storable_scale(span: torch.Tensor, levels: int) -> torch.Tensor:
@@ -91,25 +67,11 @@ def storable_scale(span: torch.Tensor, levels: int) -> torch.Tensor:
     return scale.clamp(min=FP16_MIN_NORMAL)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[out, in] values in 0..15 -> [out, ceil(in / 2)] bytes, low nibble = even column."""
-    if q.shape[1] % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)[:, :columns]
-
-
 def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of ``w`` [out, cols] (range including 0), as in quantize_weight."""
     lo = w.amin(dim=1).clamp(max=0)
     hi = w.amax(dim=1).clamp(min=0)
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     scale = storable_scale(hi - lo, levels)
     return scale, torch.round(-lo / scale).clamp(0, levels)
 
@@ -125,8 +87,16 @@ def gptq_damping(rows: int, width: int) -> float:
     return min(1.0, max(0.01, width / max(rows, 1)))
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, rows: int, bits: int, group_size: int | None,
-                  damp: float | None = None, block: int = 128, act_order: bool = False) -> QuantizedWeight:
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    rows: int,
+    bits: int,
+    group_size: int | None,
+    damp: float | None = None,
+    block: int = 128,
+    act_order: bool = False,
+) -> QuantizedWeight:
     """GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
     Pre-trained Transformers", ICLR 2023): quantize columns one at a time and spread each
     column's rounding error over the columns not yet quantized, weighted by the inverse
@@ -161,7 +131,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, rows: int, bits: 
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
     for start in range(0, in_features, block):
         end = min(start + block, in_features)
@@ -183,5 +153,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, rows: int, bits: 
             errors[:, i] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
     packed = pack_int4(codes) if bits == 4 else codes
-    return QuantizedWeight(packed, scales.contiguous(), zeros.to(torch.uint8).contiguous(), bits, group,
-                           (out_features, in_features))
+    return QuantizedWeight(
+        packed, scales.contiguous(), zeros.to(torch.uint8).contiguous(), bits, group, (out_features, in_features)
+    )

@@ -25,7 +25,7 @@ from visbatch.core.errors import UsageError
 
 def attention_modules(tower: nn.Module) -> list[nn.Module]:
     """Self-attention modules of a vision tower, in definition order (= execution order for ViTs)."""
-    found = []
+    found: list[nn.Module] = []
     for module in tower.modules():
         if isinstance(module, nn.MultiheadAttention):
             found.append(module)
@@ -50,8 +50,11 @@ def _mha_recompute(module: nn.MultiheadAttention, args, kwargs):
     q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     logits = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)
     if mask is not None:
-        logits = logits + (mask if mask.dtype != torch.bool else torch.zeros_like(mask, dtype=logits.dtype)
-                           .masked_fill(mask, float("-inf")))
+        logits = logits + (
+            mask
+            if mask.dtype != torch.bool
+            else torch.zeros_like(mask, dtype=logits.dtype).masked_fill(mask, float("-inf"))
+        )
     probs = logits.softmax(dim=-1)
     out = (probs @ v).transpose(1, 2).reshape(batch, tokens, width)
     out = module.out_proj(out)
@@ -83,7 +86,7 @@ class AttentionRecorder:
             raise UsageError("the model has no attention modules (attention relevance needs a ViT)")
         self.modules = modules
         self.probabilities: list[torch.Tensor] = []
-        self._handles = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._checked: set[int] = set()
 
     def _hook(self, module, args, kwargs, output):
@@ -96,8 +99,10 @@ class AttentionRecorder:
         if id(module) not in self._checked:
             scale = own.detach().abs().max().clamp(min=1e-6)
             if (out.detach() - own.detach()).abs().max() > 1e-2 * scale:
-                raise UsageError(f"cannot reproduce {type(module).__name__}'s output; attention relevance "
-                                 "does not support this attention variant")
+                raise UsageError(
+                    f"cannot reproduce {type(module).__name__}'s output; attention relevance "
+                    "does not support this attention variant"
+                )
             self._checked.add(id(module))
         if probs.requires_grad:
             probs.retain_grad()

@@ -17,6 +17,9 @@ Every method is ``method(forward, images, targets, **params) -> Attribution``:
 
 Methods that need a layer or the attention modules receive them as
 parameters (``layer``, ``attention``), which :class:`SaliencyTask` fills in.
+
+Over 400 lines on purpose: one short function per method and the METHODS registry that names them;
+splitting would scatter the registry.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +35,9 @@ import torch.nn.functional as F
 
 from visbatch.core.errors import UsageError
 from visbatch.core.tasks.saliency.attention import AttentionRecorder
+
+if TYPE_CHECKING:
+    from visbatch.core.models.spatial import SpatialLayer
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,7 +55,7 @@ class LayerAccess:
     """Where a CAM method reads activations: the module, and how to turn them into a map."""
 
     module: torch.nn.Module
-    spatial: object  # visbatch.core.models.SpatialLayer
+    spatial: SpatialLayer
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,9 @@ def _chosen(scores: torch.Tensor, targets: torch.Tensor) -> dict:
     return {"targets": targets, "scores": scores.detach().float()}
 
 
-def _input_gradients(forward: Forward, x: torch.Tensor, targets: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _input_gradients(
+    forward: Forward, x: torch.Tensor, targets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient of each image's target score w.r.t. its input, the scores and the targets."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -96,8 +104,9 @@ def _chunks(total: int, size: int):
 # ----------------------------------------------------------------------------
 
 
-def gradient(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, signed: bool = False,
-             **_) -> Attribution:
+def gradient(
+    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, signed: bool = False, **_
+) -> Attribution:
     """Vanilla gradient (Simonyan et al., "Deep Inside Convolutional Networks", 2014).
 
     ``raw = |d f_t / d x|`` (signed gradient with ``signed=True``); the map is
@@ -124,10 +133,20 @@ def input_range(images: torch.Tensor, pixel_range: tuple[float, float] | None = 
     return float(images.max() - images.min())
 
 
-def smoothgrad(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, samples: int = 16,
-               sigma: float = 0.15, base: str = "gradient", pixel_range: tuple[float, float] | None = None,
-               internal_batch_size: int = 64, generator: torch.Generator | None = None,
-               noise: torch.Tensor | None = None, **params) -> Attribution:
+def smoothgrad(
+    forward: Forward,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    samples: int = 16,
+    sigma: float = 0.15,
+    base: str = "gradient",
+    pixel_range: tuple[float, float] | None = None,
+    internal_batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    **params,
+) -> Attribution:
     """SmoothGrad (Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017).
 
     ``raw = mean_n A(x + eps_n)``, ``eps_n ~ N(0, (sigma * (x_max - x_min))^2)``
@@ -145,8 +164,9 @@ def smoothgrad(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *,
     if noise is None:
         stdev = sigma * input_range(images, pixel_range)
         expanded_shape = (images.shape[0] * samples, *images.shape[1:])
-        noise = torch.normal(0.0, torch.full(expanded_shape, stdev, device=images.device, dtype=torch.float32),
-                             generator=generator)
+        noise = torch.normal(
+            0.0, torch.full(expanded_shape, stdev, device=images.device, dtype=torch.float32), generator=generator
+        )
     noise = noise.to(images.device, images.dtype)
     noisy = images.repeat_interleave(samples, dim=0) + noise
     expanded_targets = targets.repeat_interleave(samples)
@@ -193,9 +213,13 @@ def integration_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     raise UsageError(f"unknown integration rule {rule!r} (gausslegendre, riemann, riemann-left/right/middle)")
 
 
-def make_baseline(images: torch.Tensor, kind: str, black: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, pixel_range: tuple[float, float] | None = None,
-                  ) -> torch.Tensor:
+def make_baseline(
+    images: torch.Tensor,
+    kind: str,
+    black: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    pixel_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """IG and deletion baselines in model-input space.
 
     ``black``: pixel value 0 everywhere (``black`` is its normalized value per
@@ -232,11 +256,21 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
 
 
-def integrated_gradients(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, steps: int = 32,
-                         rule: str = "gausslegendre", baseline: str = "black", black: torch.Tensor | None = None,
-                         baselines: torch.Tensor | None = None, internal_batch_size: int = 64,
-                         pixel_range: tuple[float, float] | None = None, generator: torch.Generator | None = None,
-                         **_) -> Attribution:
+def integrated_gradients(
+    forward: Forward,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int = 32,
+    rule: str = "gausslegendre",
+    baseline: str = "black",
+    black: torch.Tensor | None = None,
+    baselines: torch.Tensor | None = None,
+    internal_batch_size: int = 64,
+    pixel_range: tuple[float, float] | None = None,
+    generator: torch.Generator | None = None,
+    **_,
+) -> Attribution:
     """Integrated Gradients (Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017).
 
     ``raw = (x - b) * sum_k w_k * d f_t / d x (b + a_k (x - b))`` with the
@@ -258,7 +292,7 @@ def integrated_gradients(forward: Forward, images: torch.Tensor, targets: torch.
     for first, last in _chunks(steps, steps_per_chunk):
         a = alphas_t[first:last].view(-1, 1, 1, 1, 1).to(images.dtype)
         points = (baselines.unsqueeze(0) + a * delta.unsqueeze(0)).reshape(-1, *images.shape[1:])
-        grads, _, _ = _input_gradients(forward, points, targets.repeat(last - first))
+        grads = _input_gradients(forward, points, targets.repeat(last - first))[0]
         grads = grads.view(last - first, batch, *images.shape[1:]).float()
         total += (grads * weights_t[first:last].view(-1, 1, 1, 1, 1)).sum(dim=0)
     raw = delta.float() * total
@@ -273,8 +307,9 @@ def integrated_gradients(forward: Forward, images: torch.Tensor, targets: torch.
 # ----------------------------------------------------------------------------
 
 
-def _layer_activations_and_grads(forward: Forward, images: torch.Tensor, targets: torch.Tensor | None,
-                                 layer: LayerAccess) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _layer_activations_and_grads(
+    forward: Forward, images: torch.Tensor, targets: torch.Tensor | None, layer: LayerAccess
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Activations of ``layer`` as [B, C, h, w] maps, the target scores' gradients w.r.t. them,
     and the chosen targets and scores."""
     captured: dict[str, torch.Tensor] = {}
@@ -291,7 +326,7 @@ def _layer_activations_and_grads(forward: Forward, images: torch.Tensor, targets
             (grads,) = torch.autograd.grad(scores.sum(), activation)
     finally:
         handle.remove()
-    image_hw = tuple(images.shape[-2:])
+    image_hw = (images.shape[-2], images.shape[-1])
     activation = spatial.to_map(activation.detach(), image_hw).float()
     grads = spatial.to_map(grads, image_hw).float()
     return activation, grads, _chosen(scores, targets)
@@ -312,11 +347,12 @@ def gradcam(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, la
     activation, grads, chosen = _layer_activations_and_grads(forward, images, targets, layer)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1))
-    return Attribution(_upsample(cam, tuple(images.shape[-2:])), low_res=cam, extras=chosen)
+    return Attribution(_upsample(cam, (images.shape[-2], images.shape[-1])), low_res=cam, extras=chosen)
 
 
-def gradcam_plus_plus(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, layer: LayerAccess,
-                      **_) -> Attribution:
+def gradcam_plus_plus(
+    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, layer: LayerAccess, **_
+) -> Attribution:
     """Grad-CAM++ (Chattopadhay et al., WACV 2018), with the exponential-score closed form.
 
     ``alpha = g^2 / (2 g^2 + sum_{h,w} A * g^3)`` (0 where ``g = 0`` or the denominator is 0),
@@ -330,11 +366,10 @@ def gradcam_plus_plus(forward: Forward, images: torch.Tensor, targets: torch.Ten
     # (pytorch-grad-cam adds 1e-6) shifts the weights by several percent. 0/0 becomes 0 instead.
     denominator = 2 * g2 + sum_activation * g3
     safe = (grads != 0) & (denominator != 0)
-    alpha = torch.where(safe, g2 / torch.where(safe, denominator, torch.ones_like(denominator)),
-                        torch.zeros_like(g2))
+    alpha = torch.where(safe, g2 / torch.where(safe, denominator, torch.ones_like(denominator)), torch.zeros_like(g2))
     weights = (alpha * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation).sum(dim=1))
-    return Attribution(_upsample(cam, tuple(images.shape[-2:])), low_res=cam, extras=chosen)
+    return Attribution(_upsample(cam, (images.shape[-2], images.shape[-1])), low_res=cam, extras=chosen)
 
 
 # ----------------------------------------------------------------------------
@@ -342,8 +377,9 @@ def gradcam_plus_plus(forward: Forward, images: torch.Tensor, targets: torch.Ten
 # ----------------------------------------------------------------------------
 
 
-def rise_masks(count: int, cells: int, probability: float, size: tuple[int, int], device,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def rise_masks(
+    count: int, cells: int, probability: float, size: tuple[int, int], device, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """RISE masks: binary ``cells x cells`` grids (keep probability ``p``), upsampled bilinearly
     to ``(cells + 1) * cell_size`` and cropped at a random shift: [count, H, W] in [0, 1]."""
     h, w = size
@@ -352,15 +388,26 @@ def rise_masks(count: int, cells: int, probability: float, size: tuple[int, int]
     up = F.interpolate(grid, size=((cells + 1) * cell_h, (cells + 1) * cell_w), mode="bilinear", align_corners=False)
     shift_y = torch.randint(0, cell_h, (count,), generator=generator, device=device)
     shift_x = torch.randint(0, cell_w, (count,), generator=generator, device=device)
-    rows = (shift_y.view(-1, 1) + torch.arange(h, device=device).view(1, -1))  # [count, h]
-    cols = (shift_x.view(-1, 1) + torch.arange(w, device=device).view(1, -1))  # [count, w]
+    rows = shift_y.view(-1, 1) + torch.arange(h, device=device).view(1, -1)  # [count, h]
+    cols = shift_x.view(-1, 1) + torch.arange(w, device=device).view(1, -1)  # [count, w]
     up = up.squeeze(1)
     return up[torch.arange(count, device=device).view(-1, 1, 1), rows.unsqueeze(2), cols.unsqueeze(1)]
 
 
-def rise(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, masks: int = 1000, cells: int = 7,
-         probability: float = 0.5, black: torch.Tensor | None = None, internal_batch_size: int = 64,
-         generator: torch.Generator | None = None, mask_set: torch.Tensor | None = None, **_) -> Attribution:
+def rise(
+    forward: Forward,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    masks: int = 1000,
+    cells: int = 7,
+    probability: float = 0.5,
+    black: torch.Tensor | None = None,
+    internal_batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    mask_set: torch.Tensor | None = None,
+    **_,
+) -> Attribution:
     """RISE (Petsiuk et al., "RISE: Randomized Input Sampling for Explanation", BMVC 2018).
 
     ``S = 1 / (N p) * sum_i f_t(b + M_i (x - b)) M_i`` over ``N`` random
@@ -369,12 +416,15 @@ def rise(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, masks
     ``mask_set`` ([N, H, W]) replaces the random draw (one set for a whole run).
     """
     batch = images.shape[0]
-    size = tuple(images.shape[-2:])
+    size = (images.shape[-2], images.shape[-1])
     if mask_set is None:
         mask_set = rise_masks(masks, cells, probability, size, images.device, generator)
     masks = mask_set.shape[0]
-    fill = black.to(images.dtype) if black is not None else torch.zeros(1, 3, 1, 1, device=images.device,
-                                                                        dtype=images.dtype)
+    fill = (
+        black.to(images.dtype)
+        if black is not None
+        else torch.zeros(1, 3, 1, 1, device=images.device, dtype=images.dtype)
+    )
     saliency = torch.zeros(batch, *size, device=images.device, dtype=torch.float32)
     masks_per_chunk = max(1, internal_batch_size // batch)
     with torch.no_grad():
@@ -391,8 +441,9 @@ def rise(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, masks
 # ----------------------------------------------------------------------------
 
 
-def attention_relevance(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, attention: list,
-                        spatial, **_) -> Attribution:
+def attention_relevance(
+    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, attention: list, spatial, **_
+) -> Attribution:
     """Gradient-weighted attention rollout (Chefer, Gur and Wolf, "Generic Attention-model
     Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021).
 
@@ -416,11 +467,20 @@ def attention_relevance(forward: Forward, images: torch.Tensor, targets: torch.T
     rows, cols = spatial.grid_for(tuple(images.shape[-2:]))
     patch_relevance = relevance[:, 0, prefix:] if prefix > 0 else relevance.mean(dim=1)
     grid = patch_relevance.reshape(images.shape[0], rows, cols)
-    return Attribution(_upsample(grid, tuple(images.shape[-2:])), low_res=grid, extras=_chosen(scores, targets))
+    return Attribution(
+        _upsample(grid, (images.shape[-2], images.shape[-1])), low_res=grid, extras=_chosen(scores, targets)
+    )
 
 
-def random_map(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, cells: int = 7,
-               generator: torch.Generator | None = None, **_) -> Attribution:
+def random_map(
+    forward: Forward,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    cells: int = 7,
+    generator: torch.Generator | None = None,
+    **_,
+) -> Attribution:
     """Smooth random maps: uniform noise on a ``cells x cells`` grid, upsampled bilinearly.
 
     The baseline a method must beat in deletion/insertion scores. Smooth, as
@@ -429,29 +489,59 @@ def random_map(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *,
     baseline for maps that remove whole regions.
     """
     grid = torch.rand(images.shape[0], cells, cells, generator=generator, device=images.device)
-    return Attribution(_upsample(grid, tuple(images.shape[-2:])), low_res=grid)
+    return Attribution(_upsample(grid, (images.shape[-2], images.shape[-1])), low_res=grid)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "gradient": MethodSpec(gradient, "vanilla gradient |df/dx| (Simonyan et al. 2014); --signed for the sign",
-                           signed=False, picks_targets=True),
-    "input-x-gradient": MethodSpec(input_x_gradient, "input times gradient (Shrikumar et al. 2016)", signed=True,
-                                   picks_targets=True),
-    "smoothgrad": MethodSpec(smoothgrad, "SmoothGrad: mean gradient over noisy copies (Smilkov et al. 2017)",
-                             signed=False, gradient_based=False),
-    "integrated-gradients": MethodSpec(integrated_gradients,
-                                       "Integrated Gradients with completeness gap (Sundararajan et al. 2017)",
-                                       signed=True),
-    "gradcam": MethodSpec(gradcam, "Grad-CAM on the last conv stage or ViT token grid (Selvaraju et al. 2017)",
-                          signed=False, needs=("layer",), gradient_based=False, picks_targets=True),
-    "gradcam++": MethodSpec(gradcam_plus_plus, "Grad-CAM++ (Chattopadhay et al. 2018)", signed=False,
-                            needs=("layer",), gradient_based=False, picks_targets=True),
-    "rise": MethodSpec(rise, "RISE: random masks, forward passes only (Petsiuk et al. 2018)", signed=False,
-                       gradient_based=False),
-    "attention-relevance": MethodSpec(attention_relevance,
-                                      "gradient-weighted attention rollout for ViTs (Chefer et al. 2021)",
-                                      signed=False, needs=("attention",), gradient_based=False,
-                                      picks_targets=True),
-    "random": MethodSpec(random_map, "smooth random map, 7x7 cells upsampled (the baseline for --eval)", signed=False,
-                         gradient_based=False),
+    "gradient": MethodSpec(
+        gradient,
+        "vanilla gradient |df/dx| (Simonyan et al. 2014); --signed for the sign",
+        signed=False,
+        picks_targets=True,
+    ),
+    "input-x-gradient": MethodSpec(
+        input_x_gradient, "input times gradient (Shrikumar et al. 2016)", signed=True, picks_targets=True
+    ),
+    "smoothgrad": MethodSpec(
+        smoothgrad,
+        "SmoothGrad: mean gradient over noisy copies (Smilkov et al. 2017)",
+        signed=False,
+        gradient_based=False,
+    ),
+    "integrated-gradients": MethodSpec(
+        integrated_gradients, "Integrated Gradients with completeness gap (Sundararajan et al. 2017)", signed=True
+    ),
+    "gradcam": MethodSpec(
+        gradcam,
+        "Grad-CAM on the last conv stage or ViT token grid (Selvaraju et al. 2017)",
+        signed=False,
+        needs=("layer",),
+        gradient_based=False,
+        picks_targets=True,
+    ),
+    "gradcam++": MethodSpec(
+        gradcam_plus_plus,
+        "Grad-CAM++ (Chattopadhay et al. 2018)",
+        signed=False,
+        needs=("layer",),
+        gradient_based=False,
+        picks_targets=True,
+    ),
+    "rise": MethodSpec(
+        rise, "RISE: random masks, forward passes only (Petsiuk et al. 2018)", signed=False, gradient_based=False
+    ),
+    "attention-relevance": MethodSpec(
+        attention_relevance,
+        "gradient-weighted attention rollout for ViTs (Chefer et al. 2021)",
+        signed=False,
+        needs=("attention",),
+        gradient_based=False,
+        picks_targets=True,
+    ),
+    "random": MethodSpec(
+        random_map,
+        "smooth random map, 7x7 cells upsampled (the baseline for --eval)",
+        signed=False,
+        gradient_based=False,
+    ),
 }

@@ -35,10 +35,16 @@ def compact_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(maps.unsqueeze(1).float(), (size, size)).squeeze(1)
 
 
-def deletion_insertion_auc(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
-                           targets: torch.Tensor, maps: torch.Tensor, steps: int, black: torch.Tensor,
-                           internal_batch_size: int = 64, deletion_fill: str = "blur",
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def deletion_insertion_auc(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    maps: torch.Tensor,
+    steps: int,
+    black: torch.Tensor,
+    internal_batch_size: int = 64,
+    deletion_fill: str = "blur",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion AUC (Petsiuk et al., "RISE", BMVC 2018, sec. 4.1).
 
     Pixels are ranked by the map, highest first. *Deletion* replaces the top
@@ -69,7 +75,7 @@ def deletion_insertion_auc(score_fn: Callable[[torch.Tensor, torch.Tensor], torc
         scores = []
         per_chunk = max(1, internal_batch_size // batch)
         for first in range(0, steps + 1, per_chunk):
-            ks = thresholds[first:first + per_chunk]
+            ks = thresholds[first : first + per_chunk]
             # Pixels whose rank is below the threshold have been switched to ``end``.
             switched = torch.stack([(rank < k) for k in ks])  # [n, B, 1, H, W]
             variants = torch.where(switched, end.unsqueeze(0), start.unsqueeze(0)).reshape(-1, *images.shape[1:])
@@ -82,6 +88,7 @@ def deletion_insertion_auc(score_fn: Callable[[torch.Tensor, torch.Tensor], torc
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation of each pair of maps (flattened), per map."""
+
     def ranks(x):
         flat = x.reshape(x.shape[0], -1).float()
         return flat.argsort(dim=1).argsort(dim=1).float()

@@ -6,6 +6,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -75,7 +76,9 @@ def resolve_class_target(target: str, class_names: list[str] | None) -> int | No
     import difflib
 
     close = difflib.get_close_matches(target, class_names or [], n=3, cutoff=0.6)
-    raise UsageError(f"--target {target!r} is not a class of the model" + (f"; closest: {', '.join(close)}" if close else ""))
+    raise UsageError(
+        f"--target {target!r} is not a class of the model" + (f"; closest: {', '.join(close)}" if close else "")
+    )
 
 
 MAX_MAP_SIZE = 512  # the compact map is map_size^2 floats per row (1 MB at 512)
@@ -112,16 +115,19 @@ class SaliencyTask:
         self.model, self.config = model, options
         self.spec = METHODS[options.method]
         if options.smooth and not self.spec.gradient_based:
-            raise UsageError(f"--smooth wraps gradient methods (gradient, input-x-gradient, integrated-gradients), "
-                             f"not {options.method}")
-        self.is_clip = model.family == "open_clip"
+            raise UsageError(
+                f"--smooth wraps gradient methods (gradient, input-x-gradient, integrated-gradients), "
+                f"not {options.method}"
+            )
+        # Scored against texts (CLIP) rather than class logits.
+        self.is_clip = "text_embedding" in model.capabilities
         self._setup_targets()
         device = model.device
         mean = torch.tensor(model.preprocess.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(model.preprocess.std, device=device).view(1, 3, 1, 1)
         self.black = ((0 - mean) / std).to(model.dtype)
         self.pixel_range = (float(((0 - mean) / std).min()), float(((1 - mean) / std).max()))
-        tower = model.module.visual if self.is_clip else model.module
+        tower = model.adapter.image_tower(model.module)
         self.method_params = dict(options.params)
         self.method_params["internal_batch_size"] = options.internal_batch_size
         if "layer" in self.spec.needs:
@@ -140,9 +146,14 @@ class SaliencyTask:
             # One mask set for the whole run: maps do not depend on the batching.
             generator = torch.Generator(device="cpu").manual_seed(options.seed)
             masks = self.method_params.get("masks", 1000)
-            self.rise_masks = rise_masks(masks, self.method_params.get("cells", 7),
-                                         self.method_params.get("probability", 0.5), model.preprocess.geometry.crop,
-                                         "cpu", generator).to(device)
+            self.rise_masks = rise_masks(
+                masks,
+                self.method_params.get("cells", 7),
+                self.method_params.get("probability", 0.5),
+                model.preprocess.geometry.crop,
+                "cpu",
+                generator,
+            ).to(device)
         self._gaps: list[float] = []
         self._deletion: list[float] = []
         self._insertion: list[float] = []
@@ -161,7 +172,9 @@ class SaliencyTask:
             return
         sources = sum([o.prompt is not None, o.captions is not None, o.sidecar, bool(o.labels)])
         if sources != 1:
-            raise UsageError("a CLIP model needs exactly one of --prompt, --labels/--labels-file, --captions, --sidecar")
+            raise UsageError(
+                "a CLIP model needs exactly one of --prompt, --labels/--labels-file, --captions, --sidecar"
+            )
         if o.score not in ("cosine", "logit"):
             raise UsageError("--score must be cosine or logit")
         self.text_encoder = TextEncoder(model)
@@ -169,7 +182,7 @@ class SaliencyTask:
         self.logit_scale = float(logit_scale.exp()) if isinstance(logit_scale, torch.Tensor) else 100.0
         self.fixed_target = None
         if o.prompt is not None:
-            self.texts = F.normalize(self.text_encoder.encode([o.prompt]), dim=-1)
+            self.texts: torch.Tensor | None = F.normalize(self.text_encoder.encode([o.prompt]), dim=-1)
             self.fixed_target = 0
         elif o.labels:
             embeddings = self.text_encoder.encode([fill_template(t, label) for label in o.labels for t in o.templates])
@@ -187,6 +200,7 @@ class SaliencyTask:
         """forward(x) -> [N, K]: logits for classifiers, image-text cosines (or logits) for CLIP."""
         if not self.is_clip:
             return lambda x: self.model.module(x).float()
+        assert texts is not None  # CLIP: the prompt/label embeddings or the batch's caption embeddings
         scale = self.logit_scale if self.config.score == "logit" else 1.0
         return lambda x: scale * self._cosines(x, texts)
 
@@ -202,10 +216,15 @@ class SaliencyTask:
 
     def fields(self) -> list[pa.Field]:
         fields = [
-            pa.field("method", pa.string()), pa.field("target", pa.string()), pa.field("target_index", pa.int32()),
-            pa.field("target_score", pa.float32()), pa.field("peak_x", pa.float32()), pa.field("peak_y", pa.float32()),
-            pa.field("concentration", pa.float32()), pa.field("completeness_gap", pa.float32()),
-            pa.field("map", pa.list_(pa.float32(), self.config.map_size ** 2)),
+            pa.field("method", pa.string()),
+            pa.field("target", pa.string()),
+            pa.field("target_index", pa.int32()),
+            pa.field("target_score", pa.float32()),
+            pa.field("peak_x", pa.float32()),
+            pa.field("peak_y", pa.float32()),
+            pa.field("concentration", pa.float32()),
+            pa.field("completeness_gap", pa.float32()),
+            pa.field("map", pa.list_(pa.float32(), self.config.map_size**2)),
         ]
         if self.config.evaluate:
             fields += [pa.field("deletion_auc", pa.float32()), pa.field("insertion_auc", pa.float32())]
@@ -214,13 +233,25 @@ class SaliencyTask:
     def options(self) -> dict:
         o = self.config
         params = {k: v for k, v in self.method_params.items() if isinstance(v, (int, float, str, bool))}
-        return {"method": o.method, "params": params, "smooth": o.smooth, "smooth_sigma": o.smooth_sigma,
-                "layer": self.layer_name, "target": o.target, "prompt": o.prompt, "labels": o.labels,
-                "templates": o.templates if o.labels else None, "score": o.score, "map_size": o.map_size,
-                "eval": o.evaluate, "eval_steps": o.eval_steps, "seed": o.seed,
-                "eval_deletion": o.eval_deletion,
-                "eval_baseline": f"deletion: pixels become {o.eval_deletion}; insertion: from a blur with sigma = "
-                                 "1/10 of the shorter side; curve: probability (classes) or cosine (texts)"}
+        return {
+            "method": o.method,
+            "params": params,
+            "smooth": o.smooth,
+            "smooth_sigma": o.smooth_sigma,
+            "layer": self.layer_name,
+            "target": o.target,
+            "prompt": o.prompt,
+            "labels": o.labels,
+            "templates": o.templates if o.labels else None,
+            "score": o.score,
+            "map_size": o.map_size,
+            "eval": o.evaluate,
+            "eval_steps": o.eval_steps,
+            "seed": o.seed,
+            "eval_deletion": o.eval_deletion,
+            "eval_baseline": f"deletion: pixels become {o.eval_deletion}; insertion: from a blur with sigma = "
+            "1/10 of the shorter side; curve: probability (classes) or cosine (texts)",
+        }
 
     def _per_image_noise(self, records: Sequence[Record], images: torch.Tensor, samples: int, sigma: float):
         stdev = sigma * (self.pixel_range[1] - self.pixel_range[0])
@@ -237,10 +268,19 @@ class SaliencyTask:
         if o.method == "rise":
             params["mask_set"] = self.rise_masks
         if o.method == "integrated-gradients" and params.get("baseline") == "noise":
-            params["baselines"] = torch.cat([
-                torch.rand((1, *images.shape[1:]), generator=torch.Generator().manual_seed(
-                    _item_seed(o.seed, r.item.relpath))) for r in records
-            ]).to(images.device, images.dtype) * (self.pixel_range[1] - self.pixel_range[0]) + self.pixel_range[0]
+            params["baselines"] = (
+                torch.cat(
+                    [
+                        torch.rand(
+                            (1, *images.shape[1:]),
+                            generator=torch.Generator().manual_seed(_item_seed(o.seed, r.item.relpath)),
+                        )
+                        for r in records
+                    ]
+                ).to(images.device, images.dtype)
+                * (self.pixel_range[1] - self.pixel_range[0])
+                + self.pixel_range[0]
+            )
         if o.method == "random":
             params["generator"] = torch.Generator(device=images.device).manual_seed(o.seed)
         if o.method == "smoothgrad" or o.smooth:
@@ -248,8 +288,9 @@ class SaliencyTask:
             sigma = o.smooth_sigma if o.smooth else params.pop("sigma", 0.15)
             base = o.method if o.smooth else params.pop("base", "gradient")
             noise = self._per_image_noise(records, images, samples, sigma)
-            return METHODS["smoothgrad"].function(forward, images, targets, samples=samples, sigma=sigma, base=base,
-                                                  noise=noise, **params)
+            return METHODS["smoothgrad"].function(
+                forward, images, targets, samples=samples, sigma=sigma, base=base, noise=noise, **params
+            )
         return self.spec.function(forward, images, targets, **params)
 
     def map(self, images: torch.Tensor, records: Sequence[Record]) -> MapOutput:
@@ -295,8 +336,16 @@ class SaliencyTask:
         compact = compact_maps(maps, o.map_size).reshape(len(keep), -1)
         deletion = insertion = None
         if o.evaluate:
-            deletion, insertion = deletion_insertion_auc(self._eval_score_fn(texts), x, targets, maps, o.eval_steps,
-                                                         self.black, o.internal_batch_size, o.eval_deletion)
+            deletion, insertion = deletion_insertion_auc(
+                self._eval_score_fn(texts),
+                x,
+                targets,
+                maps,
+                o.eval_steps,
+                self.black,
+                o.internal_batch_size,
+                o.eval_deletion,
+            )
         gap = result.extras.get("completeness_gap")
         names = self._target_names(targets, target_names)
         maps_np = maps.cpu().numpy()
@@ -308,7 +357,9 @@ class SaliencyTask:
             empty = bool(empty_maps[n])
             row = {
                 "method": o.method if not o.smooth else f"smooth-{o.method}",
-                "target": names[n], "target_index": int(targets[n]), "target_score": float(explained[n]),
+                "target": names[n],
+                "target_index": int(targets[n]),
+                "target_score": float(explained[n]),
                 "peak_x": None if empty else float(np.clip(x0 + (x1 - x0) * float(peak_x[n]), 0, 1)),
                 "peak_y": None if empty else float(np.clip(y0 + (y1 - y0) * float(peak_y[n]), 0, 1)),
                 "concentration": None if empty else float(focus[n]),
@@ -334,11 +385,15 @@ class SaliencyTask:
         return [names[int(t)] if names else str(int(t)) for t in targets]
 
     def summary(self) -> dict:
-        out = {"method": self.config.method, "layer": self.layer_name} if self.layer_name else \
-            {"method": self.config.method}
+        out: dict[str, Any] = (
+            {"method": self.config.method, "layer": self.layer_name}
+            if self.layer_name
+            else {"method": self.config.method}
+        )
         if self._gaps:
             out["completeness_gap_mean_abs"] = float(np.mean(self._gaps))
         if self._deletion:
-            out.update(deletion_auc_mean=float(np.mean(self._deletion)),
-                       insertion_auc_mean=float(np.mean(self._insertion)))
+            out.update(
+                deletion_auc_mean=float(np.mean(self._deletion)), insertion_auc_mean=float(np.mean(self._insertion))
+            )
         return out

@@ -23,14 +23,15 @@ def _chunked_nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 6553
     labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     sims = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], chunk):
-        s = x[start:start + chunk] @ centroids.T
+        s = x[start : start + chunk] @ centroids.T
         best = s.max(dim=1)
-        labels[start:start + chunk], sims[start:start + chunk] = best.indices, best.values
+        labels[start : start + chunk], sims[start : start + chunk] = best.indices, best.values
     return labels, sims
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0,
-                     max_points_per_centroid: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def spherical_kmeans(
+    x: torch.Tensor, k: int, iterations: int = 20, seed: int = 0, max_points_per_centroid: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on the unit sphere (cosine similarity), k-means++-style seeding on a sample.
 
     The centroids are trained on at most ``max_points_per_centroid * k``
@@ -50,13 +51,19 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 
     closest = 1 - sample @ sample[chosen[0]]
     for _ in range(1, k):
         weights = closest.clamp(min=0).cpu().double() ** 2
-        index = int(torch.multinomial(weights / weights.sum(), 1, generator=generator)) if weights.sum() > 0 \
+        index = (
+            int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
+            if weights.sum() > 0
             else int(torch.randint(sample.shape[0], (1,), generator=generator))
+        )
         chosen.append(index)
         closest = torch.minimum(closest, 1 - sample @ sample[index])
     centroids = sample[chosen].clone()
-    train = x if n <= max_points_per_centroid * k else \
-        x[torch.randperm(n, generator=generator)[: max_points_per_centroid * k].to(x.device)]
+    train = (
+        x
+        if n <= max_points_per_centroid * k
+        else x[torch.randperm(n, generator=generator)[: max_points_per_centroid * k].to(x.device)]
+    )
     labels = None
     for _ in range(iterations):
         new_labels, _ = _chunked_nearest(train, centroids)
@@ -73,21 +80,21 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 20, seed: int = 
     return labels, centroids
 
 
-def second_clusters(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, chunk: int = 65536
-                    ) -> torch.Tensor:
+def second_clusters(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """Each point's second-nearest centroid (its own cluster when there is only one)."""
     if centroids.shape[0] < 2:
         return labels.clone()
     second = torch.empty_like(labels)
     for start in range(0, x.shape[0], chunk):
-        sims = x[start:start + chunk] @ centroids.T
-        sims[torch.arange(sims.shape[0], device=x.device), labels[start:start + chunk]] = -2.0
-        second[start:start + chunk] = sims.argmax(dim=1)
+        sims = x[start : start + chunk] @ centroids.T
+        sims[torch.arange(sims.shape[0], device=x.device), labels[start : start + chunk]] = -2.0
+        second[start : start + chunk] = sims.argmax(dim=1)
     return second
 
 
-def pair_similarity(a: torch.Tensor, b: torch.Tensor, a_flipped: torch.Tensor | None = None,
-                    b_flipped: torch.Tensor | None = None) -> torch.Tensor:
+def pair_similarity(
+    a: torch.Tensor, b: torch.Tensor, a_flipped: torch.Tensor | None = None, b_flipped: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cosines ``a @ b.T`` of normalized embeddings; with the embeddings of the horizontally
     flipped images, the larger of ``a.b``, ``a.flip(b)`` and ``flip(a).b`` (a mirrored copy
     matches its original)."""
@@ -97,9 +104,15 @@ def pair_similarity(a: torch.Tensor, b: torch.Tensor, a_flipped: torch.Tensor | 
     return sims
 
 
-def semantic_duplicates(x: torch.Tensor, labels: torch.Tensor, priority: torch.Tensor, threshold: float,
-                        block: int = 4096, flipped: torch.Tensor | None = None,
-                        second: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def semantic_duplicates(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    priority: torch.Tensor,
+    threshold: float,
+    block: int = 4096,
+    flipped: torch.Tensor | None = None,
+    second: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SemDeDup's rule: drop any image more similar than ``threshold`` to a higher-priority image of
     its cluster, kept or not (Abbas et al., "SemDeDup: Data-efficient learning at web-scale through
     semantic deduplication", 2023).
@@ -136,8 +149,9 @@ def semantic_duplicates(x: torch.Tensor, labels: torch.Tensor, priority: torch.T
         m = members.numel()
         for row in range(0, m, block):
             end = min(row + block, m)
-            sims = pair_similarity(emb[row:end], emb, None if emb_flipped is None else emb_flipped[row:end],
-                                   emb_flipped)
+            sims = pair_similarity(
+                emb[row:end], emb, None if emb_flipped is None else emb_flipped[row:end], emb_flipped
+            )
             rows = torch.arange(row, end, device=device).view(-1, 1)
             cols = torch.arange(m, device=device).view(1, -1)
             sims = sims.masked_fill(cols <= rows, -2.0)  # only later members (cols) vs earlier ones (rows)
@@ -165,8 +179,9 @@ def semantic_duplicates(x: torch.Tensor, labels: torch.Tensor, priority: torch.T
     return duplicate_of, similarity
 
 
-def kcenter_greedy(x: torch.Tensor, budget: int, seed: int = 0, initial: torch.Tensor | None = None,
-                   chunk: int = 262144) -> torch.Tensor:
+def kcenter_greedy(
+    x: torch.Tensor, budget: int, seed: int = 0, initial: torch.Tensor | None = None, chunk: int = 262144
+) -> torch.Tensor:
     """Greedy k-center (Gonzalez 1985; the core-set selection of Sener & Savarese, ICLR 2018):
     repeatedly add the point farthest from the chosen set. A 2-approximation of the best
     max coverage distance. O(budget * n * d), chunked over n."""
@@ -179,13 +194,14 @@ def kcenter_greedy(x: torch.Tensor, budget: int, seed: int = 0, initial: torch.T
     chosen = [first]
     distance = torch.empty(n, device=x.device)
     for start in range(0, n, chunk):
-        distance[start:start + chunk] = 1 - x[start:start + chunk] @ x[first]
+        distance[start : start + chunk] = 1 - x[start : start + chunk] @ x[first]
     for _ in range(budget - 1):
         index = int(torch.argmax(distance))
         chosen.append(index)
         for start in range(0, n, chunk):
-            distance[start:start + chunk] = torch.minimum(distance[start:start + chunk],
-                                                          1 - x[start:start + chunk] @ x[index])
+            distance[start : start + chunk] = torch.minimum(
+                distance[start : start + chunk], 1 - x[start : start + chunk] @ x[index]
+            )
     return torch.tensor(chosen, dtype=torch.long, device=x.device)
 
 
@@ -226,8 +242,9 @@ def cluster_balanced(labels: np.ndarray, budget: int, seed: int = 0) -> np.ndarr
     return picked[: min(budget, n)]
 
 
-def targeted_selection(pool: torch.Tensor, reference: torch.Tensor, budget: int, chunk: int = 4096
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def targeted_selection(
+    pool: torch.Tensor, reference: torch.Tensor, budget: int, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distribution matching to a reference set by round-robin nearest neighbours.
 
     Each reference image in turn takes its nearest pool image not yet taken,
@@ -247,8 +264,8 @@ def targeted_selection(pool: torch.Tensor, reference: torch.Tensor, budget: int,
     candidates = torch.empty(r, per_reference, dtype=torch.long, device=pool.device)
     nearest = torch.full((n,), 2.0, device=pool.device)
     for start in range(0, r, chunk):
-        sims = reference[start:start + chunk] @ pool.T
-        candidates[start:start + chunk] = sims.topk(per_reference, dim=1).indices
+        sims = reference[start : start + chunk] @ pool.T
+        candidates[start : start + chunk] = sims.topk(per_reference, dim=1).indices
         nearest = torch.minimum(nearest, 1 - sims.max(dim=0).values)
     taken = torch.zeros(n, dtype=torch.bool)
     cand = candidates.cpu().numpy()
@@ -284,8 +301,9 @@ def targeted_selection(pool: torch.Tensor, reference: torch.Tensor, budget: int,
 # ----------------------------------------------------------------------------
 
 
-def coverage(pool: torch.Tensor, selected: torch.Tensor, sample: int = 5000, seed: int = 0,
-             chunk: int = 8192) -> tuple[float, float]:
+def coverage(
+    pool: torch.Tensor, selected: torch.Tensor, sample: int = 5000, seed: int = 0, chunk: int = 8192
+) -> tuple[float, float]:
     """(mean, max) cosine distance from pool images to their nearest selected image,
     over a random sample of the pool (the whole pool when smaller)."""
     if selected.shape[0] == 0:
@@ -295,7 +313,7 @@ def coverage(pool: torch.Tensor, selected: torch.Tensor, sample: int = 5000, see
     points = pool[index]
     best = torch.full((points.shape[0],), -2.0, device=pool.device)
     for start in range(0, selected.shape[0], chunk):
-        best = torch.maximum(best, (points @ selected[start:start + chunk].T).max(dim=1).values)
+        best = torch.maximum(best, (points @ selected[start : start + chunk].T).max(dim=1).values)
     distance = (1 - best).clamp(min=0)
     return float(distance.mean()), float(distance.max())
 

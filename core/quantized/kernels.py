@@ -34,9 +34,14 @@ CHECK_TOLERANCE = 2e-2  # relative error of the kernel against the dequantized m
 
 def int4_kernel_applies(bits: int, group_size: int, shape: tuple[int, int], device: torch.device) -> bool:
     out_features, in_features = shape
-    return (bits == 4 and device.type == "cuda" and hasattr(torch, "_weight_int4pack_mm")
-            and group_size in KERNEL_GROUP_SIZES and in_features % max(group_size, INNER_K_TILES * 16) == 0
-            and out_features % 8 == 0)
+    return (
+        bits == 4
+        and device.type == "cuda"
+        and hasattr(torch, "_weight_int4pack_mm")
+        and group_size in KERNEL_GROUP_SIZES
+        and in_features % max(group_size, INNER_K_TILES * 16) == 0
+        and out_features % 8 == 0
+    )
 
 
 def tinygemm_scale_and_zero(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -80,9 +85,16 @@ def verified_kernel(build, reference_weight, in_features: int, device, name: str
         error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
         if error <= CHECK_TOLERANCE:
             return kernel
-        log.warning("int4 kernel disagrees with the dequantized weight for %s (relative error %.3g); "
-                    "using dequantize-then-matmul", name, error)
+        log.warning(
+            "int4 kernel disagrees with the dequantized weight for %s (relative error %.3g); "
+            "using dequantize-then-matmul",
+            name,
+            error,
+        )
     except Exception as exc:  # the kernel is optional: any failure means the plain path
-        log.warning("int4 kernel unavailable for %s (%s); using dequantize-then-matmul", name,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning(
+            "int4 kernel unavailable for %s (%s); using dequantize-then-matmul",
+            name,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
     return None

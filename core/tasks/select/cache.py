@@ -1,0 +1,168 @@
+"""select-data's embedding cache: one normalized embedding per file (and its mirror's), reused
+only while the file's size, time and content hash still match; clip-score outputs serve too."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from visbatch.core.errors import UsageError
+from visbatch.core.files import utc_now
+from visbatch.core.images import ImageItem, display_path, files_unchanged, path_bytes
+from visbatch.core.models import LoadedModel
+from visbatch.core.outputs import (
+    read_run_metadata,
+    row_key,
+    write_parquet,
+)
+from visbatch.core.pipeline import RunConfig, run_pipeline
+from visbatch.core.tasks.clip_score import (
+    ClipScoreOptions,
+    ClipScoreTask,
+)
+
+FLIPPED = "image_embedding_flipped"
+CACHE_COLUMNS = [
+    "path",
+    "status",
+    "error",
+    "width",
+    "height",
+    "file_size",
+    "file_mtime",
+    "content_hash",
+    "image_embedding",
+]
+
+
+def _key(root: str, relpath: str) -> tuple[str, str]:
+    return root, relpath
+
+
+def read_cache(path: str, model: LoadedModel) -> dict[tuple[str, str], dict]:
+    """Rows of an embedding cache (or a clip-score ``--save-embeddings`` output), by (root, path).
+
+    Refuses a cache made with other weights.
+    """
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        meta = read_run_metadata(path)
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise UsageError(f"--cache {path} is not a readable Parquet file: {str(exc).splitlines()[0]}")
+    checksum = (meta.get("model") or {}).get("checksum")
+    if checksum and checksum != model.checksum:
+        raise UsageError(
+            f"embedding cache {path} was made with other weights ({meta['model'].get('spec')}); pass another --cache"
+        )
+    missing = [c for c in CACHE_COLUMNS if c not in schema.names]
+    if missing:
+        raise UsageError(
+            f"{path} is not an embedding cache (no {', '.join(missing)}); clip-score writes one with --save-embeddings"
+        )
+    columns = CACHE_COLUMNS + [c for c in ("root", "path_bytes", FLIPPED) if c in schema.names]
+    table = pq.read_table(path, columns=columns).to_pylist()
+    roots = meta.get("roots") or [""]
+    return {row_key(row, roots[0]): row for row in table}
+
+
+def embed_with_cache(
+    items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, cache_path: str, mirror: bool = False
+) -> tuple[list[dict], int]:
+    """One embedding row per item (cache hits, new embeddings for the rest); writes the cache.
+
+    A cached row is reused only when its file still has the recorded size, time and content
+    hash (and, with ``mirror``, the mirrored image's embedding). Returns (rows in item order,
+    number of images embedded in this run).
+    """
+    cached = read_cache(cache_path, model)
+    rows: dict[tuple[str, str], dict] = {}
+    candidates = {}
+    unmirrored = 0
+    for item in items:
+        row = cached.get(_key(item.root, item.relpath))
+        # With mirror-invariant dedup a row also needs the mirrored image's embedding.
+        if row is not None and row.get("status") == "ok" and mirror and row.get(FLIPPED) is None:
+            unmirrored += 1
+        elif row is not None and row.get("status") == "ok":
+            candidates[item.path] = (item, row)
+    if unmirrored and not config.quiet:
+        print(
+            f"visbatch: note: {unmirrored} cached embeddings lack the mirrored image's embedding and are "
+            "computed again (write the cache with clip-score --save-embeddings --save-mirrored, or "
+            "dedup with --no-mirror)",
+            file=sys.stderr,
+        )
+    fresh = files_unchanged({path: row for path, (_, row) in candidates.items()})
+    for path, (item, row) in candidates.items():
+        if fresh[path]:
+            rows[_key(item.root, item.relpath)] = row
+    todo = [item for item in items if _key(item.root, item.relpath) not in rows]
+    if todo:
+        with tempfile.TemporaryDirectory(
+            prefix=".visbatch-embed-", dir=os.path.dirname(os.path.abspath(cache_path)) or "."
+        ) as tmp:
+            part = os.path.join(tmp, "embeddings.parquet")
+            task = ClipScoreTask(model, ClipScoreOptions(save_embeddings=True, save_flipped=mirror))
+            embed_config = RunConfig(
+                output=part,
+                batch_size=config.batch_size,
+                workers=config.workers,
+                max_pixels=config.max_pixels,
+                quiet=config.quiet,
+                log_interval=config.log_interval,
+            )
+            run_pipeline(task, model, todo, embed_config)
+            new_meta = read_run_metadata(part)
+            roots = new_meta.get("roots") or [""]
+            for row in pq.read_table(part).to_pylist():
+                rows[row_key(row, roots[0])] = row
+    ordered = [rows[_key(it.root, it.relpath)] for it in items]
+    _write_cache(cache_path, cached, ordered, items, model)
+    return ordered, len(todo)
+
+
+def _write_cache(path: str, existing: dict, rows: list[dict], items: Sequence[ImageItem], model: LoadedModel) -> None:
+    """The cache's earlier rows (``existing``, as read by :func:`read_cache`) updated with this run's."""
+    merged = dict(existing)
+    for item, row in zip(items, rows):
+        merged[_key(item.root, item.relpath)] = row
+    keys = sorted(merged)
+    dim = next((len(r["image_embedding"]) for r in merged.values() if r.get("image_embedding") is not None), 0)
+    schema = pa.schema(
+        [
+            pa.field("root", pa.string()),
+            pa.field("path", pa.string()),
+            pa.field("path_bytes", pa.binary()),
+            pa.field("status", pa.string()),
+            pa.field("error", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("file_size", pa.int64()),
+            pa.field("file_mtime", pa.float64()),
+            pa.field("content_hash", pa.string()),
+            pa.field("image_embedding", pa.list_(pa.float16(), dim)),
+            pa.field(FLIPPED, pa.list_(pa.float16(), dim)),
+        ]
+    )
+    columns = {f.name: [merged[k].get(f.name) for k in keys] for f in schema}
+    columns["root"] = [display_path(k[0]) for k in keys]
+    columns["path"] = [display_path(k[1]) for k in keys]
+    columns["path_bytes"] = [path_bytes(k[1]) for k in keys]
+    for name in ("image_embedding", FLIPPED):
+        columns[name] = [None if v is None else np.asarray(v, dtype=np.float16) for v in columns[name]]
+    table = pa.Table.from_pydict(columns, schema=schema)
+    meta = {
+        "task": "embedding-cache",
+        "model": model.describe(),
+        "roots": sorted({k[0] for k in keys}),
+        "written_at": utc_now(),
+    }
+    write_parquet(path, table, meta)

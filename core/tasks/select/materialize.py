@@ -1,0 +1,104 @@
+"""``--copy-to`` / ``--link-to``: the selection materialized, every destination checked before
+anything is written (never clobbering, never touching an input)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from visbatch.core.errors import FatalError, UsageError
+from visbatch.core.files import atomic_copy, files_identical
+from visbatch.core.images import ImageItem, display_path
+from visbatch.core.overlays import root_folder_names
+from visbatch.core.protect import ProtectedInputs
+
+
+@dataclass
+class Materialization:
+    """What ``--copy-to`` / ``--link-to`` will do: (source, destination) pairs to write and the
+    destinations that already hold the same file (skipped)."""
+
+    mode: str  # copy | symlink | hardlink
+    target: str
+    writes: list[tuple[str, Path]]
+    same: int
+
+
+def plan_materialize(
+    items: Sequence[ImageItem],
+    selected: np.ndarray,
+    target: str,
+    mode: str,
+    protected: ProtectedInputs,
+    overwrite: bool = False,
+) -> Materialization:
+    """Check every destination before anything is written (see :func:`materialize`).
+
+    Keeps the inputs' relative paths (each input root in its own subfolder when there are
+    several). A destination that already holds the same file (same bytes for a copy, a link
+    to the same file for links) is skipped; any other existing destination is refused unless
+    ``overwrite``. A destination resolving into an input root is always refused.
+    """
+    if mode not in ("copy", "symlink", "hardlink"):
+        raise UsageError(f"unknown link mode {mode!r} (symlink or hardlink)")
+    roots = sorted({item.root for item in items})
+    subfolders = root_folder_names(roots) if len(roots) > 1 else {}
+    writes, same, conflicts = [], 0, []
+    for item, keep in zip(items, selected):
+        if not keep:
+            continue
+        destination = Path(target, subfolders.get(item.root, ""), item.relpath)
+        protected.check_write(destination)
+        if os.path.lexists(destination):
+            if _holds_same_file(destination, item.path, mode):
+                same += 1
+                continue
+            conflicts.append(destination)
+        writes.append((item.path, destination))
+    if conflicts and not overwrite:
+        option = "--copy-to" if mode == "copy" else "--link-to"
+        raise UsageError(
+            f"{option} {target}: {len(conflicts)} destination files exist and differ from the "
+            f"selection (e.g. {display_path(str(conflicts[0]))}); pass --overwrite to replace them"
+        )
+    return Materialization(mode, target, writes, same)
+
+
+def _holds_same_file(destination: Path, source: str, mode: str) -> bool:
+    if mode == "symlink":
+        return destination.is_symlink() and os.path.realpath(destination) == os.path.realpath(source)
+    if mode == "hardlink":
+        return not destination.is_symlink() and os.path.exists(destination) and os.path.samefile(destination, source)
+    return not destination.is_symlink() and destination.is_file() and files_identical(destination, source)
+
+
+def materialize(plan: Materialization) -> int:
+    """Write the planned copies or links; returns how many destinations hold the selection.
+
+    Each destination is replaced by a rename (a copy through a temp file, a link made under a
+    temp name), so nothing is ever written through an existing file or link, and an input
+    can never be truncated, unlinked or replaced.
+    """
+    for source, destination in plan.writes:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if plan.mode == "copy":
+            atomic_copy(source, destination)
+            continue
+        temp = destination.with_name(f".{destination.name}.{os.getpid()}.link")
+        try:
+            if plan.mode == "symlink":
+                os.symlink(os.path.abspath(source), temp)
+            else:
+                os.link(source, temp)
+            os.replace(temp, destination)
+        except OSError as exc:
+            try:
+                os.remove(temp)
+            except OSError:
+                pass
+            raise FatalError(f"cannot {plan.mode} {destination}: {exc.strerror or exc}") from exc
+    return len(plan.writes) + plan.same
