@@ -18,7 +18,6 @@ from visbatch.cli.common import (
     UsageError,
     WorkersOpt,
     guarded,
-    load_model_for,
 )
 
 
@@ -75,7 +74,6 @@ def quantize(
     quiet: QuietOpt = False,
 ):
     """Quantize a model's weights to int8/int4, calibrated on images; every subcommand loads the file."""
-    from visbatch.cli.common import CommonOptions
 
     def job() -> int:
         import os
@@ -136,28 +134,10 @@ def quantize(
             random.Random(0).shuffle(shuffled)
             cut = max(1, len(shuffled) // 4) if len(shuffled) > 1 else 0
             held_out, calibration = shuffled[:cut] or shuffled, (shuffled[cut:] or shuffled)[:calib_limit]
-        common = CommonOptions(
-            inputs=[],
-            manifest=None,
-            model=model,
-            pretrained=pretrained,
-            device=device,
-            precision="fp32",
-            batch_size=batch_size,
-            workers=workers,
-            recursive=True,
-            glob=[],
-            limit=None,
-            shard=None,
-            max_pixels=89_478_485,
-            resume=False,
-            overwrite=overwrite,
-            fail_on_error=False,
-            json=as_json,
-            quiet=quiet,
-            output=output,
-        )
-        loaded = load_model_for(common)
+        from visbatch.core.models import load_model
+
+        # Calibration statistics and the search maths run in fp32, whatever the device.
+        loaded = load_model(model, pretrained, device, "fp32")
         config = RunConfig(output=output, batch_size=batch_size, workers=workers, quiet=True)
         texts = []
         if calib_prompts:

@@ -119,14 +119,19 @@ def saliency(
         config = pipeline_config(
             common, "saliency", model, items, files=[captions, labels_file], save_maps=save_maps, **settings
         )
-        params = {
-            "gradient": {"signed": signed},
-            "smoothgrad": {"samples": samples, "sigma": sigma, "signed": signed},
-            "integrated-gradients": {"steps": steps, "rule": ig_rule, "baseline": baseline},
-            "rise": {"masks": masks, "cells": cells, "probability": keep_probability},
-        }.get(chosen, {})
-        if smooth and chosen == "gradient":
-            params = {"signed": signed}
+        # Each method takes the parameters its registry entry names (METHOD_PARAMETERS), from their options.
+        values = {
+            "signed": signed,
+            "samples": samples,
+            "sigma": sigma,
+            "steps": steps,
+            "rule": ig_rule,
+            "baseline": baseline,
+            "masks": masks,
+            "cells": cells,
+            "probability": keep_probability,
+        }
+        params = {name: values[name] for name in METHODS[chosen].parameters}
         roots = sorted({it.root for it in items})
         options = SaliencyOptions(
             method=chosen,

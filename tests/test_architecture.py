@@ -100,3 +100,33 @@ def test_core_imports_no_task():
         text=True,
     ).stdout.splitlines()
     assert [line for line in found if not line.startswith("core/tasks/")] == []
+
+
+def test_method_parameters_match_their_cli_options():
+    """Each registered method parameter is set by a saliency option with the same default."""
+    import inspect
+
+    from visbatch.cli.saliency import saliency
+    from visbatch.core.tasks.saliency.methods import METHOD_PARAMETERS, METHODS
+
+    options = {}
+    for parameter in inspect.signature(saliency).parameters.values():
+        info = parameter.default
+        for flag in getattr(info, "param_decls", None) or ():
+            options[flag] = info.default
+    for name, spec in METHOD_PARAMETERS.items():
+        assert options.get(spec.option) == spec.default, (name, spec.option)
+    assert {p for spec in METHODS.values() for p in spec.parameters} <= set(METHOD_PARAMETERS)
+
+
+def test_every_declared_method_parameter_reaches_its_function():
+    """A parameter a registry entry declares is one its function takes: nothing is silently dropped."""
+    import inspect
+
+    from visbatch.core.tasks.saliency.methods import METHODS
+
+    for name, spec in METHODS.items():
+        accepted = inspect.signature(spec.function).parameters
+        forwards_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        for parameter in spec.parameters:
+            assert parameter in accepted or forwards_all, (name, parameter)

@@ -1,6 +1,7 @@
 """Attribution methods: one registry, one signature.
 
-Every method is ``method(forward, images, targets, **params) -> Attribution``:
+Every method is ``method(forward, images, targets, *, its parameters) -> Attribution``
+(called through :func:`call_method`, which passes each method the parameters it declares):
 
 - ``forward(x) -> [N, K]`` scores for a batch of model inputs (normalized,
   on the device); the explained score of image ``i`` is
@@ -24,10 +25,12 @@ splitting would scatter the registry.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -66,6 +69,84 @@ class MethodSpec:
     needs: tuple[str, ...] = ()  # "layer", "attention"
     gradient_based: bool = True  # SmoothGrad can wrap it
     picks_targets: bool = False  # accepts targets=None: top output chosen in its own forward pass
+    # The method's parameters: keys of METHOD_PARAMETERS, each set from its CLI option.
+    parameters: tuple[str, ...] = ()
+    # Preparation, as data: ``setup(run) -> params`` once per run (a mask set), and
+    # ``per_batch(run, images, records, params) -> params`` for each batch (seeded noise);
+    # ``run`` is the SaliencyTask (seed, model, pixel range).
+    setup: Callable | None = None
+    per_batch: Callable | None = None
+
+
+@dataclass(frozen=True)
+class MethodParameter:
+    """A method parameter and the CLI option that sets it (``cli/saliency.py`` declares each option once)."""
+
+    option: str
+    default: Any
+    help: str
+
+
+METHOD_PARAMETERS: dict[str, MethodParameter] = {
+    "signed": MethodParameter("--signed", False, "gradient: keep the sign (channel sum) instead of |grad|"),
+    "samples": MethodParameter("--samples", 16, "smoothgrad: noisy samples per image"),
+    "sigma": MethodParameter("--sigma", 0.15, "SmoothGrad noise, fraction of the input range"),
+    "steps": MethodParameter("--steps", 32, "integrated-gradients: integration steps"),
+    "rule": MethodParameter("--ig-rule", "gausslegendre", "integrated-gradients: quadrature rule"),
+    "baseline": MethodParameter("--baseline", "black", "integrated-gradients: black, blur, noise or zero"),
+    "masks": MethodParameter("--masks", 1000, "rise: number of random masks"),
+    "cells": MethodParameter("--cells", 7, "rise: mask grid cells per side"),
+    "probability": MethodParameter("--keep-probability", 0.5, "rise: keep probability p"),
+}
+
+
+def item_seed(seed: int, relpath: str) -> int:
+    """A per-image seed: an image's noise or masks do not depend on the batch it is in."""
+    digest = hashlib.blake2b(f"{seed}:{relpath}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _rise_setup(run) -> dict:
+    # One mask set for the whole run: maps do not depend on the batching.
+    generator = torch.Generator(device="cpu").manual_seed(run.config.seed)
+    p = run.method_params
+    masks = rise_masks(
+        p.get("masks", 1000),
+        p.get("cells", 7),
+        p.get("probability", 0.5),
+        run.model.preprocess.geometry.crop,
+        "cpu",
+        generator,
+    )
+    return {"mask_set": masks.to(run.model.device)}
+
+
+def _noise_baselines(run, images, records, params) -> dict:
+    if params.get("baseline") != "noise":
+        return {}
+    low, high = run.pixel_range
+    noise = [
+        torch.rand(
+            (1, *images.shape[1:]), generator=torch.Generator().manual_seed(item_seed(run.config.seed, r.item.relpath))
+        )
+        for r in records
+    ]
+    return {"baselines": torch.cat(noise).to(images.device, images.dtype) * (high - low) + low}
+
+
+def _seeded_generator(run, images, records, params) -> dict:
+    return {"generator": torch.Generator(device=images.device).manual_seed(run.config.seed)}
+
+
+def call_method(spec: MethodSpec, forward: Forward, images: torch.Tensor, targets, params: dict) -> Attribution:
+    """Call a method with the parameters its function declares. The engine offers every run-wide
+    value (``black``, ``pixel_range``, ``internal_batch_size``, ``layer``, ...); a method takes the
+    ones it names, and a parameter no method names is a registry error caught by the tests, not a
+    keyword silently swallowed."""
+    accepted = inspect.signature(spec.function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return spec.function(forward, images, targets, **params)
+    return spec.function(forward, images, targets, **{k: v for k, v in params.items() if k in accepted})
 
 
 def target_scores(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -104,9 +185,7 @@ def _chunks(total: int, size: int):
 # ----------------------------------------------------------------------------
 
 
-def gradient(
-    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, signed: bool = False, **_
-) -> Attribution:
+def gradient(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, signed: bool = False) -> Attribution:
     """Vanilla gradient (Simonyan et al., "Deep Inside Convolutional Networks", 2014).
 
     ``raw = |d f_t / d x|`` (signed gradient with ``signed=True``); the map is
@@ -119,7 +198,7 @@ def gradient(
     return Attribution(maps.float(), raw, extras=_chosen(scores, targets))
 
 
-def input_x_gradient(forward: Forward, images: torch.Tensor, targets: torch.Tensor, **_) -> Attribution:
+def input_x_gradient(forward: Forward, images: torch.Tensor, targets: torch.Tensor) -> Attribution:
     """Input times gradient (Shrikumar et al. 2016): ``raw = x * d f_t / d x``, map = channel sum (signed)."""
     grads, scores, targets = _input_gradients(forward, images, targets)
     raw = images * grads
@@ -170,12 +249,15 @@ def smoothgrad(
     noise = noise.to(images.device, images.dtype)
     noisy = images.repeat_interleave(samples, dim=0) + noise
     expanded_targets = targets.repeat_interleave(samples)
-    raws, maps = [], []
+    raws: list[torch.Tensor] = []
+    maps: list[torch.Tensor] = []
     for start, end in _chunks(noisy.shape[0], internal_batch_size):
-        result = method.function(forward, noisy[start:end], expanded_targets[start:end], **params)
-        raws.append(result.raw)
+        result = call_method(method, forward, noisy[start:end], expanded_targets[start:end], params)
+        if result.raw is not None:
+            raws.append(result.raw)
         maps.append(result.maps)
-    raw = torch.cat(raws).view(images.shape[0], samples, *images.shape[1:]).mean(dim=1) if raws[0] is not None else None
+    # A base method gives per-channel attributions for every chunk or for none.
+    raw = torch.cat(raws).view(images.shape[0], samples, *images.shape[1:]).mean(dim=1) if raws else None
     mean_maps = torch.cat(maps).view(images.shape[0], samples, *maps[0].shape[1:]).mean(dim=1)
     return Attribution(mean_maps, raw)
 
@@ -269,7 +351,6 @@ def integrated_gradients(
     internal_batch_size: int = 64,
     pixel_range: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
-    **_,
 ) -> Attribution:
     """Integrated Gradients (Sundararajan et al., "Axiomatic Attribution for Deep Networks", ICML 2017).
 
@@ -336,7 +417,7 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
-def gradcam(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, layer: LayerAccess, **_) -> Attribution:
+def gradcam(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, layer: LayerAccess) -> Attribution:
     """Grad-CAM (Selvaraju et al., ICCV 2017).
 
     ``w_c = mean_{h,w} d f_t / d A_c``; ``CAM = relu(sum_c w_c A_c)`` at the
@@ -351,7 +432,7 @@ def gradcam(forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, la
 
 
 def gradcam_plus_plus(
-    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, layer: LayerAccess, **_
+    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, layer: LayerAccess
 ) -> Attribution:
     """Grad-CAM++ (Chattopadhay et al., WACV 2018), with the exponential-score closed form.
 
@@ -406,7 +487,6 @@ def rise(
     internal_batch_size: int = 64,
     generator: torch.Generator | None = None,
     mask_set: torch.Tensor | None = None,
-    **_,
 ) -> Attribution:
     """RISE (Petsiuk et al., "RISE: Randomized Input Sampling for Explanation", BMVC 2018).
 
@@ -442,7 +522,7 @@ def rise(
 
 
 def attention_relevance(
-    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, attention: list, spatial, **_
+    forward: Forward, images: torch.Tensor, targets: torch.Tensor, *, attention: list, spatial
 ) -> Attribution:
     """Gradient-weighted attention rollout (Chefer, Gur and Wolf, "Generic Attention-model
     Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021).
@@ -479,7 +559,6 @@ def random_map(
     *,
     cells: int = 7,
     generator: torch.Generator | None = None,
-    **_,
 ) -> Attribution:
     """Smooth random maps: uniform noise on a ``cells x cells`` grid, upsampled bilinearly.
 
@@ -498,6 +577,7 @@ METHODS: dict[str, MethodSpec] = {
         "vanilla gradient |df/dx| (Simonyan et al. 2014); --signed for the sign",
         signed=False,
         picks_targets=True,
+        parameters=("signed",),
     ),
     "input-x-gradient": MethodSpec(
         input_x_gradient, "input times gradient (Shrikumar et al. 2016)", signed=True, picks_targets=True
@@ -507,9 +587,14 @@ METHODS: dict[str, MethodSpec] = {
         "SmoothGrad: mean gradient over noisy copies (Smilkov et al. 2017)",
         signed=False,
         gradient_based=False,
+        parameters=("samples", "sigma", "signed"),
     ),
     "integrated-gradients": MethodSpec(
-        integrated_gradients, "Integrated Gradients with completeness gap (Sundararajan et al. 2017)", signed=True
+        integrated_gradients,
+        "Integrated Gradients with completeness gap (Sundararajan et al. 2017)",
+        signed=True,
+        parameters=("steps", "rule", "baseline"),
+        per_batch=_noise_baselines,
     ),
     "gradcam": MethodSpec(
         gradcam,
@@ -528,7 +613,12 @@ METHODS: dict[str, MethodSpec] = {
         picks_targets=True,
     ),
     "rise": MethodSpec(
-        rise, "RISE: random masks, forward passes only (Petsiuk et al. 2018)", signed=False, gradient_based=False
+        rise,
+        "RISE: random masks, forward passes only (Petsiuk et al. 2018)",
+        signed=False,
+        gradient_based=False,
+        parameters=("masks", "cells", "probability"),
+        setup=_rise_setup,
     ),
     "attention-relevance": MethodSpec(
         attention_relevance,
@@ -543,5 +633,6 @@ METHODS: dict[str, MethodSpec] = {
         "smooth random map, 7x7 cells upsampled (the baseline for --eval)",
         signed=False,
         gradient_based=False,
+        per_batch=_seeded_generator,
     ),
 }

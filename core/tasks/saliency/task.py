@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,14 @@ from visbatch.core.tasks.clip_score import (
     read_sidecar_caption,
 )
 from visbatch.core.tasks.saliency.attention import attention_modules
-from visbatch.core.tasks.saliency.methods import METHODS, LayerAccess, integration_points, rise_masks, target_scores
+from visbatch.core.tasks.saliency.methods import (
+    METHODS,
+    LayerAccess,
+    call_method,
+    integration_points,
+    item_seed,
+    target_scores,
+)
 from visbatch.core.tasks.saliency.metrics import compact_maps, concentration, deletion_insertion_auc, peaks
 
 
@@ -52,11 +58,6 @@ class SaliencyOptions:
     save_maps: str | None = None
     internal_batch_size: int = 64
     seed: int = 0
-
-
-def _item_seed(seed: int, relpath: str) -> int:
-    digest = hashlib.blake2b(f"{seed}:{relpath}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def resolve_class_target(target: str, class_names: list[str] | None) -> int | None:
@@ -142,18 +143,7 @@ class SaliencyTask:
             if not modules or spatial.kind != "tokens":
                 raise UsageError(f"attention-relevance needs a ViT; {model.spec} has no attention blocks")
             self.method_params.update(attention=modules, spatial=spatial)
-        if options.method == "rise":
-            # One mask set for the whole run: maps do not depend on the batching.
-            generator = torch.Generator(device="cpu").manual_seed(options.seed)
-            masks = self.method_params.get("masks", 1000)
-            self.rise_masks = rise_masks(
-                masks,
-                self.method_params.get("cells", 7),
-                self.method_params.get("probability", 0.5),
-                model.preprocess.geometry.crop,
-                "cpu",
-                generator,
-            ).to(device)
+        self._run_params = self.spec.setup(self) if self.spec.setup else {}
         self._gaps: list[float] = []
         self._deletion: list[float] = []
         self._insertion: list[float] = []
@@ -257,7 +247,7 @@ class SaliencyTask:
         stdev = sigma * (self.pixel_range[1] - self.pixel_range[0])
         noise = []
         for record in records:
-            generator = torch.Generator(device="cpu").manual_seed(_item_seed(self.config.seed, record.item.relpath))
+            generator = torch.Generator(device="cpu").manual_seed(item_seed(self.config.seed, record.item.relpath))
             noise.append(torch.normal(0.0, torch.full((samples, *images.shape[1:]), stdev), generator=generator))
         return torch.cat(noise)
 
@@ -265,24 +255,9 @@ class SaliencyTask:
         o = self.config
         params = dict(self.method_params)
         params.update(black=self.black, pixel_range=self.pixel_range)
-        if o.method == "rise":
-            params["mask_set"] = self.rise_masks
-        if o.method == "integrated-gradients" and params.get("baseline") == "noise":
-            params["baselines"] = (
-                torch.cat(
-                    [
-                        torch.rand(
-                            (1, *images.shape[1:]),
-                            generator=torch.Generator().manual_seed(_item_seed(o.seed, r.item.relpath)),
-                        )
-                        for r in records
-                    ]
-                ).to(images.device, images.dtype)
-                * (self.pixel_range[1] - self.pixel_range[0])
-                + self.pixel_range[0]
-            )
-        if o.method == "random":
-            params["generator"] = torch.Generator(device=images.device).manual_seed(o.seed)
+        params.update(self._run_params)
+        if self.spec.per_batch:
+            params.update(self.spec.per_batch(self, images, records, params))
         if o.method == "smoothgrad" or o.smooth:
             samples = o.smooth or params.pop("samples", 16)
             sigma = o.smooth_sigma if o.smooth else params.pop("sigma", 0.15)
@@ -291,7 +266,7 @@ class SaliencyTask:
             return METHODS["smoothgrad"].function(
                 forward, images, targets, samples=samples, sigma=sigma, base=base, noise=noise, **params
             )
-        return self.spec.function(forward, images, targets, **params)
+        return call_method(self.spec, forward, images, targets, params)
 
     def map(self, images: torch.Tensor, records: Sequence[Record]) -> MapOutput:
         o = self.config
