@@ -1,6 +1,7 @@
 """`visbatch detect-aigi train|score|eval`: detectors of AI-generated images."""
 
 import json
+import math
 import os
 import sys
 from typing import Annotated, Optional
@@ -170,6 +171,10 @@ def train(
         if os.path.exists(output) and not overwrite:
             raise UsageError(f"output {output} exists; pass --overwrite to replace it")
         groups = tuple(g.strip() for g in features.split(",") if g.strip())
+        if len(set(groups)) != len(groups):
+            raise UsageError(f"--features names a group twice: {features}")
+        if l2 is not None and not math.isfinite(l2):
+            raise UsageError("--l2 must be a finite number >= 0")
         unknown = [g for g in groups if g not in FEATURE_GROUPS]
         if not univfd_head and (not groups or unknown):
             raise UsageError(f"--features: unknown {unknown} (choose from {', '.join(FEATURE_GROUPS)})")

@@ -166,6 +166,14 @@ def quantize(
             texts=texts,
             labels=label_list,
         )
+        overlap = {os.path.realpath(i.path) for i in held_out} & {os.path.realpath(i.path) for i in calibration}
+        if overlap and not quiet:
+            print(
+                f"visbatch: warning: {len(overlap)} of the {len(held_out)} held-out images also calibrate: the "
+                "report's figures (and --method auto's choice with fewer than 2 images) are measured on images "
+                "the method saw; give more --calib images or a separate --eval-images",
+                file=sys.stderr,
+            )
         with OutputLock(output):
             report = run_quantize(loaded, calibration, held_out, output, options, config)
             write_report(report_path, report)
@@ -190,7 +198,7 @@ def quantize(
         if min_cosine is not None and not report["cosine_min"] >= min_cosine:
             if not quiet:
                 print(
-                    f"visbatch: held-out cosine min {report['cosine_min']:.4f} is below --min-cosine {min_cosine}",
+                    f"visbatch: held-out cosine min {report['cosine_min']:.6f} is below --min-cosine {min_cosine}",
                     file=sys.stderr,
                 )
             return EXIT_SOME_FAILED

@@ -501,3 +501,31 @@ def test_fused_detector_shares_sum_to_its_logit(upsampled_root, tmp_path):
     a, b = loaded.platt
     total = sum(shares.values()) + a * loaded.classifier.fusion.bias + b
     assert torch.allclose(torch.sigmoid(total), loaded.probability(x), atol=1e-5)
+
+
+def test_bad_training_options_are_usage_errors(tmp_path):
+    for extra, fragment in ((["--features", "npr,npr"], "twice"), (["--l2", "inf"], "finite")):
+        result = runner.invoke(
+            app, ["detect-aigi", "train", str(tmp_path), "-o", str(tmp_path / "d.safetensors"), *extra]
+        )
+        assert result.exit_code == 2 and fragment in result.stderr, result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_detector_with_non_finite_calibration_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from visbatch.core.tasks.aigi.classifier import LogisticModel
+
+    good = tmp_path / "good.safetensors"
+    model = LogisticModel(torch.zeros(4), torch.ones(4), torch.ones(4), torch.tensor(0.0))
+    Detector(model, ("npr",), [f"npr_{i}" for i in range(4)], (1.0, 0.0), 0.5, "crop", 128, None).save(str(good))
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    for key, value in (("threshold", float("nan")), ("platt", [float("nan"), 0.0])):
+        bad = tmp_path / f"bad_{key}.safetensors"
+        save_file(load_file(str(good)), str(bad), metadata={**metadata, "config": json.dumps({**config, key: value})})
+        with pytest.raises(ModelError, match="damaged detector"):
+            Detector.load(str(bad))

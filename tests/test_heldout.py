@@ -222,3 +222,21 @@ def test_aigi_train_reports_each_held_out_generator(aigi_dev, tmp_path):
     rows = pq.read_table(scores).to_pylist()
     assert all(row["status"] == "ok" and 0 <= row["p_fake"] <= 1 for row in rows)
     assert all(f"score_{g}" in rows[0] for g in report["selected_groups"])
+
+
+def test_aigi_calibration_never_reverses_the_training_ranking(aigi_dev):
+    """Where the held-out split disagrees with training (the text-to-image images dominate it), the
+    calibration flattens the scores and says so; it never turns fakes into the low end."""
+    from visbatch.core.tasks.aigi.classifier import auroc
+    from visbatch.core.tasks.aigi.detector import read_labelled_root, train_detector
+
+    root, (features, labels, _, names) = aigi_dev
+    data = read_labelled_root(str(root))
+    artefact = [i for i, n in enumerate(names) if not n.startswith("layers")]
+    detector, report = train_detector(
+        features[:, artefact], data, ("npr", "bitplane", "spectrum"), [names[i] for i in artefact], "crop", 128, None
+    )
+    assert detector.platt[0] > 0
+    columns = [names.index(n) for n in detector.feature_names]
+    assert auroc(labels, detector.probability(features[:, columns])) > 0.5
+    assert isinstance(report["calibration_reversed"], bool)

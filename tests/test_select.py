@@ -197,6 +197,7 @@ def test_clip_score_output_is_accepted_as_cache(fixture_images, tmp_path):
             catch_exceptions=False,
         )
     n = pq.read_metadata(cache).num_rows
+    clip_score_bytes = {path: path.read_bytes() for path in (cache, plain)}
 
     def embedded(cache_file, *extra):
         result = runner.invoke(
@@ -229,6 +230,10 @@ def test_clip_score_output_is_accepted_as_cache(fixture_images, tmp_path):
     assert embedded(plain, "--no-mirror")[0] == 0
     count, stderr = embedded(plain)
     assert count == n and "--save-mirrored" in stderr
+    # A clip-score output read as a cache is never rewritten (its scores are the user's results).
+    assert {path: path.read_bytes() for path in (cache, plain)} == clip_score_bytes
+    assert (tmp_path / "m.embeddings.parquet").exists()
+
     other = runner.invoke(
         app,
         [
@@ -386,3 +391,26 @@ def test_caption_sources_feed_the_clip_filter(fixture_images, tmp_path):
     kept = [r["clip_score"] for r in rows if r["reason"] == "kept"]
     dropped = [r["clip_score"] for r in rows if r["reason"] == "low_clip_score"]
     assert min(kept) >= max(dropped)
+
+
+def test_cache_aimed_at_the_output_is_refused_before_anything_exists(fixture_images, tmp_path):
+    out = tmp_path / "same.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "select-data",
+            "--model",
+            "test-tiny-cnn",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            str(fixture_images),
+            "--cache",
+            str(out),
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 2 and "is the output" in result.stderr
+    assert not out.exists()

@@ -146,6 +146,12 @@ class Detector:
         try:
             config = json.loads(metadata["config"])
             classifier = _load_classifier(tensors, config)
+            numbers = [float(v) for v in (*config["platt"], config["threshold"])]
+            if len(config["platt"]) != 2 or not all(np.isfinite(numbers)) or not 0 <= config["threshold"] <= 1:
+                raise ValueError("platt/threshold are not finite numbers (threshold in [0, 1])")
+            names = config["feature_names"]
+            if len(set(names)) != len(names) or any(_group_of(n) not in config["groups"] for n in names):
+                raise ValueError("feature names repeat or do not belong to the detector's groups")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelError(f"{path}: damaged detector file ({type(exc).__name__}: {str(exc).splitlines()[0]})")
         return cls(
@@ -350,6 +356,11 @@ def train_detector(
     classifier = fit.classifier
     held_logits = classifier.logits(features[held][:, kept_columns])
     platt = fit_platt(held_logits, labels[held])
+    # A negative slope would turn the ranking the training chose upside down: it says the detector
+    # does not hold on the held-out split, which is a warning to give, not a direction to flip.
+    ranking_reversed = platt[0] <= 0
+    if ranking_reversed:
+        platt = (1e-3, 0.0)
     held_p = torch.sigmoid(platt[0] * held_logits + platt[1])
     threshold = choose_threshold(held_p, labels[held])
     summary = {}
@@ -387,6 +398,7 @@ def train_detector(
         },
         "fusion_weights": {m.group: float(w) for m, w in zip(classifier.members, classifier.fusion.weight)},
         "groups_at_chance": chance_groups(fit.checks),
+        "calibration_reversed": ranking_reversed,
     }
     detector = Detector(
         classifier,

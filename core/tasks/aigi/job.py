@@ -155,6 +155,12 @@ def train_job(
             f"folds, AUROC {report['groups'][group]['fold_auroc_mean']:.2f}): it does not "
             "carry over to images it did not train on"
         )
+    if report["calibration_reversed"]:
+        settings.warnings.append(
+            "on the held-out split this detector ranks real images above fakes (calibration slope <= 0): it "
+            "does not hold on images it did not train on; its scores keep the training's direction, "
+            "calibrated flat (p_fake near 0.5)"
+        )
     dropped = [g for g in report["requested_groups"] if g not in report["selected_groups"]]
     if dropped:
         settings.warnings.append(

@@ -15,6 +15,7 @@ the strategy registry), :mod:`.materialize` (copies and links), :mod:`.algorithm
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +110,8 @@ def run_select(
     if options.dedup_threshold is None:
         options.dedup_threshold = default_dedup_threshold(model)
     cache_path = options.cache or str(Path(config.output).with_suffix("")) + ".embeddings.parquet"
+    if os.path.abspath(cache_path) == os.path.abspath(config.output):
+        raise UsageError(f"--cache {cache_path} is the output (-o): the manifest would replace the cache")
     if config.protected is not None:
         config.protected.check_file(cache_path, "--cache")
     check_outputs(config)

@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +74,29 @@ def read_cache(path: str, model: LoadedModel) -> dict[tuple[str, str], dict]:
     return {row_key(row, roots[0]): row for row in table}
 
 
+def cache_write_path(cache_path: str, config: RunConfig) -> str:
+    """Where the updated cache goes: ``cache_path``, unless that file is another command's output
+    (a clip-score table read as a cache), which is never rewritten: then OUTPUT.embeddings.parquet."""
+    if os.path.exists(cache_path):
+        try:
+            task = read_run_metadata(cache_path).get("task")
+        except Exception:
+            task = None
+        if task not in (None, "embedding-cache"):
+            default = str(Path(config.output).with_suffix("")) + ".embeddings.parquet"
+            if os.path.abspath(default) != os.path.abspath(cache_path):
+                if config.protected is not None:
+                    config.protected.check_file(default, "cache")
+                if not config.quiet:
+                    print(
+                        f"visbatch: note: {cache_path} is a {task} output, read as a cache and left as it is; "
+                        f"the updated cache goes to {default}",
+                        file=sys.stderr,
+                    )
+                return default
+    return cache_path
+
+
 def embed_with_cache(
     items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, cache_path: str, mirror: bool = False
 ) -> tuple[list[dict], int]:
@@ -125,7 +149,7 @@ def embed_with_cache(
             for row in pq.read_table(part).to_pylist():
                 rows[row_key(row, roots[0])] = row
     ordered = [rows[_key(it.root, it.relpath)] for it in items]
-    _write_cache(cache_path, cached, ordered, items, model)
+    _write_cache(cache_write_path(cache_path, config), cached, ordered, items, model)
     return ordered, len(todo)
 
 
