@@ -31,9 +31,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from visbatch.core.images import decode_image, find_images, pil_to_uint8_chw
+    from visbatch.core.images import decode_image, pil_to_uint8_chw
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig, run_pipeline
+    from visbatch.core.sources import find_images
     from visbatch.core.tasks.aigi.detector import FeatureExtractor, Tiling, read_labelled_root, train_detector
     from visbatch.core.tasks.aigi.score import ScoreTask
 

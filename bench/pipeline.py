@@ -42,9 +42,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from visbatch.core.images import SourceOptions, find_images
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig, default_workers, make_loader, run_pipeline
+    from visbatch.core.sources import SourceOptions, find_images
     from visbatch.core.tasks.classify import ClassifyTask
 
     tmp = tempfile.TemporaryDirectory()

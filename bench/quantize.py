@@ -88,9 +88,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from visbatch.core.images import find_images
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig
+    from visbatch.core.sources import find_images
     from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize
 
     tmp = Path(tempfile.mkdtemp())

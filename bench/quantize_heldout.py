@@ -24,8 +24,8 @@ from photo_sets import HELDOUT, calibration_folder  # noqa: E402
 
 
 def run(model, size: int, bits: int, method: str, tmp: Path, group_size: int = 128) -> dict:
-    from visbatch.core.images import find_images
     from visbatch.core.pipeline import RunConfig
+    from visbatch.core.sources import find_images
     from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize
 
     calib = find_images([str(calibration_folder(tmp / f"calib{size}", size))])

@@ -51,9 +51,10 @@ def main() -> None:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from visbatch.core.images import SourceOptions, decode_image, find_images, pil_to_uint8_chw, resize_and_crop
+    from visbatch.core.images import decode_image, pil_to_uint8_chw, resize_and_crop
     from visbatch.core.models import find_spatial_layer, load_model
     from visbatch.core.pipeline import RunConfig, run_pipeline
+    from visbatch.core.sources import SourceOptions, find_images
     from visbatch.core.tasks.saliency import methods
     from visbatch.core.tasks.saliency.task import SaliencyOptions, SaliencyTask
 

@@ -49,6 +49,8 @@ class CommonOptions:
     quiet: bool
     output: Optional[str]
     runtime: str = "speed"
+    image_column: Optional[str] = None
+    keep_columns: Optional[str] = None
     warnings: list = field(default_factory=list)  # what the inputs' reading skipped, for the summary
 
 
@@ -66,7 +68,12 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
             default=None,
             annotation=Annotated[
                 Optional[list[str]],
-                typer.Argument(help="Image folders, image files, or - to read paths from stdin.", show_default=False),
+                typer.Argument(
+                    help="Image folders or files, - (paths on stdin), WebDataset tar shards (x.tar, "
+                    "'pool/{00000..00099}.tar', a folder of .tar, a .txt listing shards), Parquet/Arrow tables "
+                    "of images, or any of these as a URL (s3://, gs://, file://).",
+                    show_default=False,
+                ),
             ],
         ),
         opt(
@@ -210,7 +217,8 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
                 Optional[str],
                 typer.Option(
                     "--shard",
-                    help="I/N: process shard I (0-based) of N, split by a stable hash of the relative path.",
+                    help="I/N: process part I (0-based) of N, split by a stable hash of the relative path "
+                    "(of the shard's name for tar shards: a whole tar is the unit).",
                     envvar="VISBATCH_SHARD",
                 ),
             ],
@@ -269,6 +277,31 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
                 bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.", envvar="VISBATCH_QUIET")
             ],
             False,
+        ),
+        opt(
+            "image_column",
+            Annotated[
+                Optional[str],
+                typer.Option(
+                    "--image-column",
+                    help="For Parquet/Arrow INPUT tables: the column holding each image (bytes, a "
+                    "{bytes, path} struct as Hugging Face exports it, or a path/URL). Default: image.",
+                    envvar="VISBATCH_IMAGE_COLUMN",
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "keep_columns",
+            Annotated[
+                Optional[str],
+                typer.Option(
+                    "--keep-columns",
+                    help="For INPUT tables: comma-separated columns copied to the output rows.",
+                    envvar="VISBATCH_KEEP_COLUMNS",
+                ),
+            ],
+            None,
         ),
         opt(
             "output",
@@ -364,20 +397,19 @@ def guarded(func: Callable[[], int], quiet: bool = False) -> int:
         )
 
 
-def find_inputs(common: CommonOptions):
+def find_inputs(common: CommonOptions, caption_column: Optional[str] = None):
     """Items for the run, from INPUT arguments and --manifest (what was skipped goes to
-    ``common.warnings``)."""
-    from visbatch.core.images import InputError, SourceOptions, find_images, parse_shard
+    ``common.warnings``); ``caption_column`` is the command's --caption-column, read from
+    INPUT tables."""
+    from visbatch.core.images import InputError
+    from visbatch.core.sources import find_images
 
     if not common.inputs and not common.manifest:
         raise UsageError("no input: give image folders or files, - for stdin, or --manifest FILE")
-    options = SourceOptions(
-        recursive=common.recursive,
-        globs=common.glob,
-        limit=common.limit,
-        shard=parse_shard(common.shard) if common.shard else None,
-    )
+    options = source_options(common, caption_column)
     items = find_images(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
+    if (common.image_column or common.keep_columns) and not any(hasattr(it.ref, "column") for it in items):
+        raise UsageError("--image-column and --keep-columns apply to Parquet/Arrow INPUT tables; none was given")
     if not items:
         where = ", ".join(common.inputs + ([common.manifest] if common.manifest else []))
         raise InputError(
@@ -385,6 +417,23 @@ def find_inputs(common: CommonOptions):
             + (" after --glob/--shard/--limit" if common.glob or common.shard or common.limit else "")
         )
     return items
+
+
+def source_options(common: CommonOptions, caption_column: Optional[str] = None):
+    from visbatch.core.sources import SourceOptions, parse_shard
+
+    keep = [c.strip() for c in (common.keep_columns or "").split(",") if c.strip()]
+    if len(set(keep)) != len(keep):
+        raise UsageError(f"--keep-columns names a column twice: {common.keep_columns}")
+    return SourceOptions(
+        recursive=common.recursive,
+        globs=common.glob,
+        limit=common.limit,
+        shard=parse_shard(common.shard) if common.shard else None,
+        image_column=common.image_column,
+        caption_column=caption_column,
+        keep_columns=keep,
+    )
 
 
 def load_model_for(common: CommonOptions):
@@ -414,6 +463,7 @@ def protected_inputs(common: CommonOptions, items, *files):
 
     named = [common.manifest, common.pretrained, common.model, *files]
     named += [item.path for item in items if not _has_image_suffix(item.relpath)]
+
     return ProtectedInputs.for_items(items, [f for f in named if f and os.path.isfile(f)])
 
 
@@ -425,11 +475,22 @@ def _has_image_suffix(name: str) -> bool:
 
 def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(), **overlay):
     """The run configuration; ``items`` and ``files`` are what the outputs are checked against."""
-    from visbatch.core.images import parse_shard
     from visbatch.core.pipeline import RunConfig, default_batch_size, default_workers
+    from visbatch.core.sinks import RemoteOutputs
+    from visbatch.core.sources import parse_shard
 
+    protected = protected_inputs(common, items, *files)
+    output = common.output or f"{task_name}.parquet"
+    protected.check_file(output, "output")
+    for key, what in (("overlays", "--overlays folder"), ("save_maps", "--save-maps folder")):
+        protected.check_folder(overlay.get(key), what)
+    remote = RemoteOutputs()
+    output = remote.stage_file(output, common.resume, common.overwrite)
+    for key in ("overlays", "save_maps"):
+        if overlay.get(key):
+            overlay[key] = remote.stage_folder(overlay[key])
     return RunConfig(
-        output=common.output or f"{task_name}.parquet",
+        output=output,
         batch_size=common.batch_size or default_batch_size(model.device),
         workers=common.workers if common.workers is not None else default_workers(model.device),
         resume=common.resume,
@@ -437,7 +498,8 @@ def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(
         max_pixels=common.max_pixels or None,
         quiet=common.quiet,
         log_interval=log_interval(),
-        protected=protected_inputs(common, items, *files),
+        protected=protected,
+        remote=remote,
         shard=parse_shard(common.shard) if common.shard else None,
         selection={"globs": list(common.glob), "limit": common.limit, "recursive": common.recursive},
         **overlay,

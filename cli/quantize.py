@@ -79,9 +79,9 @@ def quantize(
         import os
 
         from visbatch.core.files import OutputLock
-        from visbatch.core.images import SourceOptions, find_images
         from visbatch.core.pipeline import RunConfig, check_creatable, json_safe
         from visbatch.core.protect import ProtectedInputs
+        from visbatch.core.sources import SourceOptions, find_images
         from visbatch.core.tasks.quantize import describe_file
         from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize, write_report
 
@@ -147,7 +147,7 @@ def quantize(
             except OSError as exc:
                 raise UsageError(f"cannot read --calib-prompts {calib_prompts}: {exc.strerror or exc}")
         if calib_captions:
-            from visbatch.core.images import read_table_file
+            from visbatch.core.sources import read_table_file
 
             texts += [str(r["caption"]) for r in read_table_file(calib_captions) if r.get("caption")]
         label_list = [label.strip() for label in (labels or "").split(",") if label.strip()]

@@ -102,7 +102,7 @@ def saliency(
             raise UsageError("--score must be cosine or logit")
         for t in template or []:
             check_template(t)
-        items = find_inputs(common)
+        items = find_inputs(common, caption_column)
         model = load_model_for(common)
         chosen = method
         if chosen == "auto":

@@ -52,11 +52,19 @@ def select_data(
     copy_to: Optional[str] = typer.Option(None, "--copy-to", help="Copy the selection here, keeping relative paths."),
     link_to: Optional[str] = typer.Option(None, "--link-to", help="Link the selection here (see --link)."),
     link: str = typer.Option("symlink", "--link", help="symlink or hardlink, for --link-to."),
+    write_shards: Optional[str] = typer.Option(
+        None,
+        "--write-shards",
+        help="Write the selected samples, with their .txt/.json sidecars, as WebDataset tar shards in this "
+        "folder (000000.tar, 000001.tar, ...).",
+    ),
+    shard_size: int = typer.Option(10000, "--shard-size", min=1, help="Samples per shard with --write-shards."),
     print_selected: bool = typer.Option(False, "--print-selected", help="Write selected paths to stdout."),
 ):
     """Drop exact and near duplicates and off-caption images, then fill a budget; the manifest says why."""
-    from visbatch.core.images import SourceOptions, display_path, find_images
-    from visbatch.core.pipeline import check_creatable, json_safe
+    from visbatch.core.images import display_path
+    from visbatch.core.pipeline import check_creatable, json_safe, publish
+    from visbatch.core.sources import SourceOptions, find_images, is_url
     from visbatch.core.tasks.clip_score import TextTable
     from visbatch.core.tasks.select import (
         STRATEGIES,
@@ -66,6 +74,8 @@ def select_data(
         plan_materialize,
         run_select,
     )
+    from visbatch.core.tasks.select.reshard import plan_shards
+    from visbatch.core.tasks.select.reshard import write_shards as write_shards_to
 
     def job() -> int:
         if strategy not in STRATEGIES:
@@ -85,7 +95,7 @@ def select_data(
         if common.resume:
             raise UsageError("select-data reuses its embedding cache instead of --resume; run it again")
         budget_value = parse_budget(budget)
-        items = find_inputs(common)
+        items = find_inputs(common, caption_column)
         roots = sorted({it.root for it in items})
         reference_items = find_images([reference], SourceOptions(recursive=common.recursive)) if reference else []
         if reference and not reference_items:
@@ -94,7 +104,9 @@ def select_data(
         config = pipeline_config(common, "select-data", model, items, files=[captions])
         protected = config.protected.add(roots=[it.root for it in reference_items])
         config.protected = protected
-        for target, option in ((copy_to, "--copy-to"), (link_to, "--link-to")):
+        if write_shards and is_url(write_shards):
+            raise UsageError("--write-shards needs a local folder (upload the shards with your storage's tools)")
+        for target, option in ((copy_to, "--copy-to"), (link_to, "--link-to"), (write_shards, "--write-shards")):
             protected.check_folder(target, f"{option} folder")
             if target:
                 check_creatable(target, f"{option} folder")
@@ -116,6 +128,7 @@ def select_data(
             cache=cache,
         )
         plans = []
+        resharded: dict = {}
 
         def check_destinations(selection) -> None:
             # Every destination is checked before the manifest or any copy is written.
@@ -123,10 +136,31 @@ def select_data(
             for target, mode in ((copy_to, "copy"), (link_to, link)):
                 if target:
                     plans.append(plan_materialize(items, selected, target, mode, protected, common.overwrite))
+            if not write_shards:
+                return None
+            plan = plan_shards(items, selected, write_shards, shard_size, protected, common.overwrite)
+            written = write_shards_to(plan)
+            placed = written.pop("placed")
+            resharded.update(written)
+            where = [placed.get(item.relpath, (None, None)) for item in items]
+            return {"written_shard": [w[0] for w in where], "written_key": [w[1] for w in where]}
 
         summary, selection = run_select(items, model, options, config, before_write=check_destinations)
         for plan in plans:
             summary.task_summary[f"materialized_{plan.mode}"] = materialize(plan)
+        if resharded:
+            summary.task_summary["write_shards"] = {"folder": write_shards, **resharded}
+            if resharded["unreadable_count"]:
+                summary.warnings.append(
+                    f"--write-shards: {resharded['unreadable_count']} selected samples could not be read again "
+                    f"and were left out (e.g. {resharded['unreadable'][0]})"
+                )
+            if resharded["other_tar_files_in_folder"]:
+                summary.warnings.append(
+                    f"--write-shards {write_shards} also holds older .tar files visbatch did not write this run "
+                    f"(e.g. {resharded['other_tar_files_in_folder'][0]}); they were left as they are"
+                )
+        publish(config, summary)
         if print_selected:
             order = sorted((int(selection.rank[i]), item) for i, item in enumerate(items) if selection.rank[i] >= 0)
             for _, item in order:

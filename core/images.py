@@ -1,356 +1,58 @@
-"""Finding image files and decoding them.
+"""Decoding images and turning them into batches.
 
-Three stages, used in this order by the pipeline:
+Used in this order by the pipeline, after :mod:`visbatch.core.sources` has listed the items:
 
-1. :func:`find_images` turns the user's INPUT arguments (folders, files, ``-``
-   for paths on stdin, a manifest) into a sorted list of :class:`ImageItem`,
-   after ``--glob`` filters, ``--shard`` and ``--limit``.
-2. :func:`decode_image` opens one file into an RGB PIL image, applying EXIF
+1. :func:`decode_bytes` opens one image's bytes into an RGB PIL image, applying EXIF
    orientation, converting every mode to 8-bit RGB and refusing decompression
    bombs. Every failure is an :class:`ImageDecodeError` with a one-line reason.
-3. :class:`ImageDataset` (a torch Dataset) decodes and resizes/crops on CPU
-   workers and yields uint8 CHW tensors plus a per-item record; :func:`collate`
-   groups them into batches with the failed items kept as records.
-
-Over 400 lines: input discovery (folders, globs, manifests, stdin) and decoding; the discovery half
-becomes core/sources/ when more input sources land.
+2. :class:`ImageDataset` (a torch Dataset) reads each item through its source, decodes and
+   resizes/crops on CPU workers and yields uint8 CHW tensors plus a per-item record;
+   :func:`collate` groups them into batches with the failed items kept as records.
 """
 
 from __future__ import annotations
 
-import csv
-import fnmatch
-import hashlib
 import io
-import json
-import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from visbatch.core.errors import UsageError
+from visbatch.core.sources.base import (
+    IMAGE_EXTENSIONS,
+    FileBytes,
+    ImageDecodeError,
+    ImageItem,
+    InputError,
+    SourceOptions,
+    content_hash,
+    has_image_extension,
+    read_file,
+)
+from visbatch.core.sources.reading import read_item
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FileBytes",
+    "ImageDecodeError",
+    "ImageItem",
+    "InputError",
+    "SourceOptions",
+    "content_hash",
+    "has_image_extension",
+    "read_file",
+]
+
 # Alpha is composited on white: scanned documents, logos and product shots with
 # transparent backgrounds are meant to be seen on white, and it is what a
 # browser shows.
 ALPHA_BACKGROUND = (255, 255, 255)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (about 0.25 GB RGB)
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 
 # A truncated file must become an error row, not a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class InputError(UsageError):
-    """A problem with the inputs the user named (exit code 2)."""
-
-
-class ImageDecodeError(Exception):
-    """One file could not be turned into an RGB image; the message is the reason."""
-
-
-@dataclass(frozen=True, order=True)
-class ImageItem:
-    """One input image. ``relpath`` is POSIX-style, relative to ``root``."""
-
-    root: str
-    relpath: str
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.root, self.relpath)
-
-
-@dataclass
-class SourceOptions:
-    recursive: bool = True
-    globs: Sequence[str] = ()
-    limit: int | None = None
-    shard: tuple[int, int] | None = None  # (index, count), index 0-based
-
-
-# ----------------------------------------------------------------------------
-# Finding files
-# ----------------------------------------------------------------------------
-
-
-def has_image_extension(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def walk_folder(root: str, recursive: bool = True) -> list[str]:
-    """Relative POSIX paths of the image files under ``root``, the same on every machine.
-
-    Hidden files and folders are skipped. Symbolic links are followed, but a
-    file reachable by several paths is listed once, under its real path
-    relative to the root when it has one (the tree without links, walked
-    first), else under its first alias in sorted order; each real folder is
-    entered once, so a link loop cannot hang the walk. The result does not
-    depend on the order in which the file system lists a folder.
-    """
-    found: list[str] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    linked_dirs: list[str] = []  # symlinked folders met, walked after the real tree
-    linked_files: list[str] = []  # symlinked image files, kept unless their target is listed
-    from_links: list[str] = []  # files found inside symlinked folders
-
-    def scan(start: str, into: list[str]) -> None:
-        stack = [start]
-        while stack:
-            rel_dir = stack.pop()
-            abs_dir = os.path.join(root, rel_dir) if rel_dir else root
-            try:
-                st = os.stat(abs_dir)
-            except OSError:
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in seen_dirs:
-                continue
-            seen_dirs.add(key)
-            try:
-                entries = sorted(os.scandir(abs_dir), key=lambda e: e.name)
-            except OSError:
-                continue
-            subdirs: list[str] = []
-            for entry in entries:
-                if _is_hidden(entry.name):
-                    continue
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                try:
-                    is_link = entry.is_symlink()
-                    is_dir = entry.is_dir(follow_symlinks=True)
-                except OSError:
-                    continue
-                if is_dir:
-                    if recursive:
-                        (linked_dirs if is_link else subdirs).append(rel)
-                elif has_image_extension(entry.name):
-                    (linked_files if is_link else into).append(rel)
-            stack.extend(reversed(subdirs))
-
-    scan("", found)
-    while linked_dirs:  # breadth first, in sorted order: deterministic
-        batch = sorted(linked_dirs, key=lambda r: (r.count("/"), r))
-        linked_dirs.clear()
-        for rel in batch:
-            scan(rel, from_links)
-    if not (linked_files or from_links):
-        return found
-    listed = {_identity(os.path.join(root, rel)) for rel in found}
-    for rel in sorted(from_links, key=lambda r: (r.count("/"), r)) + sorted(linked_files):
-        identity = _identity(os.path.join(root, rel))
-        if identity is None or identity in listed:
-            continue
-        listed.add(identity)
-        found.append(rel)
-    return found
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def check_glob(pattern: str) -> None:
-    """Refuse a ``--glob`` pattern that cannot mean what was typed (empty, unbalanced ``[``)."""
-    body = pattern[1:] if pattern.startswith("!") else pattern
-    if not body:
-        raise InputError(f"--glob {pattern!r}: empty pattern")
-    i = 0
-    while i < len(body):
-        if body[i] == "[":
-            j = i + 1
-            if j < len(body) and body[j] == "!":
-                j += 1
-            if j < len(body) and body[j] == "]":
-                j += 1
-            close = body.find("]", j)
-            if close < 0:
-                raise InputError(f"--glob {pattern!r}: '[' without a closing ']' (write [[] for a literal '[')")
-            i = close
-        i += 1
-
-
-def glob_matches(relpath: str, globs: Sequence[str]) -> bool:
-    """Include/exclude filter. ``!pattern`` excludes; any other pattern includes.
-
-    A pattern without ``/`` is matched against the file name, one with ``/``
-    against the whole relative path (``*`` also crosses ``/``). With include
-    patterns, a path must match at least one; any matching exclude drops it.
-    """
-    includes = [g for g in globs if not g.startswith("!")]
-    excludes = [g[1:] for g in globs if g.startswith("!")]
-    name = relpath.rsplit("/", 1)[-1]
-
-    def match(pattern: str) -> bool:
-        target = relpath if "/" in pattern else name
-        return fnmatch.fnmatchcase(target.lower(), pattern.lower())
-
-    if includes and not any(match(p) for p in includes):
-        return False
-    return not any(match(p) for p in excludes)
-
-
-def shard_of(relpath: str, count: int) -> int:
-    """Stable shard index of a relative path: the same on every machine and run."""
-    digest = hashlib.blake2b(relpath.encode("utf-8", "surrogateescape"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` with 0 <= I < N, as given to ``--shard``."""
-    try:
-        index_text, count_text = text.split("/")
-        index, count = int(index_text), int(count_text)
-    except ValueError:
-        raise InputError(f"--shard must look like I/N (for example 0/4), got {text!r}")
-    if count < 1 or not 0 <= index < count:
-        raise InputError(f"--shard {text}: need 0 <= I < N")
-    return index, count
-
-
-def _item_for_file(path: str, base: str | None = None) -> ImageItem:
-    """An item for a single named file: relative to ``base`` when it lies under it."""
-    absolute = os.path.abspath(path)
-    if base is not None:
-        base_abs = os.path.abspath(base)
-        rel = os.path.relpath(absolute, base_abs)
-        if not rel.startswith(".." + os.sep) and rel != ".." and not os.path.isabs(rel):
-            return ImageItem(base_abs, Path(rel).as_posix())
-    return ImageItem(os.path.dirname(absolute), os.path.basename(absolute))
-
-
-def read_path_list(stream) -> list[str]:
-    """Newline-separated paths (blank lines and surrounding white space ignored).
-
-    A binary stream is decoded as the file system does (``os.fsdecode``), so
-    a name that is not valid UTF-8 still names its file.
-    """
-    paths = []
-    for line in stream:
-        text = os.fsdecode(line) if isinstance(line, bytes) else line
-        text = text.strip()
-        if text:
-            paths.append(text)
-    return paths
-
-
-def read_table_file(path: str) -> list[dict]:
-    """Rows of a CSV, TSV, JSONL or Parquet file as dicts of strings."""
-    suffix = os.path.splitext(path)[1].lower()
-    if not os.path.isfile(path):
-        raise InputError(f"file not found: {path}")
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if suffix in (".jsonl", ".ndjson"):
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise InputError(f"{path}:{line_no}: not valid JSON ({exc.msg})")
-            return rows
-        if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}")
-    except InputError:
-        raise
-    except Exception as exc:  # pyarrow errors carry no common base worth naming
-        raise InputError(f"cannot read {path}: {exc}")
-    raise InputError(f"{path}: unsupported table format (use {', '.join(MANIFEST_SUFFIXES)})")
-
-
-def read_manifest(path: str, path_column: str = "path", warnings: list[str] | None = None) -> list[ImageItem]:
-    """Items listed in a manifest's ``path`` column, relative to the manifest's folder.
-
-    Rows without a path are not images: they are counted in ``warnings``
-    (with their row numbers), never dropped silently.
-    """
-    rows = read_table_file(path)
-    base = os.path.dirname(os.path.abspath(path))
-    if rows and path_column not in rows[0]:
-        raise InputError(f"{path}: no {path_column!r} column (columns: {', '.join(map(str, rows[0]))})")
-    items = []
-    empty_rows = []
-    for number, row in enumerate(rows, 1):
-        value = row.get(path_column)
-        if value is None or str(value).strip() == "":
-            empty_rows.append(number)
-            continue
-        value = str(value).strip()
-        full = value if os.path.isabs(value) else os.path.join(base, value)
-        items.append(_item_for_file(full, base))
-    if empty_rows and warnings is not None:
-        shown = ", ".join(map(str, empty_rows[:5])) + (", ..." if len(empty_rows) > 5 else "")
-        warnings.append(
-            f"{len(empty_rows)} rows of --manifest {path} have no {path_column!r} value and were "
-            f"not used (rows {shown})"
-        )
-    return items
-
-
-def find_images(
-    inputs: Sequence[str],
-    options: SourceOptions | None = None,
-    manifest: str | None = None,
-    stdin=None,
-    warnings: list[str] | None = None,
-) -> list[ImageItem]:
-    """Resolve INPUT arguments into sorted, filtered, sharded, limited items.
-
-    Folders are walked (recursively unless ``options.recursive`` is false);
-    files are taken as named, even with an unusual extension, so a user who
-    names a file always gets a row for it; ``-`` reads paths from ``stdin``.
-    Raises :class:`InputError` for inputs that do not exist and for bad
-    ``--glob`` patterns; what was skipped is appended to ``warnings``.
-    """
-    options = options or SourceOptions()
-    for pattern in options.globs:
-        check_glob(pattern)
-    items: set[ImageItem] = set()
-    if manifest:
-        items.update(read_manifest(manifest, warnings=warnings))
-    for entry in inputs:
-        if entry == "-":
-            stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
-            for line in read_path_list(stream):
-                items.add(_item_for_file(line, os.getcwd()))
-        elif os.path.isdir(entry):
-            root = os.path.abspath(entry)
-            items.update(ImageItem(root, rel) for rel in walk_folder(root, options.recursive))
-        elif os.path.exists(entry):
-            items.add(_item_for_file(entry))
-        else:
-            raise InputError(f"input not found: {entry}")
-
-    selected = [it for it in items if not options.globs or glob_matches(it.relpath, options.globs)]
-    if options.shard is not None:
-        index, count = options.shard
-        selected = [it for it in selected if shard_of(it.relpath, count) == index]
-    selected.sort(key=lambda it: (it.root, it.relpath))
-    if options.limit is not None:
-        selected = selected[: options.limit]
-    return selected
 
 
 # ----------------------------------------------------------------------------
@@ -386,35 +88,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         array = np.clip(np.nan_to_num(array * scale), 0, 255).round().astype(np.uint8)
         return Image.fromarray(array, "L").convert("RGB")
     return img.convert("RGB")
-
-
-@dataclass(frozen=True)
-class FileBytes:
-    """A file's bytes with its fingerprint: what a result row records of the file it came from."""
-
-    data: bytes
-    size: int
-    mtime: float
-    content_hash: str
-
-    def fingerprint(self) -> dict:
-        return {"file_size": self.size, "file_mtime": self.mtime, "content_hash": self.content_hash}
-
-
-def content_hash(data: bytes) -> str:
-    """The content hash visbatch records (BLAKE2b, 128 bits; several GB/s, so cheap beside decoding)."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def read_file(path: str) -> FileBytes:
-    """Read a whole file once, with its size, modification time and content hash."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read()
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}")
-    return FileBytes(data, st.st_size, st.st_mtime, content_hash(data))
 
 
 def decode_image(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -623,7 +296,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.annotate is not None:
             record.extra.update(self.annotate(item))
         try:
-            file = read_file(item.path)
+            file = read_item(item)
             record.fingerprint = file.fingerprint()
             img = decode_bytes(file.data, self.max_pixels)
             del file
@@ -637,42 +310,6 @@ class ImageDataset(torch.utils.data.Dataset):
         except Exception as exc:  # resize of a pathological image: still one row
             record.status, record.error = "error", f"cannot preprocess image: {type(exc).__name__}: {exc}"
         return None, record
-
-
-def file_fingerprint(path: str) -> dict:
-    """Size, modification time and content hash of a file, read in chunks ({} when unreadable).
-    The same values as :meth:`FileBytes.fingerprint` for the same bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            while block := f.read(1 << 20):
-                digest.update(block)
-    except OSError:
-        return {}
-    return {"file_size": st.st_size, "file_mtime": st.st_mtime, "content_hash": digest.hexdigest()}
-
-
-def file_unchanged(path: str, row: dict) -> bool:
-    """Whether ``path`` still holds the bytes a row recorded (``file_size``, ``file_mtime`` and
-    ``content_hash``); the size and time are compared first, so a changed file is not read."""
-    if not row.get("content_hash"):
-        return False
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    if st.st_size != row.get("file_size") or st.st_mtime != row.get("file_mtime"):
-        return False
-    return file_fingerprint(path).get("content_hash") == row["content_hash"]
-
-
-def files_unchanged(rows: dict[str, dict], threads: int = 8) -> dict[str, bool]:
-    """:func:`file_unchanged` for each path -> row, the files read in threads (I/O bound)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return dict(zip(rows, pool.map(lambda kv: file_unchanged(*kv), rows.items())))
 
 
 def display_path(path: str) -> str:

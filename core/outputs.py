@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from visbatch.core.errors import FatalError, UsageError
 from visbatch.core.files import OutputLock, atomic_path, atomic_write_bytes, describe_os_error, utc_now
 from visbatch.core.images import ImageItem, display_path, path_bytes
+from visbatch.core.sources import item_columns
 
 BASE_FIELDS = [
     pa.field("path", pa.string(), nullable=False),
@@ -88,6 +89,7 @@ def base_row(
         "path_bytes": path_bytes(item.relpath),
     }
     row.update(fingerprint or {})
+    row.update(item_columns(item))
     if multi_root:
         row["root"] = display_path(item.root)
     return row
@@ -120,7 +122,8 @@ class ResultsWriter:
 
     ``task_fields`` are the task's columns (without the base ones). ``metadata`` is
     the run's key-value metadata, stored as JSON under the key ``visbatch``.
-    ``multi_root`` adds a ``root`` column when inputs came from several roots.
+    ``multi_root`` adds a ``root`` column when inputs came from several roots; ``source_fields``
+    are the columns the input sources add (``shard``, ``--keep-columns``).
     The output is locked from construction until :meth:`finalize` or :meth:`close`.
     """
 
@@ -131,12 +134,13 @@ class ResultsWriter:
         metadata: dict,
         *,
         multi_root: bool = False,
+        source_fields: Sequence[pa.Field] = (),
         resume: bool = False,
         overwrite: bool = False,
     ):
         self.output = Path(output)
         self.parts_dir = parts_dir_for(self.output)
-        fields = list(BASE_FIELDS) + ([ROOT_FIELD] if multi_root else []) + list(task_fields)
+        fields = list(BASE_FIELDS) + ([ROOT_FIELD] if multi_root else []) + list(source_fields) + list(task_fields)
         names = [f.name for f in fields]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate column names in output schema: {names}")

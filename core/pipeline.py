@@ -47,20 +47,13 @@ import torch
 
 from visbatch.core.errors import FatalError
 from visbatch.core.files import utc_now
-from visbatch.core.images import (
-    DEFAULT_MAX_PIXELS,
-    Batch,
-    ImageDataset,
-    ImageItem,
-    Record,
-    collate,
-    crop_box,
-    files_unchanged,
-)
+from visbatch.core.images import DEFAULT_MAX_PIXELS, Batch, ImageDataset, ImageItem, Record, collate, crop_box
 from visbatch.core.models import LoadedModel, dtype_name
 from visbatch.core.outputs import BASE_COLUMNS, OutputError, ResultsWriter, base_row, parts_dir_for
 from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render_overlay
 from visbatch.core.protect import ProtectedInputs
+from visbatch.core.sinks import RemoteOutputs
+from visbatch.core.sources import file_unchanged, is_url, item_fields, items_unchanged
 
 log = logging.getLogger("visbatch")
 
@@ -141,6 +134,7 @@ class RunConfig:
     protected: ProtectedInputs | None = None  # the inputs no output may touch (checked before anything)
     shard: tuple[int, int] | None = None  # recorded in the metadata for `visbatch merge`
     selection: dict | None = None  # how the inputs were chosen (globs, limit), recorded in the metadata
+    remote: RemoteOutputs | None = None  # URL outputs staged locally, uploaded when the run completes
 
 
 @dataclass
@@ -371,6 +365,14 @@ def check_outputs(config: RunConfig) -> None:
             check_creatable(path, what)
 
 
+def publish(config: RunConfig, summary: Summary) -> None:
+    """Upload the run's URL outputs (staged locally) and report them by their URLs."""
+    if config.remote:
+        config.remote.publish()
+        summary.output = config.remote.url_of(summary.output)
+        summary.overlays = config.remote.url_of(summary.overlays)
+
+
 def check_creatable(path: str | os.PathLike, what: str) -> None:
     """Refuse (exit 3) a path whose nearest existing folder cannot be written, before creating anything."""
     current = os.path.abspath(os.fspath(path))
@@ -402,6 +404,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
         fields,
         run_metadata(task, model, config, fields),
         multi_root=multi_root,
+        source_fields=item_fields(items),
         resume=config.resume,
         overwrite=config.overwrite,
     )
@@ -458,6 +461,8 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
             summary.ok, summary.failed = _count_status(config.output)
     finally:
         writer.close()
+    if not summary.interrupted:
+        publish(config, summary)
     return summary
 
 
@@ -468,9 +473,15 @@ def _reconcile(done: dict, items: Sequence[ImageItem], summary: Summary):
     content hash; a changed file is redone; a row whose file is gone is dropped.
     """
     current = {(it.root, it.relpath): it for it in items}
-    paths = {key: os.path.join(*key) for key in done}
-    by_path = files_unchanged({paths[key]: row for key, row in done.items()})
-    unchanged = {key: by_path[paths[key]] for key in done}
+    listed = [key for key in done if key in current]
+    unchanged = dict(zip(listed, items_unchanged([(current[key], done[key]) for key in listed])))
+    for key in done:
+        if key not in current:
+            # A row whose item is no longer listed stands only while its local file is
+            # unchanged; a sample of a shard, a table or a URL that is not listed is gone.
+            path = os.path.join(*key)
+            local = not is_url(key[0]) and os.path.isfile(path)
+            unchanged[key] = local and file_unchanged(path, done[key])
     todo, drop = [], set()
     for key, item in current.items():
         if key in done and unchanged[key]:

@@ -26,9 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from visbatch.core.errors import UsageError
+from visbatch.core.sources.remote import is_url
 
-# Files under an input root that an output file may never replace: images and their sidecars.
-_SIDECAR_EXTENSIONS = frozenset({".txt", ".json", ".cls", ".caption"})
+# Files under an input root that an output file may never replace: images, their sidecars, shards
+# and tables.
+_SIDECAR_EXTENSIONS = frozenset({".txt", ".json", ".cls", ".caption", ".tar", ".parquet", ".arrow"})
 
 
 class OutputOverlapsInput(UsageError):
@@ -56,19 +58,30 @@ class ProtectedInputs:
     """The inputs of one run, and the checks that keep every output away from them."""
 
     def __init__(self, roots: Iterable[str] = (), files: Iterable[str | None] = ()):
-        self.roots = sorted({_real(r) for r in roots if r})
-        self.files = sorted({_real(f) for f in files if f and os.path.exists(f)})
+        named_roots = [r for r in roots if r]
+        named_files = [os.fspath(f) for f in files if f]
+        # Inputs on object storage are compared as URLs (no links or inodes there).
+        self.url_roots = sorted({r.rstrip("/") for r in named_roots if is_url(r)})
+        self.url_files = sorted({f for f in named_files if is_url(f)})
+        self.roots = sorted({_real(r) for r in named_roots if not is_url(r)})
+        self.files = sorted({_real(f) for f in named_files if not is_url(f) and os.path.exists(f)})
         self._file_ids = {i for i in (_file_id(f) for f in self.files) if i is not None}
         self._checked_parents: set[str] = set()
 
     @classmethod
     def for_items(cls, items, files: Iterable[str | None] = ()) -> ProtectedInputs:
-        """Inputs of a run over ``items`` (their roots) plus the named ``files``."""
-        return cls({item.root for item in items}, files)
+        """Inputs of a run over ``items`` (their roots and the shards, tables or objects behind
+        them) plus the named ``files``."""
+        behind = {
+            loc for item in items if (loc := getattr(item.ref, "location", None) or getattr(item.ref, "url", None))
+        }
+        return cls({item.root for item in items}, [*files, *behind])
 
     def add(self, roots: Iterable[str] = (), files: Iterable[str | None] = ()) -> ProtectedInputs:
         """A copy that also protects ``roots`` and ``files`` (a reference folder, a second input)."""
-        return ProtectedInputs(list(self.roots) + list(roots), list(self.files) + list(files))
+        return ProtectedInputs(
+            list(self.roots) + self.url_roots + list(roots), list(self.files) + self.url_files + list(files)
+        )
 
     # -- before anything is written -------------------------------------------------------
 
@@ -77,6 +90,8 @@ class ProtectedInputs:
         if path is None:
             return
         path = os.fspath(path)
+        if is_url(path):
+            return self._check_url(path, what, folder=False)
         real = _real(path)
         if real in self.files or (_file_id(path) in self._file_ids if os.path.exists(path) else False):
             raise OutputOverlapsInput(f"{what} {path} is an input file; visbatch never writes over its inputs")
@@ -93,6 +108,8 @@ class ProtectedInputs:
         if path is None:
             return
         path = os.fspath(path)
+        if is_url(path):
+            return self._check_url(path, what, folder=True)
         real = _real(path)
         if os.path.exists(path) and not os.path.isdir(path):
             raise (
@@ -116,6 +133,19 @@ class ProtectedInputs:
                     f"{what} {path} holds the input file {file}; choose a folder outside the inputs"
                 )
 
+    def _check_url(self, url: str, what: str, folder: bool) -> None:
+        url = url.rstrip("/")
+        if url in self.url_files:
+            raise OutputOverlapsInput(f"{what} {url} is an input; visbatch never writes over its inputs")
+        for root in self.url_roots:
+            inside = url == root or url.startswith(root + "/")
+            if folder and (inside or root.startswith(url + "/")):
+                raise OutputOverlapsInput(
+                    f"{what} {url} overlaps the input prefix {root}; choose a prefix outside the inputs"
+                )
+            if not folder and (url == root or (inside and _is_input_like(url))):
+                raise OutputOverlapsInput(f"{what} {url} would replace an input under {root}; choose another path")
+
     # -- while writing --------------------------------------------------------------------
 
     def check_write(self, destination: str | os.PathLike) -> None:
@@ -137,4 +167,4 @@ def _is_input_like(path: str) -> bool:
     ext = Path(path).suffix.lower()
     from visbatch.core.images import IMAGE_EXTENSIONS
 
-    return ext in IMAGE_EXTENSIONS or ext in _SIDECAR_EXTENSIONS or os.path.isdir(path)
+    return ext in IMAGE_EXTENSIONS or ext in _SIDECAR_EXTENSIONS or (not is_url(path) and os.path.isdir(path))

@@ -29,8 +29,8 @@ def lite0():
 
 
 def _quantize(model, tmp_path, size: int, bits: int, method: str) -> dict:
-    from visbatch.core.images import find_images
     from visbatch.core.pipeline import RunConfig
+    from visbatch.core.sources import find_images
     from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize
 
     folder = tmp_path / f"calib{size}"

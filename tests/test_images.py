@@ -18,18 +18,13 @@ from visbatch.core.images import (
     ImageDataset,
     ImageDecodeError,
     InputError,
-    SourceOptions,
     _to_rgb,
     collate,
     crop_box,
     decode_image,
-    find_images,
-    glob_matches,
-    parse_shard,
     resize_and_crop,
-    shard_of,
-    walk_folder,
 )
+from visbatch.core.sources import SourceOptions, find_images, glob_matches, parse_shard, shard_of, walk_folder
 
 
 def rels(items):

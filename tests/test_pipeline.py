@@ -338,9 +338,9 @@ class RankTask:
 
 
 def test_reduce_stage_sees_every_row_including_resumed(image_folder, tmp_path):
-    from visbatch.core.images import find_images
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig, run_pipeline
+    from visbatch.core.sources import find_images
 
     model = load_model("test-tiny-cnn", device="cpu")
     items = find_images([str(image_folder)])

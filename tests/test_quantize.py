@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from conftest import write_image
 from visbatch.cli.main import app
-from visbatch.core.images import decode_image, find_images, pil_to_uint8_chw, resize_and_crop
+from visbatch.core.images import decode_image, pil_to_uint8_chw, resize_and_crop
 from visbatch.core.models import ModelError, load_model
 from visbatch.core.quantized.weights import pack_int4, unpack_int4
+from visbatch.core.sources import find_images
 from visbatch.core.tasks.quantize import (
     QuantizedWeightStore,
     calibrate,

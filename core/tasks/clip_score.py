@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from visbatch.core.errors import UsageError
-from visbatch.core.images import ImageItem, InputError, Record, read_table_file
+from visbatch.core.images import ImageItem, InputError, Record
 from visbatch.core.models import LoadedModel
 from visbatch.core.pipeline import MapOutput
+from visbatch.core.sources import read_sidecar, read_table_file
 
 DEFAULT_WEIGHT = 2.5
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -209,25 +210,24 @@ class TextTable:
 
 
 def read_sidecar_caption(item: ImageItem) -> dict:
-    """``image.txt`` or ``image.json`` (``caption`` key) next to the image: the img2dataset convention.
-
-    Runs in the decode workers (the pipeline's ``annotate`` hook).
+    """The sample's ``.txt`` or ``.json`` (``caption`` key) sidecar: the img2dataset convention.
+    A file beside a local image, a member of the same sample in a tar shard, or a table's
+    ``--caption-column``. Runs in the decode workers (the pipeline's ``annotate`` hook).
     """
-    stem = os.path.splitext(item.path)[0]
+    name = os.path.splitext(os.path.basename(item.relpath))[0] if item.ref is None else item.relpath
     try:
-        with open(stem + ".txt", encoding="utf-8") as f:
-            return {"caption": f.read().strip()}
-    except FileNotFoundError:
-        pass
+        text = read_sidecar(item, ".txt")
+        if text is not None:
+            return {"caption": text.decode("utf-8").strip()}
     except (OSError, UnicodeDecodeError) as exc:
-        return {"caption_error": f"cannot read caption file {os.path.basename(stem)}.txt: {exc}"}
+        return {"caption_error": f"cannot read caption file {name}.txt: {exc}"}
     try:
-        with open(stem + ".json", encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}
+        raw = read_sidecar(item, ".json")
+        if raw is None:
+            return {}
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as exc:
-        return {"caption_error": f"cannot read {os.path.basename(stem)}.json: {exc}"}
+        return {"caption_error": f"cannot read {name}.json: {exc}"}
     caption = data.get("caption") if isinstance(data, dict) else None
     return {"caption": str(caption)} if caption is not None else {}
 

@@ -11,7 +11,8 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from visbatch.core.images import ImageItem, InputError, SourceOptions, find_images
+from visbatch.core.images import ImageItem, InputError
+from visbatch.core.sources import SourceOptions, find_images
 
 
 @dataclass

@@ -34,6 +34,7 @@ from visbatch.core.outputs import (
     base_row,
 )
 from visbatch.core.pipeline import RunConfig, Summary, check_outputs, run_metadata
+from visbatch.core.sources import item_fields
 from visbatch.core.tasks.clip_score import (
     TextEncoder,
     caption_for,
@@ -104,7 +105,9 @@ def run_select(
     """Embed (through the cache), select, and write the manifest (one row per pool image).
 
     ``before_write(selection)`` runs after the selection and before the manifest is written
-    (the CLI checks ``--copy-to`` destinations there, so a refusal writes nothing).
+    (the CLI checks ``--copy-to`` destinations there, so a refusal writes nothing); it may
+    return ``{column: [value per item]}`` of string columns to add to the manifest
+    (``--write-shards`` records where each selected sample went).
     """
     start = time.monotonic()
     if options.dedup_threshold is None:
@@ -130,16 +133,22 @@ def run_select(
             raise UsageError("no reference image could be embedded")
         reference = F.normalize(torch.from_numpy(np.stack(ref)).to(model.device), dim=1)
     selection = select(embeddings, ok, [r.get("content_hash") for r in rows], options, clip_scores, reference, flipped)
-    if before_write is not None:
-        before_write(selection)
+    added = (before_write(selection) if before_write is not None else None) or {}
     task = SelectTask(options)
-    fields = task.fields()
+    fields = task.fields() + [pa.field(name, pa.string()) for name in added]
     metadata = run_metadata(task, model, config, fields)
     metadata["selection_report"] = selection.report
     roots = config.roots or sorted({it.root for it in items})
     metadata["roots"] = roots
     multi_root = len(roots) > 1
-    writer = ResultsWriter(config.output, fields, metadata, multi_root=multi_root, overwrite=config.overwrite)
+    writer = ResultsWriter(
+        config.output,
+        fields,
+        metadata,
+        multi_root=multi_root,
+        source_fields=item_fields(items),
+        overwrite=config.overwrite,
+    )
     out_rows = []
     for i, (item, row) in enumerate(zip(items, rows)):
         dup = selection.duplicate_of[i]
@@ -153,6 +162,7 @@ def run_select(
             multi_root,
             fingerprint,
         )
+        out.update({name: values[i] for name, values in added.items()})
         out.update(
             {
                 "selected": bool(selection.rank[i] >= 0),

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from visbatch.core.errors import UsageError
 from visbatch.core.files import utc_now
-from visbatch.core.images import ImageItem, display_path, files_unchanged, path_bytes
+from visbatch.core.images import ImageItem, display_path, path_bytes
 from visbatch.core.models import LoadedModel
 from visbatch.core.outputs import (
     read_run_metadata,
@@ -23,6 +23,7 @@ from visbatch.core.outputs import (
     write_parquet,
 )
 from visbatch.core.pipeline import RunConfig, run_pipeline
+from visbatch.core.sources import items_unchanged
 from visbatch.core.tasks.clip_score import (
     ClipScoreOptions,
     ClipScoreTask,
@@ -124,9 +125,9 @@ def embed_with_cache(
             "dedup with --no-mirror)",
             file=sys.stderr,
         )
-    fresh = files_unchanged({path: row for path, (_, row) in candidates.items()})
-    for path, (item, row) in candidates.items():
-        if fresh[path]:
+    pairs = list(candidates.values())
+    for (item, row), fresh in zip(pairs, items_unchanged(pairs)):
+        if fresh:
             rows[_key(item.root, item.relpath)] = row
     todo = [item for item in items if _key(item.root, item.relpath) not in rows]
     if todo:

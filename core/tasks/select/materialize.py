@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from visbatch.core.errors import FatalError, UsageError
-from visbatch.core.files import atomic_copy, files_identical
+from visbatch.core.files import atomic_copy, atomic_write_bytes, files_identical
 from visbatch.core.images import ImageItem, display_path
 from visbatch.core.overlays import root_folder_names
 from visbatch.core.protect import ProtectedInputs
+from visbatch.core.sources import ImageDecodeError, read_item
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Materialization:
 
     mode: str  # copy | symlink | hardlink
     target: str
-    writes: list[tuple[str, Path]]
+    writes: list[tuple[ImageItem, Path]]
     same: int
 
 
@@ -45,6 +46,15 @@ def plan_materialize(
     """
     if mode not in ("copy", "symlink", "hardlink"):
         raise UsageError(f"unknown link mode {mode!r} (symlink or hardlink)")
+    packed = next((it for it, keep in zip(items, selected) if keep and it.ref is not None), None)
+    if packed is not None and (mode != "copy" or not getattr(packed.ref, "url", None)):
+        option = "--copy-to" if mode == "copy" else "--link-to"
+        what = (
+            "objects on storage can be copied, not linked"
+            if getattr(packed.ref, "url", None)
+            else ("samples of tar shards and tables are not files")
+        )
+        raise UsageError(f"{option}: {what} ({packed.relpath}); use --write-shards DIR for them")
     roots = sorted({item.root for item in items})
     subfolders = root_folder_names(roots) if len(roots) > 1 else {}
     writes, same, conflicts = [], 0, []
@@ -54,11 +64,11 @@ def plan_materialize(
         destination = Path(target, subfolders.get(item.root, ""), item.relpath)
         protected.check_write(destination)
         if os.path.lexists(destination):
-            if _holds_same_file(destination, item.path, mode):
+            if item.ref is None and _holds_same_file(destination, item.path, mode):
                 same += 1
                 continue
             conflicts.append(destination)
-        writes.append((item.path, destination))
+        writes.append((item, destination))
     if conflicts and not overwrite:
         option = "--copy-to" if mode == "copy" else "--link-to"
         raise UsageError(
@@ -83,8 +93,15 @@ def materialize(plan: Materialization) -> int:
     temp name), so nothing is ever written through an existing file or link, and an input
     can never be truncated, unlinked or replaced.
     """
-    for source, destination in plan.writes:
+    for item, destination in plan.writes:
+        source = item.path
         destination.parent.mkdir(parents=True, exist_ok=True)
+        if plan.mode == "copy" and item.ref is not None:  # an object on storage: its bytes
+            try:
+                atomic_write_bytes(destination, read_item(item).data)
+            except ImageDecodeError as exc:
+                raise FatalError(f"cannot copy {item.path}: {exc}") from exc
+            continue
         if plan.mode == "copy":
             atomic_copy(source, destination)
             continue

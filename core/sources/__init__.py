@@ -1,0 +1,214 @@
+"""Input sources: what the INPUT arguments name, turned into sorted :class:`ImageItem` keys.
+
+One entry point, :func:`find_images`, chooses the source of each INPUT argument:
+
+| INPUT | source | row key |
+|---|---|---|
+| a folder of images, a file, ``-`` (paths on stdin), ``--manifest`` | :mod:`.local` | path relative to the folder |
+| ``x.tar``, ``pool/{00000..00999}.tar``, a folder of ``.tar``, a ``.txt`` of shards | :mod:`.shards` | ``SHARD/KEY`` |
+| ``x.parquet`` / ``.arrow`` with an image column | :mod:`.tables` | ``TABLE/ROW`` |
+| any of these behind a URL (``s3://``, ``gs://``, ``file://``, ``memory://``) | :mod:`.remote` (fsspec) | as above |
+
+To add a source: a module here with a listing function returning items whose ``ref``
+implements :class:`~visbatch.core.sources.base.SampleRef`, and its branch in
+:func:`find_images`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from visbatch.core.sources.base import (
+    IMAGE_EXTENSIONS,
+    SIDECAR_SUFFIXES,
+    FileBytes,
+    ImageDecodeError,
+    ImageItem,
+    InputError,
+    SampleRef,
+    SourceOptions,
+    content_hash,
+    has_image_extension,
+    read_file,
+)
+from visbatch.core.sources.local import (
+    MANIFEST_SUFFIXES,
+    _item_for_file,
+    check_glob,
+    file_fingerprint,
+    file_unchanged,
+    glob_matches,
+    parse_shard,
+    read_manifest,
+    read_path_list,
+    read_table_file,
+    shard_of,
+    walk_folder,
+)
+from visbatch.core.sources.reading import item_columns, item_unchanged, items_unchanged, read_item, read_sidecar
+from visbatch.core.sources.remote import RemoteFile, is_url, list_prefix, modification_time
+from visbatch.core.sources.shards import (
+    expand_braces,
+    is_shard_name,
+    list_shards,
+    read_shard_list,
+    shards_in_folder,
+    split_location,
+)
+from visbatch.core.sources.tables import is_table_name, list_table
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MANIFEST_SUFFIXES",
+    "SIDECAR_SUFFIXES",
+    "FileBytes",
+    "ImageDecodeError",
+    "ImageItem",
+    "InputError",
+    "SampleRef",
+    "SourceOptions",
+    "content_hash",
+    "file_fingerprint",
+    "file_unchanged",
+    "find_images",
+    "has_image_extension",
+    "item_columns",
+    "item_fields",
+    "item_unchanged",
+    "items_unchanged",
+    "parse_shard",
+    "read_file",
+    "read_item",
+    "read_path_list",
+    "read_sidecar",
+    "read_table_file",
+    "walk_folder",
+]
+
+
+class _Found:
+    """What the INPUT arguments resolve to before filtering: plain items and shards."""
+
+    def __init__(self, options: SourceOptions, warnings: list[str] | None):
+        self.options = options
+        self.warnings = warnings
+        self.items: set[ImageItem] = set()
+        self.shards: list[tuple[str, str]] = []  # (root, shard name)
+
+    def add_table(self, location: str) -> None:
+        o = self.options
+        self.items.update(list_table(location, o.image_column, o.caption_column, tuple(o.keep_columns)))
+
+    def add_remote(self, url: str) -> None:
+        root, entries = list_prefix(url)
+        images = [(rel, info) for rel, info in entries if has_image_extension(rel)]
+        single = len(entries) == 1 and root.rstrip("/") + "/" + entries[0][0] == url.rstrip("/")
+        if single and is_shard_name(url):
+            self.shards.append((root, entries[0][0]))
+        elif single and is_table_name(url):
+            self.add_table(url)
+        elif single:  # a named object is taken as named, like a named local file
+            rel, info = entries[0]
+            self.items.add(ImageItem(root, rel, RemoteFile(url, int(info.get("size") or 0), modification_time(info))))
+        elif images:
+            for rel, info in images:
+                ref = RemoteFile(f"{root}/{rel}", int(info.get("size") or 0), modification_time(info))
+                self.items.add(ImageItem(root, rel, ref))
+        else:
+            self.shards += [(root, rel) for rel, _ in entries if is_shard_name(rel)]
+
+    def add_local(self, entry: str, stdin) -> None:
+        if entry == "-":
+            stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
+            for line in read_path_list(stream):
+                self.items.add(_item_for_file(line, os.getcwd()))
+        elif os.path.isdir(entry):
+            root = os.path.abspath(entry)
+            found = walk_folder(root, self.options.recursive)
+            shards = [] if found else shards_in_folder(root, self.options.recursive)
+            self.items.update(ImageItem(root, rel) for rel in found)
+            self.shards += [(root, name) for name in shards]
+        elif os.path.isfile(entry) and is_shard_name(entry):
+            self.shards.append(split_location(entry))
+        elif os.path.isfile(entry) and is_table_name(entry):
+            self.add_table(entry)
+        elif os.path.isfile(entry) and entry.lower().endswith(".txt") and (listed := read_shard_list(entry)):
+            for location in listed:
+                self.add(location, None, from_list=True)
+        elif os.path.exists(entry):
+            self.items.add(_item_for_file(entry))
+        else:
+            raise InputError(f"input not found: {entry}")
+
+    def add(self, entry: str, stdin, from_list: bool = False) -> None:
+        if "{" in entry and not os.path.exists(entry):
+            for expanded in expand_braces(entry):
+                self.add(expanded, stdin, from_list=True)
+            return
+        if from_list and is_shard_name(entry):
+            # A shard named by a range or a list may be missing: its error row says so and
+            # the others run (img2dataset leaves such gaps when a shard's download failed).
+            self.shards.append(split_location(entry))
+        elif is_url(entry):
+            self.add_remote(entry)
+        else:
+            self.add_local(entry, stdin)
+
+
+def find_images(
+    inputs: Sequence[str],
+    options: SourceOptions | None = None,
+    manifest: str | None = None,
+    stdin=None,
+    warnings: list[str] | None = None,
+) -> list[ImageItem]:
+    """Resolve INPUT arguments into sorted, filtered, sharded, limited items.
+
+    Folders are walked (recursively unless ``options.recursive`` is false);
+    files are taken as named, even with an unusual extension, so a user who
+    names a file always gets a row for it; ``-`` reads paths from ``stdin``;
+    tar shards, image tables and URLs are read by their sources (module doc).
+    ``--shard I/N`` partitions by shard (a whole tar is the unit) for shards, by key
+    otherwise. Raises :class:`InputError` for inputs that do not exist and for bad
+    ``--glob`` patterns; what was skipped is appended to ``warnings``.
+    """
+    options = options or SourceOptions()
+    for pattern in options.globs:
+        check_glob(pattern)
+    found = _Found(options, warnings)
+    if manifest:
+        found.items.update(read_manifest(manifest, warnings=warnings))
+    for entry in inputs:
+        found.add(entry, stdin)
+
+    shards = found.shards
+    if options.shard is not None:
+        index, count = options.shard
+        shards = [(root, name) for root, name in shards if shard_of(name, count) == index]
+    # --limit can stop listing shards early only when nothing else could sort before them.
+    early_limit = options.limit if not found.items and not options.globs else None
+    from_shards = list_shards(shards, early_limit, warnings)
+
+    selected = [it for it in found.items if not options.globs or glob_matches(it.relpath, options.globs)]
+    if options.shard is not None:
+        index, count = options.shard
+        selected = [it for it in selected if shard_of(it.relpath, count) == index]
+    selected += [it for it in from_shards if not options.globs or glob_matches(it.relpath, options.globs)]
+    selected.sort(key=lambda it: (it.root, it.relpath))
+    if options.limit is not None:
+        selected = selected[: options.limit]
+    return selected
+
+
+def item_fields(items: Sequence[ImageItem]) -> list[pa.Field]:
+    """The output columns the items' sources add: ``shard`` when any came from a shard, then the
+    ``--keep-columns`` pass-through columns (their types as in the source table)."""
+    fields = []
+    if any(item.shard is not None for item in items):
+        fields.append(pa.field("shard", pa.string()))
+    kept = next((item.ref.kept_fields for item in items if getattr(item.ref, "kept_fields", ())), ())
+    return fields + list(kept)

@@ -1,0 +1,230 @@
+"""Parquet / Arrow tables of images: one row per image, as Hugging Face ``datasets`` exports them.
+
+``--image-column`` (default ``image``) holds the image as bytes, as a ``{bytes, path}``
+struct (HF's Image feature), or as a path/URL string (relative paths are relative to the
+table's folder). The ``--caption-column`` (default ``caption``, when the table has one) is
+what ``--sidecar`` reads; ``--keep-columns`` pass through to the output. Listing reads
+every column but the images; the decode workers read the image column one row group at a
+time and keep the last one (rows are read in order, so each group is read once per worker).
+
+Row keys are ``TABLE/ROW`` with the row number zero-padded (``train.parquet/000000042``),
+so key order is table order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from visbatch.core.sources.base import FileBytes, ImageDecodeError, ImageItem, InputError, content_hash
+from visbatch.core.sources.remote import (
+    filesystem,
+    is_url,
+    join_url,
+    modification_time,
+    read_range,
+    storage_error,
+    with_retries,
+)
+
+TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
+DEFAULT_IMAGE_COLUMN = "image"
+DEFAULT_CAPTION_COLUMN = "caption"
+ROW_DIGITS = 9
+
+
+def is_table_name(name: str) -> bool:
+    return name.lower().endswith(TABLE_SUFFIXES)
+
+
+def _open(location: str):
+    if not is_url(location):
+        return open(location, "rb")
+    fs, path = filesystem(location)
+    return with_retries(lambda: fs.open(path, "rb"), location)
+
+
+def _parquet(handle, location: str):
+    import pyarrow.parquet as pq
+
+    if location.lower().endswith(".parquet"):
+        return pq.ParquetFile(handle)
+    return None
+
+
+def _read_arrow(handle):
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    try:
+        return feather.read_table(handle)
+    except pa.ArrowInvalid:
+        handle.seek(0)
+        return pa.ipc.open_stream(handle).read_all()
+
+
+# The decode worker's last row group: (location, group) -> list of cell values.
+_GROUP_CACHE: dict[tuple[str, int], list] = {}
+
+
+def _image_cells(location: str, column: str, group: int) -> list:
+    key = (location, group)
+    cells = _GROUP_CACHE.get(key)
+    if cells is None:
+        with _open(location) as handle:
+            parquet = _parquet(handle, location)
+            if parquet is not None:
+                cells = parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
+            else:
+                cells = _read_arrow(handle).column(column).to_pylist()
+        _GROUP_CACHE.clear()
+        _GROUP_CACHE[key] = cells
+    return cells
+
+
+@dataclass(frozen=True)
+class TableCell:
+    """One row of an image table."""
+
+    location: str  # the table: a local path or a URL
+    table_name: str
+    column: str
+    group: int  # row group (0 for Arrow files)
+    row_in_group: int
+    mtime: float
+    caption: str | None
+    kept: tuple[tuple[str, object], ...]
+    kept_fields: tuple = ()  # pa.Field of each kept column, shared by every cell of the table
+
+    @property
+    def shard(self) -> str | None:
+        return None
+
+    def _cell_bytes(self) -> bytes:
+        try:
+            cell = _image_cells(self.location, self.column, self.group)[self.row_in_group]
+        except (OSError, IndexError) as exc:
+            raise ImageDecodeError(f"cannot read row from {self.table_name}: {exc}")
+        if isinstance(cell, dict):
+            data, path = cell.get("bytes"), cell.get("path")
+            if data is None and path:
+                cell = path
+            else:
+                cell = data
+        if cell is None:
+            raise ImageDecodeError(f"empty {self.column!r} cell")
+        if isinstance(cell, str):
+            base = self.location.rsplit("/", 1)[0] if is_url(self.location) else os.path.dirname(self.location)
+            target = cell if is_url(cell) or os.path.isabs(cell) else join_url(base, cell)
+            try:
+                return read_range(target)
+            except OSError as exc:
+                raise ImageDecodeError(f"cannot read {cell}: {exc.strerror or exc}")
+        if isinstance(cell, (bytes, bytearray, memoryview)):
+            return bytes(cell)
+        raise ImageDecodeError(f"{self.column!r} cell holds {type(cell).__name__}, not image bytes or a path")
+
+    def read(self) -> FileBytes:
+        data = self._cell_bytes()
+        return FileBytes(data, len(data), self.mtime, content_hash(data))
+
+    def sidecar(self, suffix: str) -> bytes | None:
+        if suffix == ".txt" and self.caption is not None:
+            return self.caption.encode("utf-8")
+        return None
+
+    def unchanged(self, row: dict) -> bool:
+        try:
+            return self.read().content_hash == row.get("content_hash")
+        except ImageDecodeError:
+            return False
+
+    def columns(self) -> dict:
+        return dict(self.kept)
+
+
+def list_table(
+    location: str,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    keep_columns=(),
+    limit: int | None = None,
+) -> list[ImageItem]:
+    """Items of one table, without reading its images."""
+    import pyarrow as pa
+
+    if is_url(location):
+        root, _, name = location.rstrip("/").rpartition("/")
+        try:
+            fs, path = filesystem(location)
+            mtime = modification_time(with_retries(lambda: fs.info(path), location))
+        except OSError as exc:
+            raise storage_error(exc, location)
+    else:
+        if not os.path.isfile(location):
+            raise InputError(f"input not found: {location}")
+        location = os.path.abspath(location)
+        root, name = os.path.dirname(location), os.path.basename(location)
+        mtime = os.stat(location).st_mtime
+    try:
+        with _open(location) as handle:
+            parquet = _parquet(handle, location)
+            schema = parquet.schema_arrow if parquet is not None else None
+            table = None
+            if parquet is None:
+                table = _read_arrow(handle)
+                schema = table.schema
+            column = image_column or DEFAULT_IMAGE_COLUMN
+            names = schema.names
+            if caption_column == DEFAULT_CAPTION_COLUMN and caption_column not in names:
+                caption_column = None  # the default names no column here: the table has no captions
+            missing = [c for c in [column, caption_column, *keep_columns] if c and c not in names]
+            if missing:
+                raise InputError(
+                    f"{location}: no column {missing[0]!r}"
+                    + ("" if image_column else " (name the image column with --image-column)")
+                    + f"; columns: {', '.join(names)}"
+                )
+            if column in keep_columns:
+                raise InputError(f"--keep-columns cannot pass through the image column {column!r}")
+            reserved = {"path", "status", "error", "width", "height", "shard", "root"}
+            clash = [c for c in keep_columns if c in reserved]
+            if clash:
+                raise InputError(f"--keep-columns {clash[0]!r}: visbatch writes a column of that name")
+            kept_fields = tuple(schema.field(c) for c in keep_columns)
+            wanted = [c for c in [caption_column, *keep_columns] if c]
+            groups = range(parquet.num_row_groups) if parquet is not None else range(1)
+            items: list[ImageItem] = []
+            row_number = 0
+            for group in groups:
+                if parquet is not None:
+                    rows = parquet.metadata.row_group(group).num_rows
+                    values = parquet.read_row_group(group, columns=wanted).to_pydict() if wanted else {}
+                else:
+                    rows = table.num_rows
+                    values = table.select(wanted).to_pydict() if wanted else {}
+                for i in range(rows):
+                    caption = values[caption_column][i] if caption_column else None
+                    kept = tuple((c, values[c][i]) for c in keep_columns)
+                    cell = TableCell(
+                        location,
+                        name,
+                        column,
+                        group,
+                        i,
+                        mtime,
+                        None if caption is None else str(caption),
+                        kept,
+                        kept_fields,
+                    )
+                    items.append(ImageItem(root, f"{name}/{row_number:0{ROW_DIGITS}d}", cell))
+                    row_number += 1
+                if limit is not None and len(items) >= limit:
+                    break
+    except InputError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc, location)
+    except (pa.ArrowException, ValueError) as exc:
+        raise InputError(f"cannot read table {location}: {exc}")
+    return items

@@ -1,0 +1,161 @@
+"""``--write-shards DIR --shard-size N``: the selection written as new WebDataset tar shards.
+
+The DataComp resharder's job: selected samples, in manifest (key) order, go into
+``DIR/000000.tar``, ``DIR/000001.tar``, ... numbered without gaps, each sample's image bytes
+unchanged plus its ``.txt`` / ``.json`` sidecars, under a key that is unique in the output
+(the input key with ``/`` and dots made safe, so WebDataset readers split it back as
+written). Every destination is checked before anything is written; each shard is written
+to a temp file and renamed, so a reader never sees half a shard. No input is touched.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from visbatch.core.errors import FatalError, UsageError
+from visbatch.core.files import atomic_path
+from visbatch.core.images import ImageItem
+from visbatch.core.protect import ProtectedInputs
+from visbatch.core.sources import SIDECAR_SUFFIXES, ImageDecodeError, read_item, read_sidecar
+from visbatch.core.sources.shards import TarSample
+
+SHARD_DIGITS = 6
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+)
+
+
+def image_extension(data: bytes, name: str = "") -> str:
+    """The extension an image member gets: the input's own when it is an image type, else one
+    read from the bytes' signature."""
+    suffix = os.path.splitext(name)[1].lower().lstrip(".")
+    if suffix in ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"):
+        return suffix
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), "img")
+
+
+def output_key(item: ImageItem) -> str:
+    """A WebDataset key for the item: a shard sample keeps its key; another item gets its
+    relative path without the image extension; every run of characters other than letters,
+    digits, ``_`` and ``-`` becomes one ``_``."""
+    relpath = item.relpath
+    if isinstance(item.ref, TarSample):
+        relpath = relpath.split("/", 1)[1]
+    elif item.ref is None or getattr(item.ref, "url", None):
+        relpath = os.path.splitext(relpath)[0]
+    return _UNSAFE.sub("_", relpath).strip("_") or "sample"
+
+
+@dataclass
+class ShardPlan:
+    target: str
+    shard_size: int
+    samples: list[tuple[ImageItem, str]]  # (item, output key) in write order
+
+    @property
+    def shard_count(self) -> int:
+        return (len(self.samples) + self.shard_size - 1) // self.shard_size
+
+    def shard_name(self, index: int) -> str:
+        return f"{index:0{SHARD_DIGITS}d}.tar"
+
+
+def plan_shards(
+    items: Sequence[ImageItem],
+    selected: np.ndarray,
+    target: str,
+    shard_size: int,
+    protected: ProtectedInputs,
+    overwrite: bool = False,
+) -> ShardPlan:
+    """Check the target and name every sample before anything is written."""
+    if shard_size < 1:
+        raise UsageError("--shard-size must be at least 1")
+    protected.check_folder(target, "--write-shards folder")
+    chosen = [item for item, keep in zip(items, selected) if keep]
+    used: dict[str, int] = {}
+    samples = []
+    for item in chosen:
+        key = output_key(item)
+        if key in used:  # two inputs made safe to one key: the later gets a counter
+            used[key] += 1
+            key = f"{key}_{used[key]}"
+        used.setdefault(key, 0)
+        samples.append((item, key))
+    plan = ShardPlan(target, shard_size, samples)
+    existing = sorted(p.name for p in Path(target).glob("*.tar")) if os.path.isdir(target) else []
+    if existing and not overwrite:
+        raise UsageError(
+            f"--write-shards {target} already holds {len(existing)} .tar files (e.g. {existing[0]}); "
+            "pass --overwrite to replace them, or choose an empty folder"
+        )
+    return plan
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(mtime)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(plan: ShardPlan) -> dict:
+    """Write the planned shards; returns what was written (and the samples that could not be read).
+    A sample whose bytes can no longer be read is left out and counted, never a half sample."""
+    os.makedirs(plan.target, exist_ok=True)
+    written, unreadable, now = 0, [], time.time()
+    placed: dict[str, tuple[str, str]] = {}
+    for index in range(plan.shard_count):
+        name = plan.shard_name(index)
+        part = plan.samples[index * plan.shard_size : (index + 1) * plan.shard_size]
+        destination = os.path.join(plan.target, name)
+        with atomic_path(destination) as tmp:
+            try:
+                with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                    for item, key in part:
+                        try:
+                            image = read_item(item)
+                            sidecars = [(s, read_sidecar(item, s)) for s in SIDECAR_SUFFIXES]
+                        except (ImageDecodeError, OSError) as exc:
+                            unreadable.append(f"{item.relpath}: {exc}")
+                            continue
+                        member = getattr(getattr(item.ref, "image", None), "name", item.relpath)
+                        _add(tar, f"{key}.{image_extension(image.data, member)}", image.data, image.mtime or now)
+                        for suffix, data in sidecars:
+                            if data is not None:
+                                _add(tar, key + suffix, data, image.mtime or now)
+                        placed[item.relpath] = (name, key)
+                        written += 1
+            except (OSError, tarfile.TarError) as exc:
+                raise FatalError(f"cannot write shard {destination}: {exc}") from exc
+    leftover = sorted(
+        p.name
+        for p in Path(plan.target).glob("*.tar")
+        if p.name not in {plan.shard_name(i) for i in range(plan.shard_count)}
+    )
+    return {
+        "shards": plan.shard_count,
+        "samples": written,
+        "unreadable": unreadable[:5],
+        "unreadable_count": len(unreadable),
+        "other_tar_files_in_folder": leftover[:5],
+        "placed": placed,
+    }

@@ -1,0 +1,136 @@
+"""A real S3 endpoint on the loopback interface: moto's server, with IAM checks switched on.
+
+The fixture starts ``ThreadedMotoServer`` on 127.0.0.1 and a free port (how s3fs tests
+itself), creates a user with S3 rights and a bucket holding shards and a folder, then makes
+the server check every request's credentials. visbatch runs as a user runs it: a
+subprocess, credentials and endpoint from the environment (``AWS_*``,
+``FSSPEC_S3_ENDPOINT_URL``), decode workers on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FIXTURE_IMAGES, PHOTOS, assert_one_line_error, invoke_cli, run_cli, write_image
+
+pytestmark = pytest.mark.slow
+TINY_CNN = ["--model", "test-tiny-cnn", "--device", "cpu"]
+POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    import boto3
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    open_count = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    try:
+        setup = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        iam = boto3.client("iam", aws_access_key_id="setup", aws_secret_access_key="setup", **setup)
+        iam.create_user(UserName="visbatch")
+        arn = iam.create_policy(PolicyName="s3-all", PolicyDocument=json.dumps(POLICY))["Policy"]["Arn"]
+        iam.attach_user_policy(UserName="visbatch", PolicyArn=arn)
+        key = iam.create_access_key(UserName="visbatch")["AccessKey"]
+        client = boto3.client(
+            "s3", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"], **setup
+        )
+        client.create_bucket(Bucket="pool")
+        local = tmp_path_factory.mktemp("s3-local")
+        shards = local / "shards"
+        shards.mkdir()
+        for n in range(2):
+            with tarfile.open(shards / f"{n:05d}.tar", "w") as tar:
+                for k, name in enumerate(PHOTOS[n * 2 : n * 2 + 2]):
+                    tar.add(FIXTURE_IMAGES / name, arcname=f"{n:05d}{k:04d}.jpg")
+            client.upload_file(str(shards / f"{n:05d}.tar"), "pool", f"shards/{n:05d}.tar")
+        for n in range(3):
+            image = write_image(local / "loose" / f"img{n}.png", seed=n)
+            client.upload_file(str(image), "pool", f"loose/img{n}.png")
+        # From here on every request must carry the user's credentials.
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        ActionAuthenticatorMixin.request_count = 0
+        env = {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "FSSPEC_S3_ENDPOINT_URL": endpoint,
+            "VISBATCH_STAGING": str(local / "staging"),
+            "VISBATCH_WORKERS": "2",
+        }
+        yield {"env": env, "client": client, "local": local}
+    finally:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = open_count
+        server.stop()
+
+
+def _get(s3, key: str, target: Path) -> Path:
+    s3["client"].download_file("pool", key, str(target))
+    return target
+
+
+def test_shards_on_s3_give_the_local_rows_and_the_output_lands_whole(s3, tmp_path):
+    local = tmp_path / "local.parquet"
+    assert invoke_cli("classify", s3["local"] / "shards", *TINY_CNN, "--workers", "0", "-o", local).exit_code == 0
+    result = run_cli(
+        "classify", "s3://pool/shards/{00000..00001}.tar", *TINY_CNN, "-o", "s3://pool/runs/c.parquet", env=s3["env"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3://pool/runs/c.parquet" in result.stderr  # the summary names the URL, not the staging file
+    remote = pq.read_table(_get(s3, "runs/c.parquet", tmp_path / "remote.parquet")).to_pylist()
+    mine = pq.read_table(local).to_pylist()
+    assert (
+        [r["path"] for r in remote]
+        == [r["path"] for r in mine]
+        == ["00000.tar/000000000", "00000.tar/000000001", "00001.tar/000010000", "00001.tar/000010001"]
+    )
+    for a, b in zip(remote, mine):
+        assert a["top_indices"] == b["top_indices"] and a["content_hash"] == b["content_hash"]
+        assert max(abs(x - y) for x, y in zip(a["top_probs"], b["top_probs"])) < 1e-6
+    assert not any((s3["local"] / "staging").rglob("*.parquet"))  # nothing left staged
+    # the output exists now: replacing it needs --overwrite, and is refused before any work
+    again = run_cli("classify", "s3://pool/shards/", *TINY_CNN, "-o", "s3://pool/runs/c.parquet", env=s3["env"])
+    assert_one_line_error(again, 2, "exists; pass --overwrite")
+    # an output aimed at an input object is refused
+    onto = run_cli("classify", "s3://pool/loose/", *TINY_CNN, "-o", "s3://pool/loose/img0.png", env=s3["env"])
+    assert_one_line_error(onto, 2, "is an input")
+
+
+def test_folder_on_s3_and_resume(s3, tmp_path):
+    out = tmp_path / "loose.parquet"
+    result = run_cli("classify", "s3://pool/loose/", *TINY_CNN, "-o", out, "--json", env=s3["env"])
+    assert result.returncode == 0, result.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [r["path"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
+    assert all(r["status"] == "ok" for r in rows)
+    resumed = run_cli("classify", "s3://pool/loose/", *TINY_CNN, "-o", out, "--resume", "--json", env=s3["env"])
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] == 3 and summary["processed"] == 0, summary
+
+
+def test_missing_object_and_wrong_credentials_are_one_line(s3, tmp_path):
+    missing = run_cli("classify", "s3://pool/shards/00042.tar", *TINY_CNN, "-o", tmp_path / "m.parquet", env=s3["env"])
+    assert_one_line_error(missing, 2, "input not found: s3://pool/shards/00042.tar")
+    wrong = {**s3["env"], "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    denied = run_cli("classify", "s3://pool/shards/", *TINY_CNN, "-o", tmp_path / "d.parquet", env=wrong)
+    assert_one_line_error(denied, 3, "access denied")
+    assert not (tmp_path / "d.parquet").exists()
