@@ -125,6 +125,22 @@ def test_folder_on_s3_and_resume(s3, tmp_path):
     resumed = run_cli("classify", "s3://pool/loose/", *TINY_CNN, "-o", out, "--resume", "--json", env=s3["env"])
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["resumed"] == 3 and summary["processed"] == 0, summary
+    # overlays to a prefix: staged locally, each PNG uploaded once the run is done
+    maps = run_cli(
+        "saliency",
+        "s3://pool/loose/",
+        *TINY_CNN,
+        "--method",
+        "gradient",
+        "-o",
+        tmp_path / "s.parquet",
+        "--overlays",
+        "s3://pool/runs/overlays/",
+        env=s3["env"],
+    )
+    assert maps.returncode == 0, maps.stderr
+    listed = s3["client"].list_objects_v2(Bucket="pool", Prefix="runs/overlays/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == [f"runs/overlays/img{n}.png.png" for n in range(3)]
 
 
 def test_missing_object_and_wrong_credentials_are_one_line(s3, tmp_path):

@@ -12,11 +12,9 @@ import os
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from conftest import FIXTURE_IMAGES, PHOTOS, assert_one_line_error, invoke_cli, snapshot, write_image
 from visbatch.core.sources import InputError, SourceOptions, find_images, read_item, read_sidecar
@@ -198,7 +196,7 @@ def test_select_data_on_shards_equals_the_folder_and_writes_shards(pool, tmp_pat
     folder, shards, samples = pool
     # every photo twice in the pool (a second shard holds exact copies): dedup must find them
     with tarfile.open(shards / "00003.tar", "w") as tar:
-        for key, data, caption in samples[:4]:
+        for key, data, _caption in samples[:4]:
             add_member(tar, f"copy{key}.jpg", data)
             (folder / f"copy{key}.jpg").write_bytes(data)
     common = ["--model", "efficientnet-lite0", *CPU, "--strategy", "kcenter", "--budget", "6"]
@@ -245,7 +243,7 @@ def test_resume_on_shards_skips_done_keys_and_redoes_changed_members(pool, tmp_p
     assert summary["resumed"] == 11 and summary["changed"] == 0, summary
     # replace one sample's image inside shard 0: only that key is redone
     with tarfile.open(shards / "00000.tar", "w") as tar:
-        for n, (key, data, caption) in enumerate(samples[:3]):
+        for n, (key, data, _caption) in enumerate(samples[:3]):
             add_member(tar, f"{key}.jpg", jpeg_bytes(77) if n == 1 else data)
     result = invoke_cli("classify", shards, *TINY_CNN, "-o", out, "--resume", "--json")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -343,3 +341,25 @@ def test_memory_urls_read_shards_and_objects(pool, tmp_path):
     assert read_sidecar(loose[0], ".txt") == b"a photo number 0"
     with pytest.raises(InputError, match="input not found"):
         find_images(["memory://nowhere/"])
+
+
+def test_clip_score_embeddings_of_shards_serve_select_data_as_its_cache(pool, tmp_path):
+    _, shards, _ = pool
+    cache = tmp_path / "scores.parquet"
+    result = invoke_cli(
+        "clip-score", shards, *TINY_CLIP, "--sidecar", "--save-embeddings", "--save-mirrored", "-o", cache
+    )
+    assert result.exit_code == 0, result.output
+    paths = pq.read_table(cache).column("path").to_pylist()
+    assert "00001.tar/000000003" in paths
+    selected = invoke_cli("select-data", shards, *TINY_CLIP, "--cache", cache, "--json", "-o", tmp_path / "m.parquet")
+    assert selected.exit_code == 0, selected.output
+    # every image found in the cache by its SHARD/KEY; only the two damaged samples are tried again
+    assert json.loads(selected.stdout.strip().splitlines()[-1])["embedded"] == 2
+
+
+def test_missing_storage_backend_names_the_extra():
+    with pytest.raises(InputError, match=r"pip install 'visbatch\[gcs\]'"):
+        find_images(["gs://some-bucket/pool/00000.tar"])
+    with pytest.raises(InputError, match="Protocol not known"):
+        find_images(["nosuchprotocol://x/y.tar"])
