@@ -101,7 +101,10 @@ class _Found:
 
     def add_table(self, location: str) -> None:
         o = self.options
-        self.items.update(list_table(location, o.image_column, o.caption_column, tuple(o.keep_columns)))
+        # A table's rows sort in row order, so rows past the first --limit can never be among
+        # the first --limit overall: the listing stops there (not with --glob or --shard, which filter later).
+        limit = o.limit if not o.globs and o.shard is None else None
+        self.items.update(list_table(location, o.image_column, o.caption_column, tuple(o.keep_columns), limit))
 
     def add_remote(self, url: str) -> None:
         root, entries = list_prefix(url)
