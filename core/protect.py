@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from visbatch.core.errors import UsageError
+from visbatch.core.sources.local import file_identity
 from visbatch.core.sources.remote import is_url
 
 # Files under an input root that an output file may never replace: images, their sidecars, shards
@@ -46,14 +47,6 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _file_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 class ProtectedInputs:
     """The inputs of one run, and the checks that keep every output away from them."""
 
@@ -65,7 +58,7 @@ class ProtectedInputs:
         self.url_files = sorted({f for f in named_files if is_url(f)})
         self.roots = sorted({_real(r) for r in named_roots if not is_url(r)})
         self.files = sorted({_real(f) for f in named_files if not is_url(f) and os.path.exists(f)})
-        self._file_ids = {i for i in (_file_id(f) for f in self.files) if i is not None}
+        self._file_ids = {i for i in (file_identity(f) for f in self.files) if i is not None}
         self._checked_parents: set[str] = set()
 
     @classmethod
@@ -93,7 +86,7 @@ class ProtectedInputs:
         if is_url(path):
             return self._check_url(path, what, folder=False)
         real = _real(path)
-        if real in self.files or (_file_id(path) in self._file_ids if os.path.exists(path) else False):
+        if real in self.files or (file_identity(path) in self._file_ids if os.path.exists(path) else False):
             raise OutputOverlapsInput(f"{what} {path} is an input file; visbatch never writes over its inputs")
         for root in self.roots:
             if real == root:

@@ -79,9 +79,9 @@ def walk_folder(root: str, recursive: bool = True) -> list[str]:
             scan(rel, from_links)
     if not (linked_files or from_links):
         return found
-    listed = {_identity(os.path.join(root, rel)) for rel in found}
+    listed = {file_identity(os.path.join(root, rel)) for rel in found}
     for rel in sorted(from_links, key=lambda r: (r.count("/"), r)) + sorted(linked_files):
-        identity = _identity(os.path.join(root, rel))
+        identity = file_identity(os.path.join(root, rel))
         if identity is None or identity in listed:
             continue
         listed.add(identity)
@@ -89,7 +89,8 @@ def walk_folder(root: str, recursive: bool = True) -> list[str]:
     return found
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file a path reaches, None when it cannot be reached."""
     try:
         st = os.stat(path)
     except OSError:
