@@ -463,7 +463,6 @@ def protected_inputs(common: CommonOptions, items, *files):
 
     named = [common.manifest, common.pretrained, common.model, *files]
     named += [item.path for item in items if not _has_image_suffix(item.relpath)]
-
     return ProtectedInputs.for_items(items, [f for f in named if f and os.path.isfile(f)])
 
 
@@ -477,13 +476,17 @@ def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(
     """The run configuration; ``items`` and ``files`` are what the outputs are checked against."""
     from visbatch.core.pipeline import RunConfig, default_batch_size, default_workers
     from visbatch.core.sinks import RemoteOutputs
-    from visbatch.core.sources import parse_shard
+    from visbatch.core.sources import is_url, parse_shard
 
     protected = protected_inputs(common, items, *files)
     output = common.output or f"{task_name}.parquet"
-    protected.check_file(output, "output")
+    # URL outputs are checked against the inputs here, before they are staged; check_outputs
+    # checks the local paths the run writes (a staged file is never an input).
+    if is_url(output):
+        protected.check_file(output, "output")
     for key, what in (("overlays", "--overlays folder"), ("save_maps", "--save-maps folder")):
-        protected.check_folder(overlay.get(key), what)
+        if overlay.get(key) and is_url(overlay[key]):
+            protected.check_folder(overlay[key], what)
     remote = RemoteOutputs()
     output = remote.stage_file(output, common.resume, common.overwrite)
     for key in ("overlays", "save_maps"):

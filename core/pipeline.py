@@ -53,7 +53,7 @@ from visbatch.core.outputs import BASE_COLUMNS, OutputError, ResultsWriter, base
 from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render_overlay
 from visbatch.core.protect import ProtectedInputs
 from visbatch.core.sinks import RemoteOutputs
-from visbatch.core.sources import file_unchanged, is_url, item_fields, items_unchanged
+from visbatch.core.sources import files_unchanged, is_url, item_fields, items_unchanged
 
 log = logging.getLogger("visbatch")
 
@@ -475,13 +475,13 @@ def _reconcile(done: dict, items: Sequence[ImageItem], summary: Summary):
     current = {(it.root, it.relpath): it for it in items}
     listed = [key for key in done if key in current]
     unchanged = dict(zip(listed, items_unchanged([(current[key], done[key]) for key in listed])))
-    for key in done:
-        if key not in current:
-            # A row whose item is no longer listed stands only while its local file is
-            # unchanged; a sample of a shard, a table or a URL that is not listed is gone.
-            path = os.path.join(*key)
-            local = not is_url(key[0]) and os.path.isfile(path)
-            unchanged[key] = local and file_unchanged(path, done[key])
+    # A row whose item is no longer listed stands only while its local file is unchanged
+    # (checked in threads, like the listed ones); a sample of a shard, a table or a URL that
+    # is not listed is gone.
+    unlisted = {key: os.path.join(*key) for key in done if key not in current}
+    local = {key: path for key, path in unlisted.items() if not is_url(key[0]) and os.path.isfile(path)}
+    by_path = files_unchanged({path: done[key] for key, path in local.items()})
+    unchanged.update({key: key in local and by_path[local[key]] for key in unlisted})
     todo, drop = [], set()
     for key, item in current.items():
         if key in done and unchanged[key]:
