@@ -147,6 +147,8 @@ class OutputLock:
     owner (``in use by pid N on HOST``). Within one process the lock is
     re-entrant (a job that locks its output for its whole length can hand it
     to the writer that locks it again). The lock file is removed on release.
+    The lock is a POSIX record lock, which a process drops when it closes any
+    descriptor of the file: only this class opens lock files, once per process.
     """
 
     def __init__(self, output: str | os.PathLike):
@@ -169,7 +171,10 @@ class OutputLock:
             except OSError as exc:
                 raise FatalError(f"cannot create {describe_os_error(exc, self.path)}") from exc
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A POSIX record lock, not flock(): it belongs to this process alone, so decode
+                # workers forked from it do not inherit it and a SIGKILLed run's lock dies with it
+                # (an flock stays held by orphaned workers until they notice and exit).
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 owner = _read_owner(fd)
                 os.close(fd)

@@ -8,6 +8,8 @@ which must give exit 0 or a one-line error with code 2.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,42 @@ def test_a_second_run_on_the_same_output_is_told_who_holds_it(two, tmp_path):
     # The holder died without cleaning up: its lock file is stale and does not block.
     assert invoke_cli("classify", *TINY_CNN, two, "-o", out).exit_code == 0
     assert not (tmp_path / "o.parquet.lock").exists()
+
+
+def test_a_killed_run_whose_forked_workers_live_on_does_not_block_the_next(tmp_path):
+    # Decode workers are forked from the run; when the run is SIGKILLed they linger until
+    # they notice. The lock must die with the run, not with the last worker.
+    out = tmp_path / "o.parquet"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, time\nfrom visbatch.core.files import OutputLock\n"
+                f"OutputLock({str(out)!r}).acquire()\n"
+                "child = os.fork()\n"
+                "if child == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+                "print(child, flush=True)\ntime.sleep(120)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        os.kill(worker, 0)  # the forked worker is still alive, holding the inherited descriptor
+        from visbatch.core.files import OutputLock
+
+        with OutputLock(out):
+            assert (tmp_path / "o.parquet.lock").exists()
+        assert not (tmp_path / "o.parquet.lock").exists()
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_quantize_over_only_broken_files_is_one_line(tmp_path):
