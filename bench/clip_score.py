@@ -62,7 +62,8 @@ def main() -> None:
     from visbatch.core.models import load_model
     from visbatch.core.pipeline import RunConfig, run_pipeline
     from visbatch.core.sources import SourceOptions, find_images
-    from visbatch.core.tasks.clip_score import ClipScoreOptions, ClipScoreTask, TextTable
+    from visbatch.core.tasks.clip_score import ClipScoreOptions, ClipScoreTask
+    from visbatch.core.texts import TextTable
 
     tmp = Path(tempfile.mkdtemp())
     folder = tmp / "images"

@@ -13,27 +13,8 @@ from visbatch.cli.common import (
     job_command,
     load_model_for,
     pipeline_config,
+    read_labels,
 )
-
-
-def _read_labels(labels: Optional[str], labels_file: Optional[str]) -> Optional[list]:
-    if labels and labels_file:
-        raise UsageError("give --labels or --labels-file, not both")
-    if labels_file:
-        try:
-            with open(labels_file, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
-        except OSError as exc:
-            raise UsageError(f"cannot read --labels-file {labels_file}: {exc.strerror or exc}")
-    elif labels:
-        names = [name.strip() for name in labels.split(",") if name.strip()]
-    else:
-        return None
-    if len(names) < 2:
-        raise UsageError("zero-shot labels need at least two labels")
-    if len(set(names)) != len(names):
-        raise UsageError("zero-shot labels repeat a name")
-    return names
 
 
 @job_command(default_model="ViT-B-32", default_pretrained="laion2b_s34b_b79k")
@@ -73,18 +54,13 @@ def clip_score(
 ):
     """Score how well each image matches its caption (CLIPScore), label images zero-shot, save embeddings."""
     from visbatch.core.pipeline import run_pipeline
-    from visbatch.core.tasks.clip_score import (
-        DEFAULT_TEMPLATE,
-        ClipScoreOptions,
-        ClipScoreTask,
-        TextTable,
-        check_template,
-    )
+    from visbatch.core.tasks.clip_score import ClipScoreOptions, ClipScoreTask
+    from visbatch.core.texts import DEFAULT_TEMPLATE, TextTable, check_template
 
     def job() -> int:
         if save_mirrored and not save_embeddings:
             raise UsageError("--save-mirrored needs --save-embeddings")
-        label_names = _read_labels(labels, labels_file)
+        label_names = read_labels(labels, labels_file)
         templates = list(template or [DEFAULT_TEMPLATE])
         for t in templates:
             check_template(t)

@@ -557,3 +557,24 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Im
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode worker processes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+
+
+def read_labels(labels: Optional[str], labels_file: Optional[str]) -> Optional[list]:
+    """Zero-shot label names from --labels (comma-separated) or --labels-file (one per line)."""
+    if labels and labels_file:
+        raise UsageError("give --labels or --labels-file, not both")
+    if labels_file:
+        try:
+            with open(labels_file, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except OSError as exc:
+            raise UsageError(f"cannot read --labels-file {labels_file}: {exc.strerror or exc}")
+    elif labels:
+        names = [name.strip() for name in labels.split(",") if name.strip()]
+    else:
+        return None
+    if len(names) < 2:
+        raise UsageError("zero-shot labels need at least two labels")
+    if len(set(names)) != len(names):
+        raise UsageError("zero-shot labels repeat a name")
+    return names

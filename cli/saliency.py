@@ -82,11 +82,11 @@ def saliency(
         _print_methods()
         raise typer.Exit(0)
     from visbatch.core.pipeline import run_pipeline
-    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE, TextTable, check_template
     from visbatch.core.tasks.saliency import METHODS, SaliencyOptions, SaliencyTask
+    from visbatch.core.texts import DEFAULT_TEMPLATE, TextTable, check_template
 
     def job() -> int:
-        from visbatch.cli.clip_score import _read_labels
+        from visbatch.cli.common import read_labels
         from visbatch.core.tasks.saliency.methods import integration_points
         from visbatch.core.tasks.saliency.task import BASELINES, DELETION_FILLS, MAX_MAP_SIZE
 
@@ -141,7 +141,7 @@ def saliency(
             layer=layer,
             target=target,
             prompt=prompt,
-            labels=_read_labels(labels, labels_file),
+            labels=read_labels(labels, labels_file),
             templates=list(template or [DEFAULT_TEMPLATE]),
             captions=TextTable.read(captions, path_column, caption_column, roots) if captions else None,
             sidecar=sidecar,

@@ -65,7 +65,6 @@ def select_data(
     from visbatch.core.images import display_path
     from visbatch.core.pipeline import check_creatable, json_safe, publish
     from visbatch.core.sources import SourceOptions, find_images, is_url
-    from visbatch.core.tasks.clip_score import TextTable
     from visbatch.core.tasks.select import (
         STRATEGIES,
         SelectOptions,
@@ -76,6 +75,7 @@ def select_data(
     )
     from visbatch.core.tasks.select.reshard import plan_shards
     from visbatch.core.tasks.select.reshard import write_shards as write_shards_to
+    from visbatch.core.texts import TextTable
 
     def job() -> int:
         if strategy not in STRATEGIES:

@@ -18,10 +18,10 @@ from visbatch.core.tasks.clip_score import (
     ClipScoreOptions,
     ClipScoreTask,
     clip_score,
-    ensemble_text_embeddings,
     ref_clip_score,
     zero_shot_probabilities,
 )
+from visbatch.core.texts import ensemble_text_embeddings
 
 runner = CliRunner()
 TINY = ["--model", "test-tiny-clip", "--device", "cpu", "--workers", "0"]

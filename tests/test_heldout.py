@@ -45,7 +45,8 @@ def _quantize(model, tmp_path, size: int, bits: int, method: str) -> dict:
     )
 
 
-@pytest.mark.parametrize("size", [4, 16, 64])
+# The two ends of the calibration sizes a user picks (16 behaved as both ends do; dropped for suite time).
+@pytest.mark.parametrize("size", [4, 64])
 def test_quantize_default_holds_on_unseen_photos(lite0, tmp_path, size):
     """int8 is near lossless on held-out photos, and never agrees less with the float model than RTN;
     int4 g128: AWQ beats RTN, and the default beats both."""

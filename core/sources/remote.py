@@ -118,6 +118,20 @@ def read_range(url: str, start: int | None = None, end: int | None = None) -> by
     return with_retries(lambda: fs.cat_file(path, start=start, end=end), url)
 
 
+def open_input(location: str, sequential: bool = False):
+    """A binary file object on a local path or a URL (opened with retries).
+
+    ``sequential`` is for a reader that walks the file front to back (tar headers, an
+    Arrow stream): a large read-ahead block turns that into a few sequential requests
+    instead of one per small read.
+    """
+    if not is_url(location):
+        return open(location, "rb")
+    fs, path = filesystem(location)
+    options = {"block_size": 8 << 20, "cache_type": "readahead"} if sequential else {}
+    return with_retries(lambda: fs.open(path, "rb", **options), location)
+
+
 def join_url(root: str, relpath: str) -> str:
     return root.rstrip("/") + "/" + relpath if is_url(root) else os.path.join(root, relpath)
 

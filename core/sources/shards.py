@@ -32,6 +32,7 @@ from visbatch.core.sources.remote import (
     describe,
     filesystem,
     is_url,
+    open_input,
     read_range,
     with_retries,
 )
@@ -179,15 +180,6 @@ class BrokenShard:
         return {}
 
 
-def _open_shard(location: str):
-    if not is_url(location):
-        return open(location, "rb")
-    fs, path = filesystem(location)
-    # Listing walks the headers front to back: a large read-ahead block turns that into a
-    # few sequential requests instead of one per member.
-    return with_retries(lambda: fs.open(path, "rb", block_size=8 << 20, cache_type="readahead"), location)
-
-
 class TarDamage(Exception):
     """The tar is cut short or its header is not a tar header; the message says where."""
 
@@ -302,7 +294,7 @@ def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) ->
         return ImageItem(root, shard_name, BrokenShard(shard_name, reason))
 
     try:
-        handle = _open_shard(location)
+        handle = open_input(location, sequential=True)
     except FileNotFoundError:
         return [broken(f"shard not found: {location}")]
     except OSError as exc:

@@ -22,6 +22,7 @@ from visbatch.core.sources.remote import (
     is_url,
     join_url,
     modification_time,
+    open_input,
     read_range,
     storage_error,
     with_retries,
@@ -35,13 +36,6 @@ ROW_DIGITS = 9
 
 def is_table_name(name: str) -> bool:
     return name.lower().endswith(TABLE_SUFFIXES)
-
-
-def _open(location: str):
-    if not is_url(location):
-        return open(location, "rb")
-    fs, path = filesystem(location)
-    return with_retries(lambda: fs.open(path, "rb"), location)
 
 
 def _parquet(handle, location: str):
@@ -71,7 +65,7 @@ def _image_cells(location: str, column: str, group: int) -> list:
     key = (location, group)
     cells = _GROUP_CACHE.get(key)
     if cells is None:
-        with _open(location) as handle:
+        with open_input(location) as handle:
             parquet = _parquet(handle, location)
             if parquet is not None:
                 cells = parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
@@ -167,7 +161,7 @@ def list_table(
         root, name = os.path.dirname(location), os.path.basename(location)
         mtime = os.stat(location).st_mtime
     try:
-        with _open(location) as handle:
+        with open_input(location) as handle:
             parquet = _parquet(handle, location)
             schema = parquet.schema_arrow if parquet is not None else None
             table = None

@@ -77,7 +77,7 @@ def _outputs(model: LoadedModel, module: torch.nn.Module, batches: list[torch.Te
 
 def _zero_shot(model: LoadedModel, module: torch.nn.Module, labels: list[str], images: torch.Tensor) -> torch.Tensor:
     """Index of the best label per image with ``module``'s own text tower (quantized or not)."""
-    from visbatch.core.tasks.clip_score import DEFAULT_TEMPLATE, fill_template
+    from visbatch.core.texts import DEFAULT_TEMPLATE, fill_template
 
     with _running(model, module):
         texts = model.encode_text(model.tokenize([fill_template(DEFAULT_TEMPLATE, label) for label in labels])).float()

@@ -16,15 +16,6 @@ from visbatch.core.errors import UsageError
 from visbatch.core.images import Record, crop_box
 from visbatch.core.models import LoadedModel, find_spatial_layer
 from visbatch.core.pipeline import MapOutput
-from visbatch.core.tasks.clip_score import (
-    DEFAULT_TEMPLATE,
-    TextEncoder,
-    TextTable,
-    caption_for,
-    ensemble_text_embeddings,
-    fill_template,
-    read_sidecar_caption,
-)
 from visbatch.core.tasks.saliency.attention import attention_modules
 from visbatch.core.tasks.saliency.methods import (
     METHODS,
@@ -35,6 +26,15 @@ from visbatch.core.tasks.saliency.methods import (
     target_scores,
 )
 from visbatch.core.tasks.saliency.metrics import compact_maps, concentration, deletion_insertion_auc, peaks
+from visbatch.core.texts import (
+    DEFAULT_TEMPLATE,
+    TextEncoder,
+    TextTable,
+    caption_for,
+    ensemble_text_embeddings,
+    fill_template,
+    read_sidecar_caption,
+)
 
 
 @dataclass

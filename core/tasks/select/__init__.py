@@ -35,12 +35,7 @@ from visbatch.core.outputs import (
 )
 from visbatch.core.pipeline import RunConfig, Summary, check_outputs, run_metadata
 from visbatch.core.sources import item_fields
-from visbatch.core.tasks.clip_score import (
-    TextEncoder,
-    caption_for,
-    clip_score,
-    read_sidecar_caption,
-)
+from visbatch.core.tasks.clip_score import clip_score
 from visbatch.core.tasks.select.cache import FLIPPED, embed_with_cache, read_cache  # noqa: F401
 from visbatch.core.tasks.select.materialize import Materialization, materialize, plan_materialize  # noqa: F401
 from visbatch.core.tasks.select.stages import (  # noqa: F401
@@ -55,6 +50,7 @@ from visbatch.core.tasks.select.stages import (  # noqa: F401
     parse_budget,
     select,
 )
+from visbatch.core.texts import TextEncoder, caption_for, read_sidecar_caption
 
 
 class SelectTask:

@@ -24,10 +24,7 @@ from visbatch.core.outputs import (
 )
 from visbatch.core.pipeline import RunConfig, run_pipeline
 from visbatch.core.sources import items_unchanged
-from visbatch.core.tasks.clip_score import (
-    ClipScoreOptions,
-    ClipScoreTask,
-)
+from visbatch.core.tasks.clip_score import ClipScoreOptions, ClipScoreTask
 
 FLIPPED = "image_embedding_flipped"
 CACHE_COLUMNS = [

@@ -14,10 +14,8 @@ import torch
 from visbatch.core.errors import UsageError
 from visbatch.core.images import ImageItem
 from visbatch.core.models import LoadedModel
-from visbatch.core.tasks.clip_score import (
-    TextTable,
-)
 from visbatch.core.tasks.select import algorithms as alg
+from visbatch.core.texts import TextTable
 
 
 @dataclass
