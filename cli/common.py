@@ -553,6 +553,12 @@ def overlay_settings(overlays, overlay_size, colormap, alpha, overlay_style) -> 
 # Options of the commands that do not take the job options (quantize, detect-aigi train/eval).
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", envvar="VISBATCH_DEVICE")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.", envvar="VISBATCH_PRECISION"
+    ),
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode worker processes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")]

@@ -1,8 +1,6 @@
 """`visbatch detect-aigi train|score|eval`: detectors of AI-generated images."""
 
 import json
-import math
-import os
 import sys
 from typing import Annotated, Optional
 
@@ -19,8 +17,8 @@ from visbatch.cli.common import (
     OverlaySizeOpt,
     OverlayStyleOpt,
     OverwriteOpt,
+    PrecisionOpt,
     QuietOpt,
-    UsageError,
     WorkersOpt,
     find_inputs,
     finish,
@@ -76,12 +74,6 @@ def fold_table(report: dict) -> str:
         + ")"
     )
     return "\n".join(lines)
-
-
-def _load_backbone(model_spec, pretrained, device):
-    from visbatch.core.models import load_model
-
-    return load_model(model_spec, pretrained, device, "fp32" if device == "cpu" else "auto")
 
 
 @app.command("train")
@@ -140,94 +132,45 @@ def train(
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Train a calibrated detector from labelled folders and write it as safetensors + JSON metadata."""
-    from visbatch.core.files import OutputLock
-    from visbatch.core.models import DeviceOnly
-    from visbatch.core.pipeline import RunConfig, check_creatable, check_outputs, json_safe
-    from visbatch.core.protect import ProtectedInputs
-    from visbatch.core.tasks.aigi.detector import (
-        ARTEFACT_GROUPS,
-        BACKBONE_GROUPS,
-        FEATURE_GROUPS,
-        POLICIES,
-        FeatureExtractor,
-        Tiling,
-        format_confounds,
-        policy_geometry,
-        read_labelled_folders,
-        read_labelled_root,
-        univfd_detector,
-    )
-    from visbatch.core.tasks.aigi.job import TrainSettings, features_path_for, train_job
+    from visbatch.core.pipeline import json_safe
+    from visbatch.core.tasks.aigi.command import RunSettings, TrainRequest, train_command
 
     def job() -> int:
-        if not output.endswith(".safetensors"):
-            raise UsageError("-o must name a .safetensors file")
-        if os.path.exists(output) and not overwrite:
-            raise UsageError(f"output {output} exists; pass --overwrite to replace it")
-        groups = tuple(g.strip() for g in features.split(",") if g.strip())
-        if len(set(groups)) != len(groups):
-            raise UsageError(f"--features names a group twice: {features}")
-        if l2 is not None and not math.isfinite(l2):
-            raise UsageError("--l2 must be a finite number >= 0")
-        unknown = [g for g in groups if g not in FEATURE_GROUPS]
-        if not univfd_head and (not groups or unknown):
-            raise UsageError(f"--features: unknown {unknown} (choose from {', '.join(FEATURE_GROUPS)})")
-        if policy not in POLICIES:
-            raise UsageError("--policy must be crop, resize or tiles")
-        if univfd_head:
-            ProtectedInputs(files=[univfd_head, pretrained, model]).check_file(output, "output")
-            check_creatable(output, "output")
-            backbone = _load_backbone(model, pretrained, device)
-            with OutputLock(output):
-                univfd_detector(univfd_head, backbone).save(output)
+        request = TrainRequest(
+            output=output,
+            root=root,
+            real=list(real or []),
+            fake=list(fake or []),
+            features=features,
+            model=model,
+            pretrained=pretrained,
+            univfd_head=univfd_head,
+            policy=policy,
+            size=size,
+            tiles=tiles,
+            holdout=holdout,
+            seed=seed,
+            group_pattern=group_pattern,
+            l2=l2,
+            keep_all_groups=keep_all_groups,
+            normalize_format=normalize_format,
+            overwrite=overwrite,
+            resume=resume,
+            run=RunSettings(device, precision, batch_size, workers, quiet),
+        )
+        result = train_command(request, lambda text: _say(quiet, f"visbatch: warning: {text}"))
+        report = result.report
+        if report is None:
             _say(quiet, f"visbatch detect-aigi: UnivFD head saved as {output}")
             return EXIT_OK
-        if root and (real or fake):
-            raise UsageError("give a labelled ROOT or --real/--fake, not both")
-        if not root and not (real and fake):
-            raise UsageError("give a labelled ROOT (0_real/, 1_fake/) or both --real and --fake")
-        data = read_labelled_root(root) if root else read_labelled_folders(real or [], fake or [])
-        features_path = features_path_for(output)
-        protected = ProtectedInputs.for_items(data.items, [pretrained, model])
-        protected.check_file(output, "output")
-        config = RunConfig(
-            output=features_path,
-            batch_size=batch_size,
-            workers=workers,
-            quiet=quiet,
-            resume=resume,
-            overwrite=not resume,
-            protected=protected,
-        )
-        check_outputs(config)
-        check_creatable(output, "output")
-        for warning in format_confounds(data):
-            _say(quiet, f"visbatch: warning: {warning}")
-        if policy == "resize" and any(g in ARTEFACT_GROUPS for g in groups):
-            _say(
-                quiet,
-                "visbatch: warning: --policy resize resamples every image, which erases the up-sampling "
-                "traces the npr, bitplane and spectrum groups look for",
-            )
-        backbone = _load_backbone(model, pretrained, device) if any(g in BACKBONE_GROUPS for g in groups) else None
-        host = backbone or DeviceOnly(device)
-        tile_count = tiles if policy == "tiles" else 1
-        extractor = FeatureExtractor(backbone, groups, tiling=Tiling(size, tile_count) if policy == "tiles" else None)
-        settings = TrainSettings(
-            groups, policy, size, tile_count, holdout, seed, l2, not keep_all_groups, group_pattern, normalize_format
-        )
-        with OutputLock(output):
-            detector, report = train_job(
-                data, extractor, policy_geometry(policy, size, tile_count), host, backbone, settings, config
-            )
-            detector.save(output)
-        for warning in settings.warnings:
+        for warning in result.warnings:
             _say(quiet, f"visbatch: warning: {warning}")
         if as_json:
             print(json.dumps(json_safe(report), allow_nan=False))
@@ -237,7 +180,7 @@ def train(
             f"visbatch detect-aigi train: {report['train'] + report['held_out']} images, "
             f"held-out AP {report['held_out_ap']:.3f}, AUROC {report['held_out_auroc']:.3f}, "
             f"ECE {report['held_out_ece']:.3f}, threshold {report['threshold']:.3f}\n  detector: {output}"
-            f"\n  features: {features_path}",
+            f"\n  features: {result.features_path}",
         )
         return EXIT_OK
 
@@ -260,13 +203,15 @@ def score(
     """Score images: calibrated p_fake, a label, each feature group's share; heatmaps per patch."""
     from visbatch.core.models import DeviceOnly
     from visbatch.core.pipeline import run_pipeline
+    from visbatch.core.tasks.aigi.command import RunSettings, backbone_for
     from visbatch.core.tasks.aigi.detector import Detector, FeatureExtractor
     from visbatch.core.tasks.aigi.score import ScoreTask
 
     def job() -> int:
         loaded = Detector.load(detector)
         items = find_inputs(common)
-        backbone = _backbone_for(loaded, common)
+        run = RunSettings(common.device, common.precision)
+        backbone = backbone_for(loaded, common.model, common.pretrained, run)
         host = backbone or DeviceOnly(common.device)
         extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
         task = ScoreTask(loaded, extractor, tta=tta, heatmaps=bool(heatmaps))
@@ -276,22 +221,6 @@ def score(
         return finish(summary, common)
 
     raise typer.Exit(guarded(job, common.quiet))
-
-
-def _backbone_for(detector, common):
-    from visbatch.core.tasks.aigi.detector import BACKBONE_GROUPS
-
-    if not any(group in BACKBONE_GROUPS for group in detector.groups):
-        return None
-    spec = detector.backbone["spec"] if common.model == "detector" else common.model
-    pretrained = (
-        common.pretrained
-        if common.pretrained is not None
-        else (detector.backbone.get("pretrained") if common.model == "detector" else None)
-    )
-    backbone = _load_backbone(spec, pretrained, common.device)
-    detector.check_backbone(backbone)
-    return backbone
 
 
 @app.command("eval")
@@ -306,92 +235,28 @@ def evaluate_command(
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Per generator and overall AP, AUROC and accuracies of a detector on a labelled root."""
-    from visbatch.cli.common import CommonOptions
-    from visbatch.core.files import OutputLock, utc_now
-    from visbatch.core.models import DeviceOnly
-    from visbatch.core.pipeline import RunConfig, check_creatable, check_outputs
-    from visbatch.core.protect import ProtectedInputs
-    from visbatch.core.tasks.aigi.detector import (
-        Detector,
-        FeatureExtractor,
-        format_confounds,
-        policy_geometry,
-        read_labelled_root,
-    )
-    from visbatch.core.tasks.aigi.job import evaluate_job, remove_features
+    from visbatch.core.tasks.aigi.command import EvalRequest, RunSettings, evaluate_command
 
     def job() -> int:
-        if os.path.exists(output) and not overwrite:
-            raise UsageError(f"output {output} exists; pass --overwrite to replace it")
-        data = read_labelled_root(root)
-        features_path = output + ".features.parquet"
-        protected = ProtectedInputs.for_items(data.items, [detector, pretrained, model])
-        protected.check_file(output, "output")
-        loaded = Detector.load(detector)
-        config = RunConfig(
-            output=features_path,
-            batch_size=batch_size,
-            workers=workers,
-            quiet=True,
-            resume=resume,
-            overwrite=not resume,
-            protected=protected,
-        )
-        check_outputs(config)
-        check_creatable(output, "output")
-        for warning in format_confounds(data):
-            _say(quiet, f"visbatch: warning: {warning}")
-        common = CommonOptions(
-            inputs=[],
-            manifest=None,
+        request = EvalRequest(
+            root=root,
+            detector=detector,
+            output=output,
             model=model,
             pretrained=pretrained,
-            device=device,
-            precision="auto",
-            batch_size=batch_size,
-            workers=workers,
-            recursive=True,
-            glob=[],
-            limit=None,
-            shard=None,
-            max_pixels=89_478_485,
-            resume=False,
-            overwrite=True,
-            fail_on_error=False,
-            json=as_json,
-            quiet=quiet,
-            output=output,
+            normalize_format=normalize_format,
+            overwrite=overwrite,
+            resume=resume,
+            run=RunSettings(device, precision, batch_size, workers, quiet),
         )
-        backbone = _backbone_for(loaded, common)
-        host = backbone or DeviceOnly(device)
-        extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
-        metadata = {
-            "task": "detect-aigi-eval",
-            "detector": os.path.abspath(detector),
-            "root": os.path.abspath(root),
-            "threshold": loaded.threshold,
-            "normalize_format": normalize_format,
-            "finished_at": utc_now(),
-        }
-        with OutputLock(output):
-            rows, errors = evaluate_job(
-                data,
-                loaded,
-                extractor,
-                policy_geometry(loaded.policy, loaded.size, loaded.tiles),
-                host,
-                normalize_format,
-                config,
-                output,
-                metadata,
-            )
-            remove_features(features_path)
+        rows, errors = evaluate_command(request, lambda text: _say(quiet, f"visbatch: warning: {text}"))
         overall = rows[-1]
         if as_json:
             print(json.dumps({"rows": rows, "unreadable": len(errors)}, allow_nan=False))

@@ -52,6 +52,14 @@ def two(tmp_path: Path) -> Path:
         (["classify", *TINY_CNN, "IN", "--overlays", "A_FILE/ov"], 3, "not a folder"),
         (["classify", *TINY_CNN, "IN", "--bogus"], 2, "No such option"),
         (["classify", *TINY_CNN, "/no/such/folder"], 2, "input not found"),
+        (
+            ["detect-aigi", "train", "--real", "IN", "--fake", "IN", "--features", "npr", "--precision", "fp8"]
+            + ["-o", "A_FILE.safetensors"],
+            2,
+            "unknown precision",
+        ),
+        (["detect-aigi", "train", "--real", "IN", "--fake", "IN", "-o", "A_FILE/d.safetensors"], 3, "not a folder"),
+        (["quantize", "--calib", "IN", "--model", "test-tiny-cnn", "-o", "A_FILE/q.safetensors"], 3, "not a folder"),
     ],
 )
 def test_known_misuse_gives_one_line_and_the_documented_code(two, tmp_path, args, code, fragment):

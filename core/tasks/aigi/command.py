@@ -1,0 +1,252 @@
+"""From the options of ``detect-aigi train`` / ``eval`` to the written detector or table.
+
+Each command checks its options, reads the labelled inputs, names every file it
+will write and runs through :func:`visbatch.core.jobs.run_job` (checks before
+anything is created, the output locked); :mod:`.job` holds the map stage and the
+reduce. The CLI builds the request and prints the result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from visbatch.core.errors import UsageError
+from visbatch.core.files import utc_now
+from visbatch.core.jobs import JobOutput, check_job_outputs, run_job
+from visbatch.core.models import DeviceOnly, load_model
+from visbatch.core.models.devices import PRECISIONS
+from visbatch.core.pipeline import RunConfig, check_outputs
+from visbatch.core.protect import ProtectedInputs
+from visbatch.core.tasks.aigi.detector import (
+    ARTEFACT_GROUPS,
+    BACKBONE_GROUPS,
+    FEATURE_GROUPS,
+    POLICIES,
+    Detector,
+    FeatureExtractor,
+    Tiling,
+    format_confounds,
+    policy_geometry,
+    read_labelled_folders,
+    read_labelled_root,
+    univfd_detector,
+)
+from visbatch.core.tasks.aigi.job import TrainSettings, evaluate_job, features_path_for, remove_features, train_job
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class RunSettings:
+    """Where and how the map stage runs: the options every subcommand shares."""
+
+    device: str = "auto"
+    precision: str = "auto"  # of the backbone; pixel-statistics groups always run in fp32
+    batch_size: int = 16
+    workers: int = 0
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r} (use auto, fp32, bf16 or fp16)")
+
+
+def load_backbone(spec: str, pretrained: str | None, run: RunSettings):
+    return load_model(spec, pretrained, run.device, run.precision)
+
+
+def backbone_for(detector: Detector, model: str, pretrained: str | None, run: RunSettings):
+    """The detector's backbone (``model == "detector"``: the one it was trained on), checked
+    against the checksum it recorded; None when its groups need no network."""
+    if not any(group in BACKBONE_GROUPS for group in detector.groups):
+        return None
+    own = model == "detector"
+    spec = detector.backbone["spec"] if own else model
+    if pretrained is None and own:
+        pretrained = detector.backbone.get("pretrained")
+    backbone = load_backbone(spec, pretrained, run)
+    detector.check_backbone(backbone)
+    return backbone
+
+
+@dataclass
+class TrainRequest:
+    output: str
+    root: str | None = None
+    real: list[str] = field(default_factory=list)
+    fake: list[str] = field(default_factory=list)
+    features: str = "npr,bitplane,spectrum,layers"
+    model: str = "efficientnet-lite0"
+    pretrained: str | None = None
+    univfd_head: str | None = None
+    policy: str = "crop"
+    size: int = 256
+    tiles: int = 3
+    holdout: float = 0.25
+    seed: int = 0
+    group_pattern: str | None = None
+    l2: float | None = None
+    keep_all_groups: bool = False
+    normalize_format: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+@dataclass
+class TrainResult:
+    report: dict | None  # None for a UnivFD head (nothing trained)
+    features_path: str | None
+    warnings: list[str]  # said after the run (those about the data are said before it)
+
+
+def _groups(request: TrainRequest) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in request.features.split(",") if g.strip())
+    if len(set(groups)) != len(groups):
+        raise UsageError(f"--features names a group twice: {request.features}")
+    unknown = [g for g in groups if g not in FEATURE_GROUPS]
+    if not request.univfd_head and (not groups or unknown):
+        raise UsageError(f"--features: unknown {unknown} (choose from {', '.join(FEATURE_GROUPS)})")
+    return groups
+
+
+def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
+    """Check, read the labelled folders, compute features (resumable), train, save the detector."""
+    output, run = request.output, request.run
+    if not output.endswith(".safetensors"):
+        raise UsageError("-o must name a .safetensors file")
+    if os.path.exists(output) and not request.overwrite:
+        raise UsageError(f"output {output} exists; pass --overwrite to replace it")
+    groups = _groups(request)
+    if request.l2 is not None and not math.isfinite(request.l2):
+        raise UsageError("--l2 must be a finite number >= 0")
+    if request.policy not in POLICIES:
+        raise UsageError("--policy must be crop, resize or tiles")
+    if request.univfd_head:
+        protected = ProtectedInputs(files=[request.univfd_head, request.pretrained, request.model])
+        outputs = [JobOutput(output)]
+        check_job_outputs(outputs, protected, request.overwrite)
+        backbone = load_backbone(request.model, request.pretrained, run)
+        run_job(
+            outputs,
+            protected,
+            request.overwrite,
+            lambda: univfd_detector(request.univfd_head, backbone).save(output),
+        )
+        return TrainResult(None, None, [])
+    if request.root and (request.real or request.fake):
+        raise UsageError("give a labelled ROOT or --real/--fake, not both")
+    if not request.root and not (request.real and request.fake):
+        raise UsageError("give a labelled ROOT (0_real/, 1_fake/) or both --real and --fake")
+    data = read_labelled_root(request.root) if request.root else read_labelled_folders(request.real, request.fake)
+    features_path = features_path_for(output)
+    protected = ProtectedInputs.for_items(data.items, [request.pretrained, request.model])
+    outputs = [JobOutput(output)]
+    config = RunConfig(
+        output=features_path,
+        batch_size=run.batch_size,
+        workers=run.workers,
+        quiet=run.quiet,
+        resume=request.resume,
+        overwrite=not request.resume,
+        protected=protected,
+    )
+    check_outputs(config)
+    check_job_outputs(outputs, protected, request.overwrite)
+    for warning in format_confounds(data):
+        warn(warning)
+    if request.policy == "resize" and any(g in ARTEFACT_GROUPS for g in groups):
+        warn(
+            "--policy resize resamples every image, which erases the up-sampling "
+            "traces the npr, bitplane and spectrum groups look for"
+        )
+    needs_backbone = any(g in BACKBONE_GROUPS for g in groups)
+    backbone = load_backbone(request.model, request.pretrained, run) if needs_backbone else None
+    host = backbone or DeviceOnly(run.device)
+    tile_count = request.tiles if request.policy == "tiles" else 1
+    tiling = Tiling(request.size, tile_count) if request.policy == "tiles" else None
+    extractor = FeatureExtractor(backbone, groups, tiling=tiling)
+    settings = TrainSettings(
+        groups,
+        request.policy,
+        request.size,
+        tile_count,
+        request.holdout,
+        request.seed,
+        request.l2,
+        not request.keep_all_groups,
+        request.group_pattern,
+        request.normalize_format,
+    )
+    geometry = policy_geometry(request.policy, request.size, tile_count)
+
+    def body() -> dict:
+        detector, report = train_job(data, extractor, geometry, host, backbone, settings, config)
+        detector.save(output)
+        return report
+
+    report = run_job(outputs, protected, request.overwrite, body)
+    return TrainResult(report, features_path, settings.warnings)
+
+
+@dataclass
+class EvalRequest:
+    root: str
+    detector: str
+    output: str = "detect-aigi-eval.parquet"
+    model: str = "detector"
+    pretrained: str | None = None
+    normalize_format: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list[str]]:
+    """Per generator and overall figures of a detector on a labelled root, written to the output;
+    returns (rows, one-line reasons for the images that could not be scored)."""
+    output, run = request.output, request.run
+    if os.path.exists(output) and not request.overwrite:
+        raise UsageError(f"output {output} exists; pass --overwrite to replace it")
+    data = read_labelled_root(request.root)
+    features_path = output + ".features.parquet"
+    protected = ProtectedInputs.for_items(data.items, [request.detector, request.pretrained, request.model])
+    outputs = [JobOutput(output)]
+    check_job_outputs(outputs, protected, request.overwrite)
+    loaded = Detector.load(request.detector)
+    config = RunConfig(
+        output=features_path,
+        batch_size=run.batch_size,
+        workers=run.workers,
+        quiet=True,
+        resume=request.resume,
+        overwrite=not request.resume,
+        protected=protected,
+    )
+    check_outputs(config)
+    for warning in format_confounds(data):
+        warn(warning)
+    backbone = backbone_for(loaded, request.model, request.pretrained, run)
+    host = backbone or DeviceOnly(run.device)
+    extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
+    metadata = {
+        "task": "detect-aigi-eval",
+        "detector": os.path.abspath(request.detector),
+        "root": os.path.abspath(request.root),
+        "threshold": loaded.threshold,
+        "normalize_format": request.normalize_format,
+        "finished_at": utc_now(),
+    }
+    geometry = policy_geometry(loaded.policy, loaded.size, loaded.tiles)
+
+    def body() -> tuple[list[dict], list[str]]:
+        result = evaluate_job(
+            data, loaded, extractor, geometry, host, request.normalize_format, config, output, metadata
+        )
+        remove_features(features_path)
+        return result
+
+    return run_job(outputs, protected, request.overwrite, body)
