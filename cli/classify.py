@@ -38,7 +38,7 @@ def classify(
 
     def job() -> int:
         settings = overlay_settings(overlays, overlay_size, colormap, alpha, overlay_style)
-        items = find_inputs(common)
+        items = find_inputs(common, stream=True)
         model = load_model_for(common)
         task = ClassifyTask(model, top_k=top_k, overlays=bool(overlays))
         if overlays and not task.cam_available:

@@ -66,8 +66,8 @@ def clip_score(
             check_template(t)
         if prompt is not None and not prompt.strip():
             raise UsageError("--prompt is empty")
-        items = find_inputs(common, caption_column)
-        roots = sorted({it.root for it in items})
+        items = find_inputs(common, caption_column, stream=True)
+        roots = items.roots
         caption_table = TextTable.read(captions, path_column, caption_column, roots) if captions else None
         reference_table = TextTable.read(references, path_column, reference_column, roots) if references else None
         model = load_model_for(common)

@@ -397,20 +397,23 @@ def guarded(func: Callable[[], int], quiet: bool = False) -> int:
         )
 
 
-def find_inputs(common: CommonOptions, caption_column: Optional[str] = None):
+def find_inputs(common: CommonOptions, caption_column: Optional[str] = None, stream: bool = False):
     """Items for the run, from INPUT arguments and --manifest (what was skipped goes to
     ``common.warnings``); ``caption_column`` is the command's --caption-column, read from
-    INPUT tables."""
+    INPUT tables. ``stream``: an ItemStream whose tar shards are listed as the run reaches
+    them (the per-image subcommands); otherwise a list of every item (the pool jobs)."""
     from visbatch.core.images import InputError
-    from visbatch.core.sources import find_images
+    from visbatch.core.sources import find_image_stream, find_images
 
     if not common.inputs and not common.manifest:
         raise UsageError("no input: give image folders or files, - for stdin, or --manifest FILE")
     options = source_options(common, caption_column)
-    items = find_images(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
-    if (common.image_column or common.keep_columns) and not any(hasattr(it.ref, "column") for it in items):
+    find = find_image_stream if stream else find_images
+    items = find(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
+    listed = items.head if stream else items
+    if (common.image_column or common.keep_columns) and not any(hasattr(it.ref, "column") for it in listed):
         raise UsageError("--image-column and --keep-columns apply to Parquet/Arrow INPUT tables; none was given")
-    if not items:
+    if items.is_empty() if stream else not items:
         where = ", ".join(common.inputs + ([common.manifest] if common.manifest else []))
         raise InputError(
             f"no images found in {where}"
@@ -462,7 +465,8 @@ def protected_inputs(common: CommonOptions, items, *files):
     from visbatch.core.protect import ProtectedInputs
 
     named = [common.manifest, common.pretrained, common.model, *files]
-    named += [item.path for item in items if not _has_image_suffix(item.relpath)]
+    listed = getattr(items, "head", items)  # of a stream, what is listed before the run
+    named += [item.path for item in listed if not _has_image_suffix(item.relpath)]
     return ProtectedInputs.for_items(items, [f for f in named if f and os.path.isfile(f)])
 
 

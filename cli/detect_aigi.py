@@ -209,7 +209,7 @@ def score(
 
     def job() -> int:
         loaded = Detector.load(detector)
-        items = find_inputs(common)
+        items = find_inputs(common, stream=True)
         run = RunSettings(common.device, common.precision)
         backbone = backbone_for(loaded, common.model, common.pretrained, run)
         host = backbone or DeviceOnly(common.device)

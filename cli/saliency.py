@@ -102,7 +102,7 @@ def saliency(
             raise UsageError("--score must be cosine or logit")
         for t in template or []:
             check_template(t)
-        items = find_inputs(common, caption_column)
+        items = find_inputs(common, caption_column, stream=True)
         model = load_model_for(common)
         chosen = method
         if chosen == "auto":
@@ -132,7 +132,7 @@ def saliency(
             "probability": keep_probability,
         }
         params = {name: values[name] for name in METHODS[chosen].parameters}
-        roots = sorted({it.root for it in items})
+        roots = items.roots
         options = SaliencyOptions(
             method=chosen,
             params=params,

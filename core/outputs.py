@@ -276,7 +276,12 @@ class ResultsWriter:
         columns but must keep one row per input, in order.
         """
         try:
-            tables = [_read_part(p) for p in self._part_paths()]
+            parts = self._part_paths()
+            if reduce is None and not drop and _parts_in_key_order(parts, self.multi_root):
+                # A fresh run over a stream writes its parts in key order: copied part by part,
+                # the merge holds one row group, not the whole table (10M rows stay cheap).
+                return self._write_in_order(parts)
+            tables = [_read_part(p) for p in parts]
             table = pa.concat_tables(tables) if tables else self.schema.empty_table()
             table = table.cast(self.schema)
             if drop:
@@ -305,6 +310,70 @@ class ResultsWriter:
             self._lock.release()
         return order.num_rows
 
+    def _write_in_order(self, parts: list[Path]) -> int:
+        rows = sum(_part_rows(p) for p in parts)
+        meta = {**self.metadata, "finished_at": utc_now(), "rows": rows}
+        schema = self.schema.remove_metadata().with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        with atomic_path(self.output) as tmp:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                pending: list[pa.Table] = []
+                held = 0
+                for part in parts:
+                    table = _read_part(part, mapped=False).cast(self.schema).replace_schema_metadata(schema.metadata)
+                    pending.append(table)
+                    held += table.num_rows
+                    if held >= ROW_GROUP_SIZE:  # full row groups out, the remainder held for the next
+                        joined = pa.concat_tables(pending)
+                        full = held // ROW_GROUP_SIZE * ROW_GROUP_SIZE
+                        writer.write_table(joined.slice(0, full), row_group_size=ROW_GROUP_SIZE)
+                        pending, held = [joined.slice(full)], held - full
+                if held:
+                    writer.write_table(pa.concat_tables(pending))
+                elif rows == 0:
+                    writer.write_table(schema.empty_table())
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return rows
+
+
+def _part_rows(path: Path) -> int:
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            reader = ipc.open_file(source)
+            return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise FatalError(f"cannot read part {path}: {str(exc).splitlines()[0]}; pass --overwrite to start over")
+
+
+def _parts_in_key_order(parts: list[Path], multi_root: bool) -> bool:
+    """Whether the parts, in writing order, hold strictly rising keys (so no key repeats and
+    concatenating them is the sorted output). Reads only the key columns."""
+    import pyarrow.compute as pc
+
+    columns = ["root", "path"] if multi_root else ["path"]
+    previous: tuple | None = None
+    first: tuple
+    last: tuple
+    for part in parts:
+        table = _read_part(part, columns=columns)
+        n = table.num_rows
+        if n == 0:
+            continue
+        path = table.column("path")
+        if multi_root:
+            root = table.column("root")
+            r0, r1, p0, p1 = root.slice(0, n - 1), root.slice(1), path.slice(0, n - 1), path.slice(1)
+            rising = pc.or_(pc.less(r0, r1), pc.and_(pc.equal(r0, r1), pc.less(p0, p1)))
+            first, last = (root[0].as_py(), path[0].as_py()), (root[n - 1].as_py(), path[n - 1].as_py())
+        else:
+            rising = pc.less(path.slice(0, n - 1), path.slice(1))
+            first, last = (path[0].as_py(),), (path[n - 1].as_py(),)
+        if None in first or None in last or (n > 1 and not pc.all(rising).as_py()):
+            return False
+        if previous is not None and not previous < first:
+            return False
+        previous = last
+    return True
+
 
 def write_parquet(path: str | os.PathLike, table: pa.Table, metadata: dict | None) -> None:
     """Write ``table`` (with the ``visbatch`` metadata) atomically, in row groups."""
@@ -319,10 +388,11 @@ def write_parquet(path: str | os.PathLike, table: pa.Table, metadata: dict | Non
                 writer.write_table(schema.empty_table())
 
 
-def _read_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+def _read_part(path: Path, columns: list[str] | None = None, mapped: bool = True) -> pa.Table:
     # Memory-mapped: merging a million rows of parts does not copy them into RAM first.
+    # Unmapped for a part-by-part copy, whose memory is freed once the part is written.
     try:
-        with pa.memory_map(str(path), "r") as source:
+        with pa.memory_map(str(path), "r") if mapped else pa.OSFile(str(path), "rb") as source:
             table = ipc.open_file(source).read_all()
     except (OSError, pa.ArrowInvalid) as exc:
         raise FatalError(f"cannot read part {path}: {str(exc).splitlines()[0]}; pass --overwrite to start over")

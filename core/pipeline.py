@@ -53,7 +53,7 @@ from visbatch.core.outputs import BASE_COLUMNS, OutputError, ResultsWriter, base
 from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render_overlay
 from visbatch.core.protect import ProtectedInputs
 from visbatch.core.sinks import RemoteOutputs
-from visbatch.core.sources import files_unchanged, is_url, item_fields, items_unchanged
+from visbatch.core.sources import ItemStream, files_unchanged, is_url, items_unchanged
 
 log = logging.getLogger("visbatch")
 
@@ -181,6 +181,13 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def extend(self, count: int) -> None:
+        """More items to do (a stream lists them as the run goes)."""
+        self.total += count
+        if self.bar is not None and count:
+            self.bar.total = self.total
+            self.bar.refresh()
 
     def update(self, ok: int, failed: int) -> None:
         self.ok += ok
@@ -389,14 +396,16 @@ def check_creatable(path: str | os.PathLike, what: str) -> None:
         raise FatalError(f"cannot create {what} {path}: {parent} is not writable")
 
 
-def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], config: RunConfig) -> Summary:
-    """Run ``task`` over ``items`` and write the output. See the module docstring."""
+def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | ItemStream, config: RunConfig) -> Summary:
+    """Run ``task`` over ``items`` (a list, or a stream listed chunk by chunk) and write the
+    output. See the module docstring."""
+    stream = items if isinstance(items, ItemStream) else ItemStream(items)
     fields = task.fields()
-    roots = config.roots or sorted({it.root for it in items})
+    roots = config.roots or stream.roots
     config.roots = roots
     multi_root = len(roots) > 1
     check_outputs(config)
-    summary = Summary(task=task.name, inputs=len(items), output=str(config.output), overlays=config.overlays)
+    summary = Summary(task=task.name, inputs=0, output=str(config.output), overlays=config.overlays)
     if model.is_random:
         summary.warnings.append(f"{model.spec} has random weights: its outputs mean nothing")
     writer = ResultsWriter(
@@ -404,15 +413,14 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
         fields,
         run_metadata(task, model, config, fields),
         multi_root=multi_root,
-        source_fields=item_fields(items),
+        source_fields=stream.fields(),
         resume=config.resume,
         overwrite=config.overwrite,
     )
     sinks: list[FolderSink] = []
     try:
-        drop: set[tuple[str, str]] = set()
-        if config.resume:
-            items, drop = _reconcile(writer.done_rows(), items, summary)
+        done = writer.done_rows() if config.resume else None
+        seen: set[tuple[str, str]] = set()  # the done keys listed by this run
         guard = config.protected.check_write if config.protected is not None else None
         overlay_sink = FolderSink(config.overlays, "overlay", roots, guard=guard) if config.overlays else None
         map_sink = (
@@ -421,24 +429,32 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
             else None
         )
         sinks = [s for s in (overlay_sink, map_sink) if s is not None]
-        loader = make_loader(
-            items,
-            model,
-            config,
-            display_size=config.overlay_size if overlay_sink else None,
-            annotate=getattr(task, "annotate", None),
-            geometry=getattr(task, "geometry", None),
-        )
-        progress = Progress(len(items), config.quiet, config.log_interval, task.name)
+        progress = Progress(0, config.quiet, config.log_interval, task.name)
         start = time.monotonic()
         pending: _Pending | None = None
         try:
             with StopFlag(config.quiet) as stop:
-                for batch in loader:
-                    current = _process_batch(task, model, batch, overlay_sink, map_sink, config, multi_root)
-                    if pending is not None:
-                        _commit(pending, writer, summary, progress)
-                    pending = current
+                for chunk in stream.chunks():
+                    summary.inputs += len(chunk)
+                    todo = _reconcile_listed(done, chunk, summary, seen) if done is not None else chunk
+                    progress.extend(len(todo))
+                    if not todo:
+                        continue
+                    loader = make_loader(
+                        todo,
+                        model,
+                        config,
+                        display_size=config.overlay_size if overlay_sink else None,
+                        annotate=getattr(task, "annotate", None),
+                        geometry=getattr(task, "geometry", None),
+                    )
+                    for batch in loader:
+                        current = _process_batch(task, model, batch, overlay_sink, map_sink, config, multi_root)
+                        if pending is not None:
+                            _commit(pending, writer, summary, progress)
+                        pending = current
+                        if stop:
+                            break
                     if stop:
                         summary.interrupted = True
                         break
@@ -457,6 +473,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
         if overlay_sink is not None:
             summary.overlays_written = overlay_sink.written
         if not summary.interrupted:
+            drop = _reconcile_unlisted(done, seen, summary) if done is not None else set()
             writer.finalize(getattr(task, "reduce", None), drop)
             summary.ok, summary.failed = _count_status(config.output)
     finally:
@@ -466,36 +483,35 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem], con
     return summary
 
 
-def _reconcile(done: dict, items: Sequence[ImageItem], summary: Summary):
-    """Split a resumed run's items into those still to do and the keys whose old rows must go.
+def _reconcile_listed(done: dict, chunk: Sequence[ImageItem], summary: Summary, seen: set) -> list[ImageItem]:
+    """The items of a resumed run's chunk still to do: not done, or changed since (a done row
+    stands when its file still has the recorded size, modification time and content hash)."""
+    listed = [it for it in chunk if (it.root, it.relpath) in done]
+    unchanged = items_unchanged([(it, done[(it.root, it.relpath)]) for it in listed])
+    stands = {(it.root, it.relpath) for it, same in zip(listed, unchanged) if same}
+    seen.update((it.root, it.relpath) for it in listed)
+    todo = []
+    for item in chunk:
+        key = (item.root, item.relpath)
+        if key in stands:
+            summary.resumed += 1
+            continue
+        if key in done:
+            summary.changed += 1  # its new row replaces the old one (the newest row of a key wins)
+        todo.append(item)
+    return todo
 
-    A done row stands when its file still has the recorded size, modification time and
-    content hash; a changed file is redone; a row whose file is gone is dropped.
-    """
-    current = {(it.root, it.relpath): it for it in items}
-    listed = [key for key in done if key in current]
-    unchanged = dict(zip(listed, items_unchanged([(current[key], done[key]) for key in listed])))
-    # A row whose item is no longer listed stands only while its local file is unchanged
-    # (checked in threads, like the listed ones); a sample of a shard, a table or a URL that
-    # is not listed is gone.
-    unlisted = {key: os.path.join(*key) for key in done if key not in current}
+
+def _reconcile_unlisted(done: dict, seen: set, summary: Summary) -> set[tuple[str, str]]:
+    """The keys whose old rows must go: done rows this run did not list. One stands only while
+    its local file is unchanged (checked in threads); a sample of a shard, a table or a URL
+    that is not listed is gone."""
+    unlisted = {key: os.path.join(*key) for key in done if key not in seen}
     local = {key: path for key, path in unlisted.items() if not is_url(key[0]) and os.path.isfile(path)}
     by_path = files_unchanged({path: done[key] for key, path in local.items()})
-    unchanged.update({key: key in local and by_path[local[key]] for key in unlisted})
-    todo, drop = [], set()
-    for key, item in current.items():
-        if key in done and unchanged[key]:
-            summary.resumed += 1
-        else:
-            if key in done:
-                summary.changed += 1
-            todo.append(item)
-    for key in done:
-        if key not in current and not unchanged[key]:
-            drop.add(key)
-            summary.removed += 1
-    todo.sort(key=lambda it: (it.root, it.relpath))
-    return todo, drop
+    drop = {key for key in unlisted if not (key in local and by_path[local[key]])}
+    summary.removed += len(drop)
+    return drop
 
 
 @dataclass

@@ -65,10 +65,14 @@ class ProtectedInputs:
     def for_items(cls, items, files: Iterable[str | None] = ()) -> ProtectedInputs:
         """Inputs of a run over ``items`` (their roots and the shards, tables or objects behind
         them) plus the named ``files``."""
+        if hasattr(items, "locations"):  # an ItemStream: its shards are named, their samples not yet listed
+            listed, roots, shards = items.head, items.roots, items.locations
+        else:
+            listed, roots, shards = items, {item.root for item in items}, []
         behind = {
-            loc for item in items if (loc := getattr(item.ref, "location", None) or getattr(item.ref, "url", None))
+            loc for item in listed if (loc := getattr(item.ref, "location", None) or getattr(item.ref, "url", None))
         }
-        return cls({item.root for item in items}, [*files, *behind])
+        return cls(roots, [*files, *behind, *shards])
 
     def add(self, roots: Iterable[str] = (), files: Iterable[str | None] = ()) -> ProtectedInputs:
         """A copy that also protects ``roots`` and ``files`` (a reference folder, a second input)."""

@@ -60,6 +60,7 @@ from visbatch.core.sources.shards import (
     shards_in_folder,
     split_location,
 )
+from visbatch.core.sources.stream import ItemStream
 from visbatch.core.sources.tables import is_table_name, list_table
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "FileBytes",
     "ImageDecodeError",
     "ImageItem",
+    "ItemStream",
     "InputError",
     "SampleRef",
     "SourceOptions",
@@ -76,6 +78,7 @@ __all__ = [
     "file_fingerprint",
     "file_unchanged",
     "files_unchanged",
+    "find_image_stream",
     "find_images",
     "has_image_extension",
     "item_columns",
@@ -164,6 +167,32 @@ class _Found:
             self.add_local(entry, stdin)
 
 
+def _resolve(
+    inputs: Sequence[str],
+    options: SourceOptions,
+    manifest: str | None,
+    stdin,
+    warnings: list[str] | None,
+) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+    """(the listed items, filtered by --glob and --shard, sorted; the shards still to list,
+    filtered by --shard, sorted)."""
+    for pattern in options.globs:
+        check_glob(pattern)
+    found = _Found(options, warnings)
+    if manifest:
+        found.items.update(read_manifest(manifest, warnings=warnings))
+    for entry in inputs:
+        found.add(entry, stdin)
+    shards = sorted(set(found.shards))
+    selected = [it for it in found.items if not options.globs or glob_matches(it.relpath, options.globs)]
+    if options.shard is not None:
+        index, count = options.shard
+        shards = [(root, name) for root, name in shards if shard_of(name, count) == index]
+        selected = [it for it in selected if shard_of(it.relpath, count) == index]
+    selected.sort(key=lambda it: (it.root, it.relpath))
+    return selected, shards
+
+
 def find_images(
     inputs: Sequence[str],
     options: SourceOptions | None = None,
@@ -171,7 +200,7 @@ def find_images(
     stdin=None,
     warnings: list[str] | None = None,
 ) -> list[ImageItem]:
-    """Resolve INPUT arguments into sorted, filtered, sharded, limited items.
+    """Resolve INPUT arguments into sorted, filtered, sharded, limited items, all listed.
 
     Folders are walked (recursively unless ``options.recursive`` is false);
     files are taken as named, even with an unusual extension, so a user who
@@ -180,33 +209,39 @@ def find_images(
     ``--shard I/N`` partitions by shard (a whole tar is the unit) for shards, by key
     otherwise. Raises :class:`InputError` for inputs that do not exist and for bad
     ``--glob`` patterns; what was skipped is appended to ``warnings``.
+
+    The pool jobs (select-data, quantize, detect-aigi train) need every item at once;
+    the per-image subcommands take :func:`find_image_stream`, which lists shards as
+    the run reaches them.
     """
     options = options or SourceOptions()
-    for pattern in options.globs:
-        check_glob(pattern)
-    found = _Found(options, warnings)
-    if manifest:
-        found.items.update(read_manifest(manifest, warnings=warnings))
-    for entry in inputs:
-        found.add(entry, stdin)
-
-    shards = found.shards
-    if options.shard is not None:
-        index, count = options.shard
-        shards = [(root, name) for root, name in shards if shard_of(name, count) == index]
+    selected, shards = _resolve(inputs, options, manifest, stdin, warnings)
     # --limit can stop listing shards early only when nothing else could sort before them.
-    early_limit = options.limit if not found.items and not options.globs else None
+    early_limit = options.limit if not selected and not options.globs else None
     from_shards = list_shards(shards, early_limit, warnings)
-
-    selected = [it for it in found.items if not options.globs or glob_matches(it.relpath, options.globs)]
-    if options.shard is not None:
-        index, count = options.shard
-        selected = [it for it in selected if shard_of(it.relpath, count) == index]
     selected += [it for it in from_shards if not options.globs or glob_matches(it.relpath, options.globs)]
     selected.sort(key=lambda it: (it.root, it.relpath))
     if options.limit is not None:
         selected = selected[: options.limit]
     return selected
+
+
+def find_image_stream(
+    inputs: Sequence[str],
+    options: SourceOptions | None = None,
+    manifest: str | None = None,
+    stdin=None,
+    warnings: list[str] | None = None,
+) -> ItemStream:
+    """The same items as :func:`find_images`, but tar shards are listed a chunk at a time as
+    the run consumes them (a pool of 10,000 shards starts at once and never holds all
+    its items). Loose files, tables and manifests are listed up front, as before."""
+    options = options or SourceOptions()
+    selected, shards = _resolve(inputs, options, manifest, stdin, warnings)
+    if shards and selected and options.limit is not None:
+        # The first --limit keys may mix loose files and shard samples: list it all, as before.
+        return ItemStream(find_images(inputs, options, manifest, stdin, warnings))
+    return ItemStream(selected, shards, options.globs, options.limit, warnings)
 
 
 def item_fields(items: Sequence[ImageItem]) -> list[pa.Field]:

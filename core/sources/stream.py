@@ -1,0 +1,145 @@
+"""The items of a run as a stream of chunks: tar shards listed as the run reaches them.
+
+Listing a shard means reading its tar headers, which are spread through the
+whole file: listing 10,000 shards up front would read the pool once before the
+first image is decoded and hold every key in memory. An :class:`ItemStream`
+instead hands the pipeline chunks of at least ``chunk_size`` items, shard after
+shard in key order, and lists the next chunk in a background thread while the
+current one runs. Memory holds one chunk (plus the one being listed), whatever
+the pool's size.
+
+Items listed up front (loose files, tables, manifests, URLs of images) form the
+first chunk. Within each chunk items are sorted; across chunks keys rise too
+(shards are taken in name order), though nothing depends on it: the writer
+sorts the output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pyarrow as pa
+
+from visbatch.core.sources.base import ImageItem
+from visbatch.core.sources.local import glob_matches
+from visbatch.core.sources.remote import is_url
+from visbatch.core.sources.shards import list_shard
+
+CHUNK_SIZE = 8192  # items per chunk: large enough that a fresh decode loader per chunk costs nothing
+
+
+class ItemStream:
+    """Items listed up front (``head``) then the samples of ``shards``, chunk by chunk.
+
+    ``roots``, ``locations`` (the shards) and :meth:`fields` are known before any shard is
+    read, so outputs can be checked against every input and the schema fixed first.
+    """
+
+    def __init__(
+        self,
+        head: Sequence[ImageItem],
+        shards: Sequence[tuple[str, str]] = (),
+        globs: Sequence[str] = (),
+        limit: int | None = None,
+        warnings: list[str] | None = None,
+        chunk_size: int | None = None,
+    ):
+        self.head = sorted(head, key=lambda it: (it.root, it.relpath))
+        self.shards = sorted(set(shards))
+        self.globs, self.limit, self.warnings = tuple(globs), limit, warnings
+        self.chunk_size = max(1, chunk_size or CHUNK_SIZE)
+        self.listed = 0  # items handed out so far
+        self._primed: list[list[ImageItem]] = []
+        self._source: Iterator[list[ImageItem]] | None = None
+        self._stopped = False  # the consumer is gone: the listing thread stops between shards
+
+    @property
+    def roots(self) -> list[str]:
+        return sorted({it.root for it in self.head} | {root for root, _ in self.shards})
+
+    @property
+    def locations(self) -> list[str]:
+        """The shard files (paths or URLs) behind the stream's samples."""
+        return [
+            root.rstrip("/") + "/" + name if is_url(root) else os.path.join(root, name) for root, name in self.shards
+        ]
+
+    def fields(self) -> list[pa.Field]:
+        """The columns the sources add: ``shard`` for shard samples, then any ``--keep-columns``."""
+        fields = [pa.field("shard", pa.string())] if self.shards or any(it.shard for it in self.head) else []
+        kept = next((it.ref.kept_fields for it in self.head if getattr(it.ref, "kept_fields", ())), ())
+        return fields + list(kept)
+
+    def is_empty(self) -> bool:
+        """Lists until the first item (or the end): a run over nothing is refused before it starts."""
+        while not any(self._primed):
+            chunk = next(self._chunks(), None)
+            if chunk is None:
+                return True
+            self._primed.append(chunk)
+        return False
+
+    def chunks(self) -> Iterator[list[ImageItem]]:
+        """The items, a sorted chunk at a time, until the end or ``limit`` items."""
+        while self._primed:
+            yield self._primed.pop(0)
+        yield from self._chunks()
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        for chunk in self.chunks():
+            yield from chunk
+
+    # -- the listing ------------------------------------------------------------------------
+
+    def _chunks(self) -> Iterator[list[ImageItem]]:
+        if self._source is None:
+            self._source = self._generate()
+        return self._source
+
+    def _take(self, items: list[ImageItem]) -> list[ImageItem]:
+        if self.limit is not None:
+            items = items[: max(0, self.limit - self.listed)]
+        self.listed += len(items)
+        return items
+
+    def _full(self) -> bool:
+        return self.limit is not None and self.listed >= self.limit
+
+    def _list(self, start: int) -> tuple[list[ImageItem], int]:
+        """Items of the shards from ``start`` until a chunk is full: (sorted items, next start)."""
+        items: list[ImageItem] = []
+        index = start
+        while index < len(self.shards) and len(items) < self.chunk_size and not self._stopped:
+            root, name = self.shards[index]
+            listed = list_shard(root, name, self.warnings)
+            items += [it for it in listed if not self.globs or glob_matches(it.relpath, self.globs)]
+            index += 1
+            if self.limit is not None and self.listed + len(items) >= self.limit:
+                break  # later shards hold only keys that sort after these
+        items.sort(key=lambda it: (it.root, it.relpath))
+        return items, index
+
+    def _generate(self) -> Iterator[list[ImageItem]]:
+        if self.head:
+            chunk = self._take(self.head)
+            if chunk:
+                yield chunk
+        if not self.shards or self._full():
+            return
+        # One listing ahead in a thread: the next shards' headers are read while this chunk runs.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visbatch-listing")
+        try:
+            ahead: Future | None = pool.submit(self._list, 0)
+            while ahead is not None:
+                items, following = ahead.result()
+                ahead = pool.submit(self._list, following) if following < len(self.shards) else None
+                chunk = self._take(items)
+                if chunk:
+                    yield chunk
+                if self._full():
+                    return
+        finally:
+            self._stopped = True
+            pool.shutdown(wait=False, cancel_futures=True)
