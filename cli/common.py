@@ -51,6 +51,10 @@ class CommonOptions:
     runtime: str = "speed"
     image_column: Optional[str] = None
     keep_columns: Optional[str] = None
+    engine: str = "local"
+    ray_address: str = "auto"
+    gpus_per_worker: Optional[float] = None
+    concurrency: Optional[str] = None
     warnings: list = field(default_factory=list)  # what the inputs' reading skipped, for the summary
 
 
@@ -304,6 +308,57 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
             None,
         ),
         opt(
+            "engine",
+            Annotated[
+                str,
+                typer.Option(
+                    "--engine",
+                    help="local (this machine) or ray (a Ray cluster; pip install visbatch[ray]).",
+                    envvar="VISBATCH_ENGINE",
+                ),
+            ],
+            "local",
+        ),
+        opt(
+            "ray_address",
+            Annotated[
+                str,
+                typer.Option(
+                    "--ray-address",
+                    help="With --engine ray: auto (the running cluster, else a local one), local, or HOST:PORT.",
+                    envvar="VISBATCH_RAY_ADDRESS",
+                ),
+            ],
+            "auto",
+        ),
+        opt(
+            "gpus_per_worker",
+            Annotated[
+                Optional[float],
+                typer.Option(
+                    "--gpus-per-worker",
+                    min=0.0,
+                    help="With --engine ray: GPUs per model actor (default 1 when the cluster has GPUs, else 0).",
+                    envvar="VISBATCH_GPUS_PER_WORKER",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "concurrency",
+            Annotated[
+                Optional[str],
+                typer.Option(
+                    "--concurrency",
+                    help="With --engine ray: model actors, N or MIN,MAX (default: one per GPU, or 1 on CPU).",
+                    envvar="VISBATCH_CONCURRENCY",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        opt(
             "output",
             Annotated[
                 Optional[str],
@@ -509,8 +564,16 @@ def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(
         remote=remote,
         shard=parse_shard(common.shard) if common.shard else None,
         selection={"globs": list(common.glob), "limit": common.limit, "recursive": common.recursive},
+        engine=engine_options(common),
         **overlay,
     )
+
+
+def engine_options(common: CommonOptions):
+    """The --engine options, checked (and the ray extra found) before anything is created."""
+    from visbatch.core.engines import EngineOptions
+
+    return EngineOptions.parse(common.engine, common.ray_address, common.gpus_per_worker, common.concurrency)
 
 
 def finish(summary, common: CommonOptions) -> int:

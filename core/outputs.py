@@ -241,9 +241,7 @@ class ResultsWriter:
             self._part_counter += 1
             # Names sort in writing order across runs, so a redone row's part comes after the old one.
             name = f"part-{time.time_ns():020d}-{self._part_counter:08d}.arrow"
-        with atomic_path(self.parts_dir / name) as tmp:
-            with pa.OSFile(tmp, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
+        write_part(self.parts_dir, table, name)
 
     def done_rows(self) -> dict[tuple[str, str], dict]:
         """Key (root, relpath) -> {status, file_size, file_mtime, content_hash} of every row that
@@ -261,9 +259,7 @@ class ResultsWriter:
         """Write the rows of one batch as a part (durable once this returns)."""
         if not rows:
             return
-        columns = {f.name: [row.get(f.name) for row in rows] for f in self.schema}
-        table = pa.Table.from_pydict(columns, schema=self.schema)
-        self._write_part(table)
+        self._write_part(rows_table(self.schema, rows))
 
     def finalize(
         self, reduce: Callable[[pa.Table], pa.Table] | None = None, drop: set[tuple[str, str]] | None = None
@@ -333,6 +329,17 @@ class ResultsWriter:
                     writer.write_table(schema.empty_table())
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return rows
+
+
+def rows_table(schema: pa.Schema, rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pydict({f.name: [row.get(f.name) for row in rows] for f in schema}, schema=schema)
+
+
+def write_part(parts_dir: Path, table: pa.Table, name: str) -> None:
+    """One part of a run's output, atomically (a worker of another engine writes its own)."""
+    with atomic_path(parts_dir / name) as tmp:
+        with pa.OSFile(tmp, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
 
 
 def _part_rows(path: Path) -> int:

@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from visbatch.core.engines import EngineOptions
 from visbatch.core.errors import FatalError
 from visbatch.core.files import utc_now
 from visbatch.core.images import DEFAULT_MAX_PIXELS, Batch, ImageDataset, ImageItem, Record, collate, crop_box
@@ -135,6 +136,7 @@ class RunConfig:
     shard: tuple[int, int] | None = None  # recorded in the metadata for `visbatch merge`
     selection: dict | None = None  # how the inputs were chosen (globs, limit), recorded in the metadata
     remote: RemoteOutputs | None = None  # URL outputs staged locally, uploaded when the run completes
+    engine: EngineOptions | None = None  # where the map stage runs (None: this process)
 
 
 @dataclass
@@ -314,6 +316,7 @@ def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list
         "shard": list(config.shard) if config.shard else None,
         "selection": config.selection,
         "random_weights": bool(model.is_random),
+        "engine": {"engine": "local"},  # --engine ray replaces it with the cluster's size
     }
 
 
@@ -408,10 +411,17 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
     summary = Summary(task=task.name, inputs=0, output=str(config.output), overlays=config.overlays)
     if model.is_random:
         summary.warnings.append(f"{model.spec} has random weights: its outputs mean nothing")
+    on_ray = config.engine is not None and not config.engine.is_local
+    cluster = None
+    if on_ray:
+        from visbatch.core.engines import ray_data
+
+        cluster = ray_data.connect(config.engine)
+    metadata = run_metadata(task, model, config, fields)
     writer = ResultsWriter(
         config.output,
         fields,
-        run_metadata(task, model, config, fields),
+        metadata,
         multi_root=multi_root,
         source_fields=stream.fields(),
         resume=config.resume,
@@ -429,16 +439,30 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
             else None
         )
         sinks = [s for s in (overlay_sink, map_sink) if s is not None]
+        runner = None
+        if on_ray:
+            runner = ray_data.RayRunner(task, model, config, writer.schema, writer.parts_dir, multi_root, cluster)
+            metadata["engine"] = runner.described
         progress = Progress(0, config.quiet, config.log_interval, task.name)
         start = time.monotonic()
         pending: _Pending | None = None
         try:
             with StopFlag(config.quiet) as stop:
                 for chunk in stream.chunks():
+                    offset = summary.inputs
                     summary.inputs += len(chunk)
                     todo = _reconcile_listed(done, chunk, summary, seen) if done is not None else chunk
                     progress.extend(len(todo))
                     if not todo:
+                        continue
+                    if runner is not None:
+                        for ok, failed, errors in runner.run(todo, offset):
+                            count_batch(ok, failed, errors, summary, progress)
+                            if stop:
+                                break
+                        if stop:
+                            summary.interrupted = True
+                            break
                         continue
                     loader = make_loader(
                         todo,
@@ -567,25 +591,36 @@ def _process_batch(task, model, batch: Batch, overlay_sink, map_sink, config: Ru
     return _Pending(rows, writes)
 
 
-def _commit(pending: _Pending, writer: ResultsWriter, summary: Summary, progress: Progress) -> None:
-    """Wait for the batch's files, turn a row whose file failed into an error row, write the part."""
+def settle(pending: _Pending) -> list[dict]:
+    """Wait for the batch's files; a row whose file failed becomes an error row."""
     rows = pending.rows
     for index, future in pending.writes:
         try:
             future.result()
         except SinkWriteError as exc:
             _make_error(rows[index], str(exc))
-    writer.write_rows(rows)
-    failed = 0
-    for row in rows:
-        if row["status"] != "ok":
-            failed += 1
-            if len(summary.error_examples) < 5:
-                summary.error_examples.append(f"{row['path']}: {row.get('error')}")
-    summary.processed += len(rows)
+    return rows
+
+
+def batch_tally(rows: list[dict]) -> tuple[int, int, list[str]]:
+    """(ok, failed, up to 5 error examples) of a batch's rows."""
+    errors = [f"{row['path']}: {row.get('error')}" for row in rows if row["status"] != "ok"]
+    return len(rows) - len(errors), len(errors), errors[:5]
+
+
+def count_batch(ok: int, failed: int, errors: list[str], summary: Summary, progress: Progress) -> None:
+    summary.error_examples += errors[: max(0, 5 - len(summary.error_examples))]
+    summary.processed += ok + failed
     summary.failed += failed
-    summary.ok += len(rows) - failed
-    progress.update(len(rows) - failed, failed)
+    summary.ok += ok
+    progress.update(ok, failed)
+
+
+def _commit(pending: _Pending, writer: ResultsWriter, summary: Summary, progress: Progress) -> None:
+    """Wait for the batch's files, write the part, count the rows."""
+    rows = settle(pending)
+    writer.write_rows(rows)
+    count_batch(*batch_tally(rows), summary, progress)
 
 
 def _make_error(row: dict, reason: str) -> None:

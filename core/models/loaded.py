@@ -74,6 +74,7 @@ class LoadedModel:
     channels_last: bool = False  # set by _finish for convolutional models
     _trim_text: bool | None = None  # decided on first use by _padding_trim_is_exact
     notes: list[str] = field(default_factory=list)
+    runtime: str | None = None  # --runtime it was loaded with (quantized files), for a cluster's workers
 
     # -- device-side preprocessing -------------------------------------------------
 

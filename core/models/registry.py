@@ -96,6 +96,19 @@ def load_model(
     precision: str = "auto",
     runtime: str | None = None,
 ) -> LoadedModel:
+    """Resolve ``spec`` (see module docstring) into a :class:`LoadedModel` (:func:`_load`)."""
+    model = _load(spec, pretrained, device, precision, runtime)
+    model.runtime = runtime
+    return model
+
+
+def _load(
+    spec: str,
+    pretrained: str | None,
+    device: str | torch.device,
+    precision: str,
+    runtime: str | None,
+) -> LoadedModel:
     """Resolve ``spec`` (see module docstring) into a :class:`LoadedModel`.
 
     Raises :class:`UnknownModelError` (with the closest valid names) for a spec

@@ -1,0 +1,388 @@
+"""The map stage on a Ray cluster, through Ray Data, with the local engine's output contract.
+
+Per chunk of items the driver builds a dataset of ``(index, item)`` rows and runs:
+
+    CPU tasks (map_batches)      read + decode + resize/crop each item; a bad file becomes an
+                                 error record, never an exception (Ray would fail the block)
+    model actors (map_batches,   one model per actor, loaded once by the actor from its spec
+    an actor pool)               (the task is shipped with the model replaced by a reference,
+                                 so no weights travel from the driver); task.map, overlays and
+                                 maps written by the actor, the batch's rows written as a part
+                                 named after the run and its first item (never Ray's uuids)
+    driver                       counts the small (ok, failed, errors) records the actors return
+
+Parts land in the output's parts folder exactly as the local engine's do, so resume, the
+final sort-and-merge and the summary are :func:`~visbatch.core.pipeline.run_pipeline`'s own.
+Ray may rerun a batch (a lost worker): its part has the same name and replaces itself, so a
+row is never counted twice in the output. Ordering is never taken from Ray: rows carry keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from visbatch.core.engines import EngineOptions
+from visbatch.core.errors import FatalError, UsageError
+from visbatch.core.images import ImageDataset, ImageItem, collate
+
+CHUNK_SIZE = 65536  # items per Ray dataset: each dataset starts its actors (and loads the model) once
+
+
+# ----------------------------------------------------------------------------
+# Connecting
+# ----------------------------------------------------------------------------
+
+
+def connect(options: EngineOptions) -> dict:
+    """Join (or start) the cluster; returns its size for the output's metadata."""
+    import ray
+
+    address = options.address
+    if address not in ("auto", "local"):
+        _check_reachable(address)
+    if not ray.is_initialized():
+        quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
+        local: dict[str, Any] = {
+            **quiet,
+            "_node_ip_address": "127.0.0.1",
+        }  # a cluster started here listens on loopback only
+        address = options.address
+        if address == "local":
+            ray.init(**local)
+        elif address == "auto":
+            try:
+                ray.init(address="auto", **quiet)
+            except ConnectionError:
+                ray.init(**local)
+        else:
+            try:
+                ray.init(address=address, **quiet)
+            except Exception as exc:
+                raise FatalError(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from exc
+    _quiet_ray_data()
+    resources = ray.cluster_resources()
+    return {
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        "cpus": float(resources.get("CPU", 0)),
+        "gpus": float(resources.get("GPU", 0)),
+    }
+
+
+def _check_reachable(address: str) -> None:
+    """A TCP connect with a timeout first: ray.init on a dead address can wait for minutes."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray-address {address!r}: give auto, local or HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise FatalError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from exc
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    verbose = bool(os.environ.get("VISBATCH_VERBOSE"))
+    context.enable_progress_bars = verbose
+    context.enable_operator_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    context.enable_auto_log_stats = False
+    for name in ("ray", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+# Ray's C++ core worker logs to this process's stderr: "[2026-12-02 20:59:06,008 E 7682 7682] file.cc:N: ..."
+_RAY_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,]+ [A-Z] \d+ \d+\] ")
+
+
+@contextmanager
+def _without_ray_logs() -> Iterator[None]:
+    """stderr (the file descriptor, which Ray's C++ side writes to) with Ray's log lines
+    dropped, visbatch's own lines kept; everything with VISBATCH_VERBOSE set."""
+    if os.environ.get("VISBATCH_VERBOSE"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not _RAY_LOG_LINE.match(line):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="visbatch-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer closes: the pump drains it and ends
+        thread.join(timeout=5)
+        os.close(saved)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The cause of a Ray error in one line: its innermost exception's message."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _first_line(cause)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text[:300]
+
+
+# ----------------------------------------------------------------------------
+# The task without its model: shipped to the actors
+# ----------------------------------------------------------------------------
+
+
+def _model_parts(model) -> dict[int, tuple]:
+    """id -> reference for the model and everything inside it (modules, parameters, buffers)."""
+    parts: dict[int, tuple] = {id(model): ("model",)}
+    module = getattr(model, "module", None)
+    if isinstance(module, torch.nn.Module):
+        for name, sub in module.named_modules():
+            parts.setdefault(id(sub), ("module", name))
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            parts.setdefault(id(tensor), ("tensor", name))
+    return parts
+
+
+def ship_task(task, model) -> bytes:
+    """The task pickled with its model (and any of its modules or weights) as references."""
+    import ray.cloudpickle as cloudpickle
+
+    parts = _model_parts(model)
+
+    class Pickler(cloudpickle.CloudPickler):
+        def persistent_id(self, obj):
+            return parts.get(id(obj))
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(task)
+    return buffer.getvalue()
+
+
+def receive_task(payload: bytes, model):
+    """The task, its model references bound to ``model`` (the actor's own)."""
+    module = getattr(model, "module", None)
+    tensors = dict([*module.named_parameters(), *module.named_buffers()]) if module is not None else {}
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid):
+            kind = pid[0]
+            if kind == "model":
+                return model
+            if kind == "module":
+                return module.get_submodule(pid[1]) if pid[1] else module
+            return tensors[pid[1]]
+
+    return Unpickler(io.BytesIO(payload)).load()
+
+
+def model_recipe(model) -> dict:
+    """How an actor loads the same model: spec, weights, precision, runtime, checksum."""
+    from visbatch.core.models import dtype_name
+
+    return {
+        "device_only": not hasattr(model, "module"),
+        "spec": model.spec,
+        "pretrained": getattr(model, "pretrained", None),
+        "precision": dtype_name(model.dtype),
+        "runtime": getattr(model, "runtime", None),
+        "checksum": model.checksum,
+    }
+
+
+def load_from_recipe(recipe: dict, device: str):
+    from visbatch.core.models import DeviceOnly, load_model
+
+    if recipe["device_only"]:
+        return DeviceOnly(device, recipe["precision"])
+    model = load_model(recipe["spec"], recipe["pretrained"], device, recipe["precision"], runtime=recipe["runtime"])
+    if recipe["checksum"] and model.checksum != recipe["checksum"]:
+        raise FatalError(
+            f"the model {recipe['spec']} on a Ray worker has other weights than on the driver "
+            f"({model.checksum[:12]} vs {recipe['checksum'][:12]}); give every node the same files"
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------
+# The two stages
+# ----------------------------------------------------------------------------
+
+
+class DecodeStage:
+    """CPU stage: ImageDataset's decode for each row; never raises for a bad file."""
+
+    def __init__(self, geometry, max_pixels, display_size, annotate):
+        self.geometry, self.max_pixels, self.display_size, self.annotate = geometry, max_pixels, display_size, annotate
+
+    def __call__(self, batch: dict) -> dict:
+        items = [pickle.loads(raw) for raw in batch["item"]]
+        dataset = ImageDataset(items, self.geometry, self.max_pixels, self.display_size, self.annotate)
+        images, shapes, records = [], [], []
+        for position, index in enumerate(batch["index"]):
+            try:
+                tensor, record = dataset[position]
+            except Exception as exc:  # ImageDataset turns bad files into records; anything else too
+                from visbatch.core.images import Record
+
+                tensor, record = None, Record(index=position, item=items[position], status="error", error=str(exc))
+            record.index = int(index)
+            images.append(b"" if tensor is None else tensor.contiguous().numpy().tobytes())
+            shapes.append(list(tensor.shape) if tensor is not None else [0, 0, 0])
+            records.append(pickle.dumps(record))
+        return {
+            "index": np.asarray(batch["index"], dtype=np.int64),
+            "image": np.array(images, dtype=object),
+            "shape": np.asarray(shapes, dtype=np.int64).reshape(-1, 3),
+            "record": np.array(records, dtype=object),
+        }
+
+
+class ModelStage:
+    """Actor stage: one model per actor; task.map, the batch's files, its part."""
+
+    def __init__(self, shipment: list):
+        import ray
+
+        from visbatch.core.overlays import FolderSink, npy_bytes
+
+        # The task, the model's recipe and the settings come by reference: a constructor
+        # argument this large would sit in the object store, where an actor restart may lose it.
+        payload, recipe, device, settings = ray.get(shipment[0])
+
+        self.model = load_from_recipe(recipe, device)
+        self.task = receive_task(payload, self.model)
+        self.settings = settings
+        config = settings["config"]
+        guard = config.protected.check_write if config.protected is not None else None
+        roots = config.roots
+        self.overlay_sink = FolderSink(config.overlays, "overlay", roots, guard=guard) if config.overlays else None
+        self.map_sink = (
+            FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes, guard=guard)
+            if config.save_maps
+            else None
+        )
+
+    def __call__(self, batch: dict) -> dict:
+        from visbatch.core.outputs import rows_table, write_part
+        from visbatch.core.pipeline import _process_batch, batch_tally, settle
+
+        records = [pickle.loads(raw) for raw in batch["record"]]
+        tensors = [
+            torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape([int(v) for v in shape]).copy())
+            if len(raw)
+            else None
+            for raw, shape in zip(batch["image"], batch["shape"])
+        ]
+        order = sorted(range(len(records)), key=lambda i: records[i].index)
+        decoded = collate([(tensors[i], records[i]) for i in order])
+        s = self.settings
+        pending = _process_batch(
+            self.task, self.model, decoded, self.overlay_sink, self.map_sink, s["config"], s["multi_root"]
+        )
+        rows = settle(pending)
+        first = decoded.records[0].index
+        write_part(Path(s["parts_dir"]), rows_table(s["schema"], rows), f"part-{s['run_tag']}-{first:012d}.arrow")
+        ok, failed, errors = batch_tally(rows)
+        return {"ok": np.array([ok]), "failed": np.array([failed]), "errors": np.array([json.dumps(errors)])}
+
+
+# ----------------------------------------------------------------------------
+# The runner the pipeline calls per chunk
+# ----------------------------------------------------------------------------
+
+
+class RayRunner:
+    def __init__(self, task, model, config, schema: pa.Schema, parts_dir: Path, multi_root: bool, cluster: dict):
+        options: EngineOptions = config.engine
+        gpus = options.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if cluster["gpus"] >= 1 else 0.0
+        if gpus > 0 and cluster["gpus"] < gpus:
+            raise UsageError(f"--gpus-per-worker {gpus:g}: the Ray cluster has {cluster['gpus']:g} GPUs")
+        concurrency = options.concurrency
+        if concurrency is None:
+            actors = max(1, int(cluster["gpus"] // gpus)) if gpus > 0 else 1
+            concurrency = (1, actors)
+        self.gpus, self.concurrency = gpus, concurrency
+        self.batch_size = config.batch_size
+        self.decode = DecodeStage(
+            getattr(task, "geometry", None) or model.preprocess.geometry,
+            config.max_pixels,
+            config.overlay_size if config.overlays else None,
+            getattr(task, "annotate", None),
+        )
+        # The actors run the same configuration, without what only the driver holds.
+        from dataclasses import replace
+
+        actor_config = replace(config, remote=None, engine=None, command_line=[])
+        import ray
+
+        settings = {
+            "config": actor_config,
+            "multi_root": multi_root,
+            "schema": schema,
+            "parts_dir": str(parts_dir),
+            "run_tag": f"{time.time_ns():020d}",
+        }
+        # Held by the driver for the whole run, so a restarted actor finds it.
+        self.shipment = ray.put((ship_task(task, model), model_recipe(model), "cuda" if gpus > 0 else "cpu", settings))
+        self.described = {"engine": "ray", **cluster, "gpus_per_worker": gpus, "actors": list(concurrency)}
+
+    def run(self, items: Sequence[ImageItem], offset: int) -> Iterator[tuple[int, int, list[str]]]:
+        """(ok, failed, error examples) per batch as the actors finish them."""
+        import ray.data
+
+        for start in range(0, len(items), CHUNK_SIZE):
+            part = items[start : start + CHUNK_SIZE]
+            rows = [{"index": offset + start + i, "item": pickle.dumps(item)} for i, item in enumerate(part)]
+            dataset: Any = ray.data.from_items(rows)
+            dataset = dataset.map_batches(self.decode, batch_size=self.batch_size, batch_format="numpy", num_cpus=1)
+            dataset = dataset.map_batches(
+                ModelStage,
+                fn_constructor_args=([self.shipment],),
+                batch_size=self.batch_size,
+                batch_format="numpy",
+                concurrency=self.concurrency,
+                num_gpus=self.gpus,
+                num_cpus=0 if self.gpus > 0 else 1,
+            )
+            try:
+                with _without_ray_logs():
+                    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                        for ok, failed, errors in zip(batch["ok"], batch["failed"], batch["errors"]):
+                            yield int(ok), int(failed), json.loads(errors)
+            except (FatalError, UsageError):
+                raise
+            except Exception as exc:
+                if "KeyboardInterrupt" in type(exc).__name__:
+                    raise KeyboardInterrupt from exc
+                raise FatalError(f"the Ray job failed: {_first_line(exc)}") from exc

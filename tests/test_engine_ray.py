@@ -1,0 +1,179 @@
+"""--engine ray: the same rows as --engine local, on one local Ray cluster per module.
+
+The cluster has 2 CPUs (CI's machine) and listens on the loopback interface; actors stay
+fewer than cores, as Ray's own test guidance asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from test_sources import TINY_CLIP, TINY_CNN, by_key, pool, same_values  # noqa: F401  (pool is a fixture)
+
+from conftest import VISBATCH, assert_one_line_error, invoke_cli, snapshot, write_image
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+RAY = ["--engine", "ray", "--batch-size", "3"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """Images and the bad files a pool holds: not an image, empty, cut short."""
+    root = tmp_path / "corpus"
+    for n in range(7):
+        write_image(root / f"{n}.jpg", size=(40 + 3 * n, 36), seed=n)
+    (root / "sub").mkdir()
+    write_image(root / "sub" / "deep.png", seed=9)
+    (root / "not-an-image.jpg").write_bytes(b"hello")
+    (root / "empty.png").write_bytes(b"")
+    cut = (root / "0.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(cut[: len(cut) // 3])
+    return root
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def _same_rows(local: Path, on_ray: Path, columns: list[str]) -> None:
+    a, b = _rows(local), _rows(on_ray)
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    for x, y in zip(a, b):
+        assert (x["status"], x["error"]) == (y["status"], y["error"]), x["path"]
+        for column in columns:
+            u, v = x[column], y[column]
+            if isinstance(u, float):
+                assert abs(u - v) <= 1e-5, (x["path"], column, u, v)
+            elif isinstance(u, list) and u and isinstance(u[0], float):
+                assert max(abs(p - q) for p, q in zip(u, v)) <= 1e-5, (x["path"], column)
+            else:
+                assert u == v, (x["path"], column, u, v)
+    meta = json.loads(pq.read_schema(on_ray).metadata[b"visbatch"])
+    assert meta["engine"]["engine"] == "ray" and meta["engine"]["cpus"] == 2
+
+
+def test_classify_and_saliency_on_ray_equal_local(cluster, corpus, tmp_path):
+    before = snapshot(corpus)
+    local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    assert invoke_cli("classify", corpus, *TINY_CNN, "-o", local).exit_code == 0
+    result = invoke_cli("classify", corpus, *TINY_CNN, *RAY, "-o", on_ray)
+    assert result.exit_code == 0, result.stderr
+    _same_rows(local, on_ray, ["top_indices", "top_probs", "width", "height", "content_hash"])
+    assert sum(r["status"] == "error" for r in _rows(on_ray)) == 3
+    # saliency (gradient) with overlays: the actors write the same overlay files
+    saliency = ["saliency", corpus, *TINY_CNN, "--method", "gradient"]
+    overlays_local, overlays_ray = tmp_path / "ov-local", tmp_path / "ov-ray"
+    s_local, s_ray = tmp_path / "s-local.parquet", tmp_path / "s-ray.parquet"
+    assert invoke_cli(*saliency, "-o", s_local, "--overlays", overlays_local).exit_code == 0
+    result = invoke_cli(*saliency, *RAY, "-o", s_ray, "--overlays", overlays_ray)
+    assert result.exit_code == 0, result.stderr
+    _same_rows(s_local, s_ray, ["target_index", "target_score", "peak_x", "peak_y", "concentration", "map"])
+    files = sorted(p.relative_to(overlays_local) for p in overlays_local.rglob("*.png"))
+    assert files and files == sorted(p.relative_to(overlays_ray) for p in overlays_ray.rglob("*.png"))
+    assert snapshot(corpus) == before
+
+
+def test_classify_and_clip_score_on_shards_on_ray_equal_local(cluster, pool, tmp_path):  # noqa: F811
+    _, shards, _ = pool
+    for command, extra, columns in (
+        ("classify", TINY_CNN, ["top_indices", "top_probs", "shard", "content_hash"]),
+        ("clip-score", [*TINY_CLIP, "--sidecar"], ["clip_score", "cosine", "caption", "shard"]),
+    ):
+        local, on_ray = tmp_path / f"{command}-local.parquet", tmp_path / f"{command}-ray.parquet"
+        assert invoke_cli(command, shards, *extra, "-o", local).exit_code == 0
+        result = invoke_cli(command, shards, *extra, *RAY, "-o", on_ray)
+        assert result.exit_code == 0, result.stderr
+        _same_rows(local, on_ray, columns)
+        errors = {k: r["error"] for k, r in by_key(on_ray).items() if r["status"] == "error"}
+        assert set(errors) == {"zzbad", "zznoimage"}
+
+
+def test_a_worker_killed_mid_run_still_gives_one_row_per_input(cluster, corpus, tmp_path):
+    """The model actor's process dies on its second batch (once): Ray restarts it and reruns
+    the batch, whose part replaces itself; exactly one row per input."""
+    from visbatch.core.engines import EngineOptions
+    from visbatch.core.models import load_model
+    from visbatch.core.pipeline import RunConfig, run_pipeline
+    from visbatch.core.sources import find_images
+
+    marker = tmp_path / "died-once"
+    model = load_model("test-tiny-cnn", device="cpu")
+    task = _dying_classify(model, str(marker))  # a local class: shipped by value
+    out = tmp_path / "o.parquet"
+    items = find_images([str(corpus)])
+    config = RunConfig(output=out, batch_size=3, workers=0, quiet=True, engine=EngineOptions("ray"))
+    summary = run_pipeline(task, model, items, config)
+    assert marker.exists(), "the actor never died: the test did not test anything"
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == sorted(it.relpath for it in items)
+    assert summary.ok + summary.failed == len(items) == len(rows)
+
+
+def _dying_classify(model, marker: str):
+    """A ClassifyTask whose process exits on its second batch, the first time only."""
+    from visbatch.core.tasks.classify import ClassifyTask
+
+    class DyingClassify(ClassifyTask):
+        def map(self, images, records):
+            self.batches = getattr(self, "batches", 0) + 1
+            if self.batches == 2 and not os.path.exists(marker):
+                Path(marker).write_text("x")
+                os._exit(1)
+            return super().map(images, records)
+
+    return DyingClassify(model, top_k=1)
+
+
+def test_a_killed_driver_resumes_to_exactly_one_row_per_input(cluster, corpus, tmp_path):
+    out = tmp_path / "o.parquet"
+    args = [*VISBATCH, "classify", str(corpus), *TINY_CNN, "--engine", "ray", "--ray-address", cluster]
+    proc = subprocess.Popen([*args, "--batch-size", "1", "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("part-*.arrow"))) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists()
+    result = invoke_cli("classify", corpus, *TINY_CNN, *RAY, "-o", out, "--resume", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] >= 1 and summary["resumed"] + summary["processed"] == 11, summary
+    assert len(_rows(out)) == 11 and len({r["path"] for r in _rows(out)}) == 11
+
+
+def test_engine_misuse_is_one_line(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "o.parquet"
+    for args, code, fragment in (
+        (["--engine", "spark"], 2, "--engine"),
+        (["--engine", "ray", "--concurrency", "3,1"], 2, "--concurrency"),
+        (["--engine", "ray", "--ray-address", "127.0.0.1:1"], 3, "cannot reach the Ray cluster"),
+    ):
+        result = invoke_cli("classify", corpus, *TINY_CNN, *args, "-o", out)
+        assert_one_line_error(result, code, fragment)
+        assert not out.exists()
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert_one_line_error(invoke_cli("classify", corpus, *TINY_CNN, "--engine", "ray", "-o", out), 2, "visbatch[ray]")
+    assert not out.exists() and sys.modules.get("visbatch") is not None
