@@ -71,13 +71,20 @@ def _peak(probe, pool, limit, out, how) -> int:
     return peak
 
 
-@pytest.mark.parametrize("how,bound", [("stream", STREAM_BOUND), ("listed", LISTED_BOUND)])
-def test_memory_per_sample_on_a_large_shard_pool(tmp_path, how, bound):
-    _pool(tmp_path / "pool")
-    probe = tmp_path / "probe.py"
+@pytest.fixture(scope="module")
+def large_pool(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("memory") / "pool"
+    _pool(folder)
+    probe = folder.parent / "probe.py"
     probe.write_text(PROBE)
-    small = _peak(probe, tmp_path / "pool", 10_000, tmp_path / "small.parquet", how)
-    large = _peak(probe, tmp_path / "pool", 100_000, tmp_path / "large.parquet", how)
+    return folder, probe
+
+
+@pytest.mark.parametrize("how,bound", [("stream", STREAM_BOUND), ("listed", LISTED_BOUND)])
+def test_memory_per_sample_on_a_large_shard_pool(large_pool, tmp_path, how, bound):
+    pool, probe = large_pool
+    small = _peak(probe, pool, 10_000, tmp_path / "small.parquet", how)
+    large = _peak(probe, pool, 100_000, tmp_path / "large.parquet", how)
     per_sample = (large - small) / 90_000
     print(f"{how}: {per_sample:.0f} bytes per sample ({small >> 20} -> {large >> 20} MB)")
     assert per_sample < bound, f"{per_sample:.0f} bytes per sample ({small >> 20} -> {large >> 20} MB)"
