@@ -55,6 +55,7 @@ class CommonOptions:
     ray_address: str = "auto"
     gpus_per_worker: Optional[float] = None
     concurrency: Optional[str] = None
+    report: bool = False
     warnings: list = field(default_factory=list)  # what the inputs' reading skipped, for the summary
 
 
@@ -359,6 +360,18 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
             None,
         ),
         opt(
+            "report",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--report",
+                    help="Also write OUTPUT.html: the run's report (pip install 'visbatch[report]').",
+                    envvar="VISBATCH_REPORT",
+                ),
+            ],
+            False,
+        ),
+        opt(
             "output",
             Annotated[
                 Optional[str],
@@ -546,6 +559,8 @@ def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(
     for key, what in (("overlays", "--overlays folder"), ("save_maps", "--save-maps folder")):
         if overlay.get(key) and is_url(overlay[key]):
             protected.check_folder(overlay[key], what)
+    if common.report:
+        check_report_output(common, output, protected)
     remote = RemoteOutputs()
     output = remote.stage_file(output, common.resume, common.overwrite)
     for key in ("overlays", "save_maps"):
@@ -576,12 +591,38 @@ def engine_options(common: CommonOptions):
     return EngineOptions.parse(common.engine, common.ray_address, common.gpus_per_worker, common.concurrency)
 
 
+def report_path_for(output: str) -> str:
+    return os.path.splitext(output)[0] + ".html"
+
+
+def check_report_output(common: CommonOptions, output: str, protected) -> None:
+    """--report: OUTPUT.html beside a local output, refused before anything is created."""
+    from visbatch.core.report import check_report_extra
+    from visbatch.core.sources import is_url
+
+    check_report_extra()
+    if is_url(output):
+        raise UsageError("--report writes OUTPUT.html beside a local -o; run `visbatch report` on the output")
+    path = report_path_for(output)
+    protected.check_file(path, "report")
+    if os.path.exists(path) and not (common.overwrite or common.resume):
+        raise UsageError(f"report {path} exists; pass --overwrite to replace it")
+
+
 def finish(summary, common: CommonOptions) -> int:
-    """Print the summary and choose the exit code."""
+    """Print the summary (and write the --report) and choose the exit code."""
     from visbatch.core.pipeline import print_summary
 
     summary.warnings[:0] = common.warnings
+    report = None
+    if common.report and not summary.interrupted and summary.output:
+        from visbatch.core.report import build_report
+
+        report = report_path_for(summary.output)
+        build_report([summary.output], report)
     print_summary(summary, common.json, common.quiet)
+    if report and not common.quiet:
+        print(f"  report: {report}", file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
     if summary.failed and common.fail_on_error:

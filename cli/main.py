@@ -155,6 +155,41 @@ def merge(
     raise typer.Exit(guarded(job, quiet))
 
 
+@app.command("report")
+def report(
+    results: list[str] = typer.Argument(..., help="visbatch outputs (several saliency runs: methods side by side)."),
+    output: str = typer.Option("report.html", "--output", "-o", help="The HTML file (self-contained)."),
+    max_images: int = typer.Option(120, "--max-images", min=0, help="Thumbnails in all the galleries together."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Nothing on stderr but errors."),
+):
+    """One self-contained HTML page of a run: its figures, galleries and errors."""
+    from visbatch.cli.common import EXIT_OK, UsageError, guarded
+    from visbatch.core.jobs import JobOutput, run_job
+    from visbatch.core.protect import ProtectedInputs
+
+    def job() -> int:
+        if not output.lower().endswith((".html", ".htm")):
+            raise UsageError("-o must name an .html file")
+        from visbatch.core.report import build_report, check_report_extra
+
+        check_report_extra()
+        made = run_job(
+            [JobOutput(output, "report")],
+            ProtectedInputs(files=results),
+            overwrite,
+            lambda: build_report(results, output, max_images),
+        )
+        if not quiet:
+            print(
+                f"visbatch report: {made['images']} images, {made['bytes'] / 1e6:.2f} MB: {output}",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+
+    raise typer.Exit(guarded(job, quiet))
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM (a scheduler, `timeout`, `kill`) stops visbatch as Ctrl-C does: exit 130, outputs
     left resumable. Runs of the pipeline install their own, gentler handler while they run."""

@@ -317,6 +317,9 @@ def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list
         "selection": config.selection,
         "random_weights": bool(model.is_random),
         "engine": {"engine": "local"},  # --engine ray replaces it with the cluster's size
+        # Where the pictures went (a report shows them beside the rows).
+        "overlays": os.path.abspath(config.overlays) if config.overlays else None,
+        "maps": os.path.abspath(config.save_maps) if config.save_maps else None,
     }
 
 

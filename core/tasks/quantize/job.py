@@ -361,4 +361,6 @@ def write_report(path: str, report: dict) -> None:
     rows = [{f.name: json_safe(row.get(f.name)) for f in REPORT_SCHEMA} for row in rows]
     table = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
     summary = json_safe({k: v for k, v in report.items() if k not in ("layers", "kept")})
-    write_parquet(path, table, summary)
+    from visbatch.core import __version__
+
+    write_parquet(path, table, {"task": "quantize", "visbatch_version": __version__, **summary})

@@ -1,0 +1,138 @@
+"""``visbatch report``: one self-contained HTML page per run (or several runs side by side).
+
+The page holds everything it shows: thumbnails as JPEG data URIs, plots as inline SVG, the
+style inline; it loads nothing from the network, so it opens from a mail attachment or a CI
+artifact. Its kind comes from the output's metadata (``task``): :mod:`.sections` has one
+builder per kind. Plots are matplotlib (Agg) SVG, the page a Jinja2 template.
+
+Bounded whatever the run's size: counts and histograms use every row, galleries sample at
+most ``max_images`` thumbnails in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from importlib import resources
+
+import pyarrow.parquet as pq
+
+from visbatch.core import __version__
+from visbatch.core.errors import UsageError
+from visbatch.core.files import atomic_write_bytes, utc_now
+from visbatch.core.report.sections import BUILDERS, Run, Section, saliency_side_by_side
+from visbatch.core.report.thumbs import Thumbnails
+
+DEFAULT_MAX_IMAGES = 120
+
+
+def check_report_extra() -> None:
+    """Jinja2 and matplotlib come with ``pip install 'visbatch[report]'``."""
+    import importlib.util
+
+    missing = [name for name in ("jinja2", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"visbatch report needs {' and '.join(missing)}: pip install 'visbatch[report]'")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
+    return (numbers + [0, 0])[0], (numbers + [0, 0])[1]
+
+
+def read_run(path: str, thumbs_left: int, per_gallery: int) -> Run:
+    """The table and metadata of a visbatch output; UsageError for anything else."""
+    if not os.path.isfile(path):
+        raise UsageError(f"report: no file {path}")
+    try:
+        parquet = pq.ParquetFile(path)
+        raw = (parquet.schema_arrow.metadata or {}).get(b"visbatch")
+    except Exception as exc:
+        raise UsageError(f"report: {path} is not a Parquet file ({str(exc).splitlines()[0]})")
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except ValueError:
+        metadata = {}
+    if not isinstance(metadata, dict) or not metadata.get("task"):
+        raise UsageError(f"report: {path} was not written by visbatch (no visbatch metadata)")
+    if metadata["task"] not in BUILDERS:
+        raise UsageError(f"report: {path} is a {metadata['task']!r} output, which this version cannot show")
+    written = metadata.get("visbatch_version")
+    if written and _major_minor(written) > _major_minor(__version__):
+        raise UsageError(f"report: {path} was written by visbatch {written}, newer than this {__version__}; upgrade")
+    return Run(path, parquet.read(), metadata, Thumbnails(metadata, thumbs_left), per_gallery)
+
+
+def header(run: Run) -> dict:
+    meta = run.metadata
+    status = run.column("status")
+    counts = Counter(status)
+    errors: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    if status:
+        for path, state, error in zip(run.column("path"), status, run.column("error")):
+            if state != "ok" and error:
+                reason = re.sub(r"\d+", "N", error.split(":")[0])[:80]
+                errors[reason] += 1
+                examples.setdefault(reason, f"{path}: {error}")
+    model = meta.get("model") or {}
+    engine = meta.get("engine") or {}
+    return {
+        "task": meta.get("task"),
+        "path": run.path,
+        "command": " ".join(meta.get("command_line") or []) or "-",
+        "model": model.get("spec") if isinstance(model, dict) else str(model),
+        "checksum": (model.get("checksum") or "")[:16] if isinstance(model, dict) else "",
+        "device": meta.get("device", "-"),
+        "precision": meta.get("precision", "-"),
+        "engine": (engine.get("engine") or "local") + "".join(f", {k} {v}" for k, v in engine.items() if k != "engine"),
+        "rows": run.table.num_rows,
+        "ok": counts.get("ok", run.table.num_rows if not status else 0),
+        "failed": sum(n for s, n in counts.items() if s != "ok"),
+        "errors": [{"reason": r, "count": n, "example": examples[r]} for r, n in errors.most_common(8)],
+        "started": meta.get("started_at", "-"),
+        "finished": meta.get("finished_at", "-"),
+        "version": meta.get("visbatch_version", "-"),
+    }
+
+
+def build_report(paths: list[str], output: str, max_images: int = DEFAULT_MAX_IMAGES) -> dict:
+    """Write the report of ``paths`` to ``output`` (atomic); returns what it holds."""
+    import jinja2
+
+    if not paths:
+        raise UsageError("report: give at least one visbatch output")
+    if max_images < 0:
+        raise UsageError("--max-images must be >= 0")
+    per_gallery = max(1, min(12, max_images // max(1, 6 * len(paths))))
+    share = max_images // len(paths)
+    runs = [read_run(path, share, per_gallery) for path in paths]
+    pages = []
+    for run in runs:
+        sections: list[Section] = BUILDERS[run.metadata["task"]](run)
+        pages.append({"header": header(run), "sections": sections})
+    extra = []
+    if len(runs) > 1 and all(run.metadata["task"] == "saliency" for run in runs):
+        extra.append(saliency_side_by_side(runs))
+    template = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_template), autoescape=True, undefined=jinja2.StrictUndefined
+    ).get_template("report.html.j2")
+    page = template.render(
+        title=", ".join(os.path.basename(p) for p in paths),
+        pages=pages,
+        extra=extra,
+        made=utc_now(),
+        version=__version__,
+    )
+    atomic_write_bytes(output, page.encode("utf-8"))
+    images = sum(len(g["cards"]) for p in pages for s in p["sections"] for g in s.galleries)
+    return {"output": output, "runs": len(runs), "images": images, "bytes": len(page.encode("utf-8"))}
+
+
+def _template(name: str) -> str:
+    return resources.files("visbatch.core.report").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+__all__ = ["DEFAULT_MAX_IMAGES", "build_report"]

@@ -1,0 +1,357 @@
+"""What the report shows for each kind of output: figures, galleries and tables.
+
+Each builder takes the run (its table and metadata) and returns a list of sections, each
+``{"title", "figures": [svg], "galleries": [{"title", "cards": [...]}], "tables": [...],
+"notes": [...]}``. Histograms and counts use every row; galleries are samples bounded by
+the report's ``--max-images``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from visbatch.core.report import plots
+from visbatch.core.report.thumbs import Thumbnails
+
+
+@dataclass
+class Run:
+    path: str
+    table: pa.Table
+    metadata: dict
+    thumbs: Thumbnails
+    per_gallery: int
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist() if name in self.table.column_names else []
+
+    def ok_rows(self) -> list[dict]:
+        status = self.column("status")
+        if not status:
+            return self.table.to_pylist()
+        mask = pa.array([s == "ok" for s in status])
+        return self.table.filter(mask).to_pylist()
+
+
+@dataclass
+class Section:
+    title: str
+    figures: list[str] = field(default_factory=list)
+    galleries: list[dict] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _card(run: Run, row: dict, *lines: str, overlay: bool = False) -> dict:
+    return {"src": run.thumbs.of(row, prefer_overlay=overlay), "title": row.get("path") or "", "lines": list(lines)}
+
+
+def _gallery(title: str, cards: list[dict]) -> dict:
+    return {"title": title, "cards": cards}
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _light_rows(run: Run, drop: tuple[str, ...] = ("map", "probs", "image_embedding", "text_embedding")) -> list[dict]:
+    """The ok rows without their large list columns (a million rows stay cheap)."""
+    keep = [c for c in run.table.column_names if c not in drop and not c.startswith("image_embedding")]
+    table = run.table.select(keep)
+    if "status" in keep:
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+    return table.to_pylist()
+
+
+# ----------------------------------------------------------------------------
+# classify
+# ----------------------------------------------------------------------------
+
+
+def classify(run: Run) -> list[Section]:
+    rows = _light_rows(run)
+    top1 = [(r["top_labels"] or ["-"])[0] for r in rows]
+    confidence = [(r["top_probs"] or [None])[0] for r in rows]
+    counts = Counter(top1).most_common(15)
+    section = Section("Classes")
+    if counts:
+        section.figures.append(plots.bars([c for c, _ in counts], [n for _, n in counts], "top-1 class (15 commonest)"))
+    section.figures.append(plots.histogram(confidence, "top-1 probability", "probability"))
+    for label, _ in counts[:4]:
+        members = [r for r, t in zip(rows, top1) if t == label][: run.per_gallery]
+        section.galleries.append(
+            _gallery(f"top-1 {label}", [_card(run, r, f"p {_f(r['top_probs'][0])}") for r in members])
+        )
+    ranked = sorted((r for r in rows if r["top_probs"]), key=lambda r: r["top_probs"][0])[: run.per_gallery]
+    section.galleries.append(
+        _gallery(
+            "lowest confidence",
+            [_card(run, r, f"{r['top_labels'][0]} p {_f(r['top_probs'][0])}") for r in ranked],
+        )
+    )
+    return [section]
+
+
+# ----------------------------------------------------------------------------
+# clip-score
+# ----------------------------------------------------------------------------
+
+
+def clip_score(run: Run) -> list[Section]:
+    rows = _light_rows(run)
+    sections = []
+    scored = [r for r in rows if r.get("clip_score") is not None]
+    if scored:
+        s = Section("CLIPScore")
+        s.figures.append(plots.histogram([r["clip_score"] for r in scored], "CLIP-S over all pairs", "CLIP-S"))
+        if any(r.get("ref_clip_score") is not None for r in scored):
+            s.figures.append(plots.histogram([r.get("ref_clip_score") for r in scored], "RefCLIP-S", "RefCLIP-S"))
+        order = sorted(scored, key=lambda r: r["clip_score"])
+
+        def card(r):
+            lines = [f"CLIP-S {_f(r['clip_score'])}", (r.get("caption") or "")[:120]]
+            if r.get("ref_clip_score") is not None:
+                lines.insert(1, f"RefCLIP-S {_f(r['ref_clip_score'])}")
+            return _card(run, r, *lines)
+
+        s.galleries.append(_gallery("worst pairs", [card(r) for r in order[: run.per_gallery]]))
+        s.galleries.append(_gallery("best pairs", [card(r) for r in order[::-1][: run.per_gallery]]))
+        truncated = sum(bool(r.get("truncated")) for r in scored)
+        s.notes.append(f"{truncated} of {len(scored)} captions were longer than the text tower's context (truncated)")
+        sections.append(s)
+    if rows and "top_labels" in rows[0]:
+        z = Section("Zero-shot labels")
+        top1 = Counter((r.get("top_labels") or ["-"])[0] for r in rows).most_common(15)
+        z.figures.append(plots.bars([c for c, _ in top1], [n for _, n in top1], "top-1 label"))
+        for label, _ in top1[:4]:
+            members = [r for r in rows if (r.get("top_labels") or ["-"])[0] == label][: run.per_gallery]
+            z.galleries.append(_gallery(label, [_card(run, r, f"p {_f(r['top_probs'][0])}") for r in members]))
+        sections.append(z)
+    return sections
+
+
+# ----------------------------------------------------------------------------
+# saliency
+# ----------------------------------------------------------------------------
+
+
+def saliency(run: Run) -> list[Section]:
+    rows = _light_rows(run)
+    s = Section(f"Saliency: {run.metadata.get('task_options', {}).get('method', '')}")
+    for column, title in (("deletion_auc", "deletion AUC (lower is better)"), ("insertion_auc", "insertion AUC")):
+        values = [r.get(column) for r in rows if r.get(column) is not None]
+        if values:
+            s.figures.append(plots.histogram(values, title, column))
+    cards = [
+        _card(
+            run,
+            r,
+            f"{r.get('target') or ''} score {_f(r.get('target_score'))}",
+            f"del {_f(r.get('deletion_auc'))} ins {_f(r.get('insertion_auc'))}",
+            overlay=True,
+        )
+        for r in rows[: run.per_gallery * 2]
+    ]
+    s.galleries.append(_gallery("overlays", cards))
+    return [s]
+
+
+def saliency_side_by_side(runs: list[Run]) -> Section:
+    """Methods of several saliency runs: their mean faithfulness, side by side."""
+    s = Section("Methods side by side")
+    table: dict[str, list] = {
+        "head": ["run", "method", "images", "mean deletion AUC", "mean insertion AUC"],
+        "rows": [],
+    }
+    for run in runs:
+        method = run.metadata.get("task_options", {}).get("method", "?")
+        rows = _light_rows(run)
+        deletion = [r["deletion_auc"] for r in rows if r.get("deletion_auc") is not None]
+        insertion = [r["insertion_auc"] for r in rows if r.get("insertion_auc") is not None]
+        table["rows"].append(
+            [
+                run.path,
+                method,
+                len(rows),
+                _f(float(np.mean(deletion))) if deletion else "-",
+                _f(float(np.mean(insertion))) if insertion else "-",
+            ]
+        )
+    s.tables.append(table)
+    return s
+
+
+# ----------------------------------------------------------------------------
+# select-data
+# ----------------------------------------------------------------------------
+
+
+def select_data(run: Run) -> list[Section]:
+    rows = run.table.select([c for c in run.table.column_names if c != "map"]).to_pylist()
+    reasons = Counter(r.get("reason") or "-" for r in rows).most_common()
+    s = Section("Selection")
+    s.figures.append(plots.bars([r for r, _ in reasons], [n for _, n in reasons], "why each image is in or out"))
+    report = run.metadata.get("selection_report") or {}
+    if report.get("comparison"):
+        s.notes.append(f"selected vs random subset of the same size: {report['comparison']}")
+    threshold = (run.metadata.get("task_options") or {}).get("dedup_threshold")
+    similarities = [r["duplicate_similarity"] for r in rows if r.get("duplicate_similarity") is not None]
+    if similarities:
+        s.figures.append(
+            plots.histogram(
+                similarities,
+                "similarity of each dropped copy to its kept image",
+                "cosine",
+                {"threshold": threshold} if threshold is not None else None,
+            )
+        )
+        explorer: dict[str, list] = {"head": ["--dedup-threshold", "copies dropped at it"], "rows": []}
+        values = np.asarray(similarities)
+        candidates = {round(float(t), 3) for t in np.linspace(values.min(), 1.0, 6)}
+        if threshold is not None:
+            candidates.add(float(threshold))
+        for candidate in sorted(candidates):
+            explorer["rows"].append([f"{candidate:.3f}", int((values >= candidate).sum())])
+        s.tables.append(explorer)
+    by_path = {r["path"]: r for r in rows}
+    groups: dict[int, list[dict]] = {}
+    for r in rows:
+        if r.get("duplicate_group") is not None:
+            groups.setdefault(r["duplicate_group"], []).append(r)
+    largest = sorted(groups.values(), key=len, reverse=True)[:4]
+    for members in largest:
+        copies = [m for m in members if m.get("duplicate_of")]
+        kept = by_path.get(copies[0]["duplicate_of"]) if copies else None
+        cards = [_card(run, kept, "kept")] if kept else []
+        cards += [_card(run, m, f"similarity {_f(m['duplicate_similarity'])}") for m in copies[: run.per_gallery]]
+        s.galleries.append(_gallery(f"duplicate group ({len(members)} images)", cards))
+    if threshold is not None and similarities:
+        near = sorted(
+            (r for r in rows if r.get("duplicate_similarity") is not None),
+            key=lambda r: abs(r["duplicate_similarity"] - threshold),
+        )[: run.per_gallery]
+        s.galleries.append(
+            _gallery(
+                "copies just above the threshold",
+                [_card(run, r, f"{_f(r['duplicate_similarity'])} of {r['duplicate_of']}") for r in near],
+            )
+        )
+    return [s]
+
+
+# ----------------------------------------------------------------------------
+# detect-aigi
+# ----------------------------------------------------------------------------
+
+
+def detect_aigi_score(run: Run) -> list[Section]:
+    rows = _light_rows(run)
+    s = Section("Detection")
+    threshold = (run.metadata.get("task_options") or {}).get("threshold")
+    s.figures.append(
+        plots.histogram(
+            [r.get("p_fake") for r in rows],
+            "calibrated p_fake",
+            "p_fake",
+            {"threshold": threshold} if threshold is not None else None,
+        )
+    )
+    labels = Counter(r.get("label") for r in rows).most_common()
+    s.figures.append(plots.bars([str(label) for label, _ in labels], [n for _, n in labels], "labels"))
+    ranked = sorted((r for r in rows if r.get("p_fake") is not None), key=lambda r: r["p_fake"])
+    s.galleries.append(
+        _gallery(
+            "most confident fakes",
+            [_card(run, r, f"p_fake {_f(r['p_fake'])}", overlay=True) for r in ranked[::-1][: run.per_gallery]],
+        )
+    )
+    s.galleries.append(
+        _gallery(
+            "most confident reals", [_card(run, r, f"p_fake {_f(r['p_fake'])}") for r in ranked[: run.per_gallery]]
+        )
+    )
+    return [s]
+
+
+def detect_aigi_eval(run: Run) -> list[Section]:
+    rows = run.table.to_pylist()
+    s = Section("Detector evaluation per generator")
+    head = ["generator", "n_real", "n_fake", "AP", "AUROC", "acc@0.5", "acc@threshold", "real acc", "fake acc"]
+    keys = ["generator", "n_real", "n_fake", "ap", "auroc", "acc_at_0_5", "acc_at_threshold", "real_acc", "fake_acc"]
+    s.tables.append(
+        {
+            "head": head,
+            "rows": [[_f(r.get(k)) if isinstance(r.get(k), float) else r.get(k) for k in keys] for r in rows],
+        }
+    )
+    named = [r for r in rows if r.get("ap") is not None]
+    if named:
+        s.figures.append(
+            plots.bars([r["generator"] for r in named], [r["ap"] for r in named], "AP", "average precision")
+        )
+    s.notes.append(f"threshold {run.metadata.get('threshold')}; detector {run.metadata.get('detector')}")
+    return [s]
+
+
+# ----------------------------------------------------------------------------
+# quantize
+# ----------------------------------------------------------------------------
+
+
+def quantize(run: Run) -> list[Section]:
+    rows = run.table.to_pylist()
+    meta = run.metadata
+    s = Section("Quantization")
+    figures = {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "rows"}
+    s.tables.append(
+        {
+            "head": ["figure", "value"],
+            "rows": [[k, _f(v, 6) if isinstance(v, float) else v] for k, v in figures.items()],
+        }
+    )
+    layers = [r for r in rows if r.get("output_error") is not None]
+    if layers:
+        ordered = sorted(layers, key=lambda r: r["output_error"], reverse=True)[:20]
+        s.figures.append(
+            plots.bars(
+                [r["layer"] for r in ordered],
+                [r["output_error"] for r in ordered],
+                "output error per layer (20 largest)",
+                "relative output error",
+            )
+        )
+    kept = [r for r in rows if str(r.get("kind") or "").startswith("kept")]
+    s.tables.append(
+        {
+            "head": ["layer", "kind", "method", "weight error", "output error"],
+            "rows": [
+                [
+                    r.get("layer"),
+                    r.get("kind"),
+                    r.get("method"),
+                    _f(r.get("weight_error"), 5),
+                    _f(r.get("output_error"), 5),
+                ]
+                for r in rows[:200]
+            ],
+        }
+    )
+    if kept:
+        s.notes.append(f"{len(kept)} layers kept in full precision (the kind column says why)")
+    return [s]
+
+
+BUILDERS = {
+    "classify": classify,
+    "clip-score": clip_score,
+    "saliency": saliency,
+    "select-data": select_data,
+    "detect-aigi": detect_aigi_score,
+    "detect-aigi-eval": detect_aigi_eval,
+    "quantize": quantize,
+}

@@ -1,0 +1,94 @@
+"""Thumbnails for the report: small JPEG data URIs from the inputs, else from the overlays.
+
+A row names its image by ``path`` (and ``root`` / ``shard`` where the output has them); the
+run's metadata gives the roots and the overlay folder. An input that is gone, unreachable or
+undecodable gives a placeholder, never a failure: a report is about the run, and the inputs
+may have moved since.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from functools import lru_cache
+
+from visbatch.core.images import ImageItem, decode_bytes
+from visbatch.core.sources import is_url, read_item
+
+THUMB_SIDE = 160
+PLACEHOLDER = (
+    "data:image/svg+xml;base64,"
+    + base64.b64encode(
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="160" height="120"><rect width="160" height="120" '
+        b'fill="#eee"/><text x="80" y="64" font-size="12" text-anchor="middle" fill="#777">not available</text></svg>'
+    ).decode()
+)
+
+
+def _data_uri(data: bytes) -> str | None:
+    try:
+        image = decode_bytes(data, None)
+    except Exception:
+        return None
+    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@lru_cache(maxsize=64)
+def _shard_items(root: str, shard: str) -> dict[str, ImageItem]:
+    from visbatch.core.sources.shards import list_shard
+
+    try:
+        return {item.relpath: item for item in list_shard(root, shard)}
+    except Exception:
+        return {}
+
+
+class Thumbnails:
+    def __init__(self, metadata: dict, limit: int):
+        self.roots = metadata.get("roots") or []
+        self.overlays = metadata.get("overlays")
+        self.limit = limit
+        self.made = 0
+
+    def _item(self, row: dict) -> ImageItem | None:
+        root = row.get("root") or (self.roots[0] if self.roots else None)
+        path = row.get("path")
+        if root is None or path is None:
+            return None
+        if row.get("shard"):
+            return _shard_items(root, row["shard"]).get(path)
+        if not is_url(root) and not os.path.isfile(os.path.join(root, path)):
+            return None
+        return ImageItem(root, path)
+
+    def of(self, row: dict, prefer_overlay: bool = False) -> str:
+        """The row's thumbnail (at most ``limit`` per report are made; past it, placeholders)."""
+        if self.made >= self.limit:
+            return PLACEHOLDER
+        self.made += 1
+        overlay = self._overlay(row) if prefer_overlay or self.overlays else None
+        if prefer_overlay and overlay:
+            return overlay
+        try:
+            item = self._item(row)
+            uri = _data_uri(read_item(item).data) if item is not None else None
+        except Exception:
+            uri = None
+        return uri or overlay or PLACEHOLDER
+
+    def _overlay(self, row: dict) -> str | None:
+        if not self.overlays or not row.get("path"):
+            return None
+        names = [row["path"] + ".png"]
+        if row.get("root"):
+            names.insert(0, os.path.join(os.path.basename(row["root"].rstrip("/")), row["path"] + ".png"))
+        for name in names:
+            candidate = os.path.join(self.overlays, name)
+            if os.path.isfile(candidate):
+                with open(candidate, "rb") as f:
+                    return _data_uri(f.read())
+        return None
