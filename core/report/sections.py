@@ -143,7 +143,12 @@ def clip_score(run: Run) -> list[Section]:
 def saliency(run: Run) -> list[Section]:
     rows = _light_rows(run)
     s = Section(f"Saliency: {run.metadata.get('task_options', {}).get('method', '')}")
-    for column, title in (("deletion_auc", "deletion AUC (lower is better)"), ("insertion_auc", "insertion AUC")):
+    for column, title in (
+        ("target_score", "score of the explained target"),
+        ("concentration", "concentration (share of attribution in the top 10% of the map)"),
+        ("deletion_auc", "deletion AUC (lower is better)"),
+        ("insertion_auc", "insertion AUC (higher is better)"),
+    ):
         values = [r.get(column) for r in rows if r.get(column) is not None]
         if values:
             s.figures.append(plots.histogram(values, title, column))
