@@ -202,8 +202,23 @@ def select_data(run: Run) -> list[Section]:
     s = Section("Selection")
     s.figures.append(plots.bars([r for r, _ in reasons], [n for _, n in reasons], "why each image is in or out"))
     report = run.metadata.get("selection_report") or {}
-    if report.get("comparison"):
-        s.notes.append(f"selected vs random subset of the same size: {report['comparison']}")
+    comparison = report.get("comparison")
+    if isinstance(comparison, dict) and comparison:
+        names = sorted({k for side in comparison.values() if isinstance(side, dict) for k in side})
+        s.tables.append(
+            {
+                "head": ["subset", *names],
+                "rows": [
+                    [
+                        side,
+                        *(_f(values.get(k), 4) if isinstance(values.get(k), float) else values.get(k) for k in names),
+                    ]
+                    for side, values in comparison.items()
+                    if isinstance(values, dict)
+                ],
+            }
+        )
+        s.notes.append("coverage: distance from each pool image to the subset (lower is better); diversity: spread")
     threshold = (run.metadata.get("task_options") or {}).get("dedup_threshold")
     similarities = [r["duplicate_similarity"] for r in rows if r.get("duplicate_similarity") is not None]
     if similarities:
@@ -215,6 +230,8 @@ def select_data(run: Run) -> list[Section]:
                 {"threshold": threshold} if threshold is not None else None,
             )
         )
+        # Only copies at or above the run's threshold have a recorded similarity: lower candidates
+        # would drop at least these (the manifest does not hold the pairs below it).
         explorer: dict[str, list] = {"head": ["--dedup-threshold", "copies dropped at it"], "rows": []}
         values = np.asarray(similarities)
         candidates = {round(float(t), 3) for t in np.linspace(values.min(), 1.0, 6)}
