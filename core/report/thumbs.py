@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from visbatch.core.images import ImageItem, decode_bytes
 from visbatch.core.sources import is_url, read_item
+from visbatch.core.sources.remote import RemoteFile, join_url
 
 THUMB_SIDE = 160
 PLACEHOLDER = (
@@ -61,7 +62,9 @@ class Thumbnails:
             return None
         if row.get("shard"):
             return _shard_items(root, row["shard"]).get(path)
-        if not is_url(root) and not os.path.isfile(os.path.join(root, path)):
+        if is_url(root):
+            return ImageItem(root, path, RemoteFile(join_url(root, path), 0, 0.0))
+        if not os.path.isfile(os.path.join(root, path)):
             return None
         return ImageItem(root, path)
 
