@@ -314,7 +314,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
                 str,
                 typer.Option(
                     "--engine",
-                    help="local (this machine) or ray (a Ray cluster; pip install visbatch[ray]).",
+                    help="local (this machine) or ray (a Ray cluster; pip install 'visbatch\\[ray]').",
                     envvar="VISBATCH_ENGINE",
                 ),
             ],

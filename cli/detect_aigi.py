@@ -103,7 +103,7 @@ def train(
         help="crop (native resolution, default), resize, or tiles "
         "(--tiles x --tiles native-resolution tiles of --size, features averaged).",
     ),
-    size: int = typer.Option(256, "--size", min=32, help="Side of the crop (or tile) the detector looks at."),
+    size: int = typer.Option(256, "--size", min=32, max=2048, help="Side of the crop (or tile) the detector looks at."),
     tiles: int = typer.Option(3, "--tiles", min=1, max=16, help="With --policy tiles: tiles per side."),
     holdout: float = typer.Option(0.25, "--holdout", min=0.05, max=0.9, help="Share held out for calibration."),
     seed: int = typer.Option(0, "--seed"),
@@ -255,6 +255,7 @@ def evaluate_command(
             overwrite=overwrite,
             resume=resume,
             run=RunSettings(device, precision, batch_size, workers, quiet),
+            min_ap=min_ap,
         )
         rows, errors = evaluate_command(request, lambda text: _say(quiet, f"visbatch: warning: {text}"))
         overall = rows[-1]

@@ -25,7 +25,7 @@ def quantize(
     model: str = typer.Option("efficientnet-lite0", "--model", "-m", envvar="VISBATCH_MODEL"),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", envvar="VISBATCH_PRETRAINED"),
     bits: int = typer.Option(8, "--bits", help="8 or 4."),
-    group_size: str = typer.Option("128", "--group-size", help="32, 64, 128 or channel."),
+    group_size: str = typer.Option("128", "--group-size", help="32, 64, 128, 256 or channel."),
     method: str = typer.Option(
         "auto",
         "--method",

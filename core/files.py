@@ -69,6 +69,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise FatalError(f"cannot write {describe_os_error(exc, path)}") from exc
     try:
         yield str(tmp)
+        # Some writers (safetensors) replace the temp file with one of their own, mode 0600:
+        # the file that lands has the mode the umask gives, whoever created it.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as exc:
         remove_quietly(tmp)
@@ -80,6 +83,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
                 f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from exc
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for an instant, for
+    every thread writing files at the same time)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _is_io_failure(exc: BaseException) -> bool:

@@ -208,12 +208,22 @@ class FolderSink:
 
     def path_for(self, item: ImageItem) -> Path:
         relative = item.relpath + self.suffix
+        # A key is a name from the inputs (a tar member, a manifest line): one that climbs out
+        # ("../x", "/etc/x") would write outside this folder or into another root's part of it.
+        parts = relative.replace("\\", "/").split("/")
+        if relative.startswith("/") or ".." in parts or os.path.isabs(relative):
+            raise SinkWriteError(f"{self.kind} not written: the key {item.relpath!r} leaves the output folder")
         if self._root_names:
             return self.folder / self._root_names[item.root] / relative
         return self.folder / relative
 
     def submit(self, item: ImageItem, picture: np.ndarray) -> Future:
-        target = self.path_for(item)
+        try:
+            target = self.path_for(item)
+        except SinkWriteError as exc:  # the row becomes an error row, as for a failed write
+            refused: Future = Future()
+            refused.set_exception(exc)
+            return refused
         self._slots.acquire()
         future = self._pool.submit(self._write, target, picture)
         future.add_done_callback(lambda _: self._slots.release())

@@ -137,7 +137,14 @@ class _Found:
         elif os.path.isdir(entry):
             root = os.path.abspath(entry)
             found = walk_folder(root, self.options.recursive)
-            shards = [] if found else shards_in_folder(root, self.options.recursive)
+            shards = shards_in_folder(root, self.options.recursive)
+            if found and shards:
+                if self.warnings is not None:
+                    self.warnings.append(
+                        f"{entry} holds images and {len(shards)} .tar files: the .tar files were not read "
+                        f"(name them, e.g. '{os.path.join(entry, shards[0])}', to read their samples)"
+                    )
+                shards = []
             self.items.update(ImageItem(root, rel) for rel in found)
             self.shards += [(root, name) for name in shards]
         elif os.path.isfile(entry) and is_shard_name(entry):
@@ -154,7 +161,12 @@ class _Found:
 
     def add(self, entry: str, stdin, from_list: bool = False) -> None:
         if "{" in entry and not os.path.exists(entry):
-            for expanded in expand_braces(entry):
+            expanded_all = expand_braces(entry)
+            local = [e for e in expanded_all if not is_url(e)]
+            if local and len(local) == len(expanded_all) and not any(os.path.exists(e) for e in local):
+                # A gap is an error row; a range of which nothing exists is a mistyped path.
+                raise InputError(f"input not found: none of the {len(local)} names {entry} expands to exists")
+            for expanded in expanded_all:
                 self.add(expanded, stdin, from_list=True)
             return
         if from_list and is_shard_name(entry):

@@ -306,6 +306,11 @@ def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) ->
                     duplicates += 1
                     continue
                 seen.add(key)
+                if key.startswith("/") or ".." in key.split("/"):
+                    # A name that climbs out of the shard ("../x", "/etc/x"): never a path visbatch writes to.
+                    reason = f"member name {key!r} leaves the shard (absolute or '..'); not read"
+                    items.append(ImageItem(root, f"{shard_name}/{key}", BrokenShard(shard_name, reason)))
+                    continue
                 image = next((m for ext, m in group if ext.rsplit(".", 1)[-1].lower() in _IMAGE_SUFFIXES), None)
                 sidecars = tuple((ext, m) for ext, m in group if ext in ("txt", "json"))
                 sample = TarSample(location, shard_name, image, sidecars, tuple(ext for ext, _ in group))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -125,6 +126,14 @@ def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
         raise UsageError("--l2 must be a finite number >= 0")
     if request.policy not in POLICIES:
         raise UsageError("--policy must be crop, resize or tiles")
+    if request.group_pattern is not None:
+        try:
+            re.compile(request.group_pattern)
+        except re.error as exc:
+            raise UsageError(f"--group-pattern is not a regular expression: {exc}")
+    both = {os.path.realpath(f) for f in request.real} & {os.path.realpath(f) for f in request.fake}
+    if both:
+        raise UsageError(f"--real and --fake name the same folder ({sorted(both)[0]}): an image has one label")
     if request.univfd_head:
         protected = ProtectedInputs(files=[request.univfd_head, request.pretrained, request.model])
         outputs = [JobOutput(output)]
@@ -203,12 +212,17 @@ class EvalRequest:
     overwrite: bool = False
     resume: bool = False
     run: RunSettings = field(default_factory=RunSettings)
+    min_ap: float | None = None  # checked here; the gate itself is the CLI's exit code
 
 
 def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list[str]]:
     """Per generator and overall figures of a detector on a labelled root, written to the output;
     returns (rows, one-line reasons for the images that could not be scored)."""
     output, run = request.output, request.run
+    if request.min_ap is not None and not 0 <= request.min_ap <= 1:
+        raise UsageError("--min-ap must be between 0 and 1")
+    if os.path.isdir(output):
+        raise UsageError(f"output {output} is a folder; give a file path")
     if os.path.exists(output) and not request.overwrite:
         raise UsageError(f"output {output} exists; pass --overwrite to replace it")
     data = read_labelled_root(request.root)

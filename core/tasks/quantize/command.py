@@ -82,8 +82,12 @@ def check_request(r: QuantizeRequest) -> None:
         raise UsageError("--group-size must be 32, 64, 128, 256 or channel")
     if not r.calib:
         raise UsageError("--calib DIR is required (calibration images)")
-    if not r.output or not r.output.endswith(".safetensors"):
+    if not r.output:
         raise UsageError("-o FILE.safetensors is required")
+    if os.path.isdir(r.output):
+        raise UsageError(f"-o {r.output} is a folder; give a .safetensors file path")
+    if not r.output.endswith(".safetensors"):
+        raise UsageError(f"-o {r.output}: must name a .safetensors file")
     if os.path.exists(r.output) and not r.overwrite:
         raise UsageError(f"output {r.output} exists; pass --overwrite to replace it")
     if not os.path.exists(r.calib):

@@ -61,6 +61,9 @@ def plan_materialize(
     for item, keep in zip(items, selected):
         if not keep:
             continue
+        if item.relpath.startswith("/") or ".." in item.relpath.replace("\\", "/").split("/"):
+            option = "--copy-to" if mode == "copy" else "--link-to"
+            raise UsageError(f"{option}: {item.relpath!r} (a manifest path) would land outside {target}")
         destination = Path(target, subfolders.get(item.root, ""), item.relpath)
         protected.check_write(destination)
         if os.path.lexists(destination):
