@@ -162,11 +162,31 @@ def test_a_killed_driver_resumes_to_exactly_one_row_per_input(cluster, corpus, t
 
 
 def test_engine_misuse_is_one_line(corpus, tmp_path, monkeypatch):
+    import socket
+    import threading
+
     out = tmp_path / "o.parquet"
+    web = socket.socket()  # a service that is not Ray: answers like an HTTP/1 server
+    web.bind(("127.0.0.1", 0))
+    web.listen(4)
+
+    def answer():
+        while True:
+            try:
+                connection, _ = web.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(64)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    not_ray = f"127.0.0.1:{web.getsockname()[1]}"
     for args, code, fragment in (
         (["--engine", "spark"], 2, "--engine"),
         (["--engine", "ray", "--concurrency", "3,1"], 2, "--concurrency"),
         (["--engine", "ray", "--ray-address", "127.0.0.1:1"], 3, "cannot reach the Ray cluster"),
+        (["--engine", "ray", "--ray-address", not_ray], 3, "not a Ray (gRPC) server"),
     ):
         result = invoke_cli("classify", corpus, *TINY_CNN, *args, "-o", out)
         assert_one_line_error(result, code, fragment)
@@ -177,3 +197,4 @@ def test_engine_misuse_is_one_line(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     assert_one_line_error(invoke_cli("classify", corpus, *TINY_CNN, "--engine", "ray", "-o", out), 2, "visbatch[ray]")
     assert not out.exists() and sys.modules.get("visbatch") is not None
+    web.close()

@@ -58,24 +58,8 @@ def connect(options: EngineOptions) -> dict:
     if address not in ("auto", "local"):
         _check_reachable(address)
     if not ray.is_initialized():
-        quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
-        local: dict[str, Any] = {
-            **quiet,
-            "_node_ip_address": "127.0.0.1",
-        }  # a cluster started here listens on loopback only
-        address = options.address
-        if address == "local":
-            ray.init(**local)
-        elif address == "auto":
-            try:
-                ray.init(address="auto", **quiet)
-            except ConnectionError:
-                ray.init(**local)
-        else:
-            try:
-                ray.init(address=address, **quiet)
-            except Exception as exc:
-                raise FatalError(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from exc
+        with _without_ray_logs():
+            _init(ray, address)
     _quiet_ray_data()
     resources = ray.cluster_resources()
     return {
@@ -85,6 +69,24 @@ def connect(options: EngineOptions) -> dict:
     }
 
 
+def _init(ray, address: str) -> None:
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
+    # A cluster started here listens on the loopback interface only.
+    local: dict[str, Any] = {**quiet, "_node_ip_address": "127.0.0.1"}
+    if address == "local":
+        ray.init(**local)
+    elif address == "auto":
+        try:
+            ray.init(address="auto", **quiet)
+        except ConnectionError:
+            ray.init(**local)
+    else:
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as exc:
+            raise FatalError(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from exc
+
+
 def _check_reachable(address: str) -> None:
     """A TCP connect with a timeout first: ray.init on a dead address can wait for minutes."""
     target = address.split("://", 1)[-1]
@@ -92,10 +94,16 @@ def _check_reachable(address: str) -> None:
     if not host or not port.isdigit():
         raise UsageError(f"--ray-address {address!r}: give auto, local or HOST:PORT")
     try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
+        with socket.create_connection((host, int(port)), timeout=5) as connection:
+            # Ray's GCS speaks gRPC: an HTTP/2 server answers the client preface with a SETTINGS
+            # frame (type 4). Anything else (an HTTP/1 server, silence) is not a Ray cluster, and
+            # ray.init would retry against it for minutes.
+            connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            reply = connection.recv(9)
     except OSError as exc:
         raise FatalError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from exc
+    if len(reply) < 4 or reply[3] != 4:
+        raise FatalError(f"cannot reach the Ray cluster at {address}: the service there is not a Ray (gRPC) server")
 
 
 def _quiet_ray_data() -> None:
