@@ -687,7 +687,11 @@ def print_summary(summary: Summary, as_json: bool, quiet: bool) -> None:
     lines = [f"visbatch: warning: {w}" for w in summary.warnings]
     extra = [f"{summary.resumed} already done"] if summary.resumed else []
     extra += [f"{summary.changed} changed since and redone"] if summary.changed else []
-    extra += [f"{summary.removed} rows of deleted or changed files dropped"] if summary.removed else []
+    extra += (
+        [f"{summary.removed} earlier rows dropped (their inputs are gone, or this run's selection does not list them)"]
+        if summary.removed
+        else []
+    )
     lines.append(
         f"visbatch {summary.task}: {state}: {summary.ok} ok, {summary.failed} failed"
         + "".join(f", {e}" for e in extra)
