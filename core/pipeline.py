@@ -449,6 +449,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
         progress = Progress(0, config.quiet, config.log_interval, task.name)
         start = time.monotonic()
         pending: _Pending | None = None
+        drawn_on_ray = 0  # overlays the actors wrote (the driver's sink writes none then)
         try:
             with StopFlag(config.quiet) as stop:
                 for chunk in stream.chunks():
@@ -459,8 +460,9 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
                     if not todo:
                         continue
                     if runner is not None:
-                        for ok, failed, errors in runner.run(todo, offset):
+                        for ok, failed, errors, drawn in runner.run(todo, offset):
                             count_batch(ok, failed, errors, summary, progress)
+                            drawn_on_ray += drawn
                             if stop:
                                 break
                         if stop:
@@ -498,7 +500,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
         summary.images_per_s = summary.processed / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
         summary.task_summary = task.summary()
         if overlay_sink is not None:
-            summary.overlays_written = overlay_sink.written
+            summary.overlays_written = overlay_sink.written + drawn_on_ray
         if not summary.interrupted:
             drop = _reconcile_unlisted(done, seen, summary) if done is not None else set()
             writer.finalize(getattr(task, "reduce", None), drop)

@@ -84,8 +84,9 @@ def test_classify_and_saliency_on_ray_equal_local(cluster, corpus, tmp_path):
     overlays_local, overlays_ray = tmp_path / "ov-local", tmp_path / "ov-ray"
     s_local, s_ray = tmp_path / "s-local.parquet", tmp_path / "s-ray.parquet"
     assert invoke_cli(*saliency, "-o", s_local, "--overlays", overlays_local).exit_code == 0
-    result = invoke_cli(*saliency, *RAY, "-o", s_ray, "--overlays", overlays_ray)
+    result = invoke_cli(*saliency, *RAY, "-o", s_ray, "--overlays", overlays_ray, "--json")
     assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["overlays_written"] == 8  # the 8 decodable images
     _same_rows(s_local, s_ray, ["target_index", "target_score", "peak_x", "peak_y", "concentration", "map"])
     files = sorted(p.relative_to(overlays_local) for p in overlays_local.rglob("*.png"))
     assert files and files == sorted(p.relative_to(overlays_ray) for p in overlays_ray.rglob("*.png"))

@@ -313,6 +313,7 @@ class ModelStage:
         order = sorted(range(len(records)), key=lambda i: records[i].index)
         decoded = collate([(tensors[i], records[i]) for i in order])
         s = self.settings
+        drawn = self.overlay_sink.written if self.overlay_sink is not None else 0
         pending = _process_batch(
             self.task, self.model, decoded, self.overlay_sink, self.map_sink, s["config"], s["multi_root"]
         )
@@ -320,7 +321,13 @@ class ModelStage:
         first = decoded.records[0].index
         write_part(Path(s["parts_dir"]), rows_table(s["schema"], rows), f"part-{s['run_tag']}-{first:012d}.arrow")
         ok, failed, errors = batch_tally(rows)
-        return {"ok": np.array([ok]), "failed": np.array([failed]), "errors": np.array([json.dumps(errors)])}
+        drawn = (self.overlay_sink.written if self.overlay_sink is not None else 0) - drawn
+        return {
+            "ok": np.array([ok]),
+            "failed": np.array([failed]),
+            "errors": np.array([json.dumps(errors)]),
+            "overlays": np.array([drawn]),
+        }
 
 
 # ----------------------------------------------------------------------------
@@ -365,8 +372,8 @@ class RayRunner:
         self.shipment = ray.put((ship_task(task, model), model_recipe(model), "cuda" if gpus > 0 else "cpu", settings))
         self.described = {"engine": "ray", **cluster, "gpus_per_worker": gpus, "actors": list(concurrency)}
 
-    def run(self, items: Sequence[ImageItem], offset: int) -> Iterator[tuple[int, int, list[str]]]:
-        """(ok, failed, error examples) per batch as the actors finish them."""
+    def run(self, items: Sequence[ImageItem], offset: int) -> Iterator[tuple[int, int, list[str], int]]:
+        """(ok, failed, error examples, overlays written) per batch as the actors finish them."""
         import ray.data
 
         for start in range(0, len(items), CHUNK_SIZE):
@@ -386,8 +393,10 @@ class RayRunner:
             try:
                 with _without_ray_logs():
                     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                        for ok, failed, errors in zip(batch["ok"], batch["failed"], batch["errors"]):
-                            yield int(ok), int(failed), json.loads(errors)
+                        for ok, failed, errors, drawn in zip(
+                            batch["ok"], batch["failed"], batch["errors"], batch["overlays"]
+                        ):
+                            yield int(ok), int(failed), json.loads(errors), int(drawn)
             except (FatalError, UsageError):
                 raise
             except Exception as exc:
