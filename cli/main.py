@@ -202,5 +202,15 @@ def _stop_on_sigterm() -> None:
 
 
 def main() -> None:
+    import signal
+
     _stop_on_sigterm()
-    app()
+    try:
+        app()
+    finally:
+        # The run has chosen its exit code and written what it will write. Python's shutdown
+        # (which can take a second: threads, torch) resets its signal handlers to the defaults,
+        # so a second SIGTERM then would end the process as 143 instead of the code it chose.
+        # Ignored signals stay ignored through the shutdown (SIGKILL still ends one that hangs).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)

@@ -115,3 +115,32 @@ def test_a_folder_of_images_and_tars_says_the_tars_were_not_read(tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["inputs"] == 1 and any(".tar files were not read" in w for w in summary["warnings"]), summary
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_while_shutting_down_keeps_exit_130(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import VISBATCH
+
+    root = tmp_path / "many"
+    for i in range(300):
+        write_image(root / f"{i:03d}.jpg", size=(40, 40), seed=i)
+    out = tmp_path / "o.parquet"
+    proc = subprocess.Popen(
+        [*VISBATCH, "classify", str(root), *TINY_CNN, "-o", str(out), "--batch-size", "2", "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    parts = tmp_path / "o.parquet.parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("part-*.arrow"))) < 2 and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.8)  # the run has stopped and Python is shutting down
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, proc.stderr.read()
