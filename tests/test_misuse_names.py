@@ -144,3 +144,21 @@ def test_a_second_sigterm_while_shutting_down_keeps_exit_130(tmp_path):
         proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode == 130, proc.stderr.read()
+
+
+def test_tar_members_of_no_sample_are_named_in_a_warning(tmp_path):
+    shard = tmp_path / "odd.tar"
+    data = _jpeg(tmp_path, 4)
+    with tarfile.open(shard, "w") as tar:
+        for name in ("noext", ".hidden.jpg", "000.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "000.jpg"
+        tar.addfile(link)
+    result = invoke_cli("classify", shard, *TINY_CNN, "-o", tmp_path / "o.parquet", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["inputs"] == 1
+    assert any("3 members belong to no sample" in w for w in summary["warnings"]), summary["warnings"]

@@ -207,10 +207,11 @@ def _pax(data: bytes) -> dict[str, str]:
     return records
 
 
-def iter_members(handle) -> Iterator[Member]:
+def iter_members(handle, skipped: list[str] | None = None) -> Iterator[Member]:
     """The regular-file members of a tar, read header by header (ustar, GNU long names and pax
     ``path``/``size`` records), a few times faster than :mod:`tarfile` on shards of many small
-    members. Raises :class:`TarDamage` for a truncated or corrupt tar."""
+    members. Raises :class:`TarDamage` for a truncated or corrupt tar. The names of members
+    that are neither files nor folders (links, devices) go to ``skipped``."""
     offset = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -258,11 +259,15 @@ def iter_members(handle) -> Iterator[Member]:
         long_name, pax = None, {}
         if kind in _FILE_TYPES:
             yield Member(name, data_offset, size, mtime)
+        elif kind != b"5" and skipped is not None:  # 5: a folder, nothing to say
+            skipped.append(name)
         offset = data_offset + padded
         handle.seek(offset)
 
 
-def _samples(members: Iterator[Member]) -> Iterator[tuple[str, list[tuple[str, Member]]]]:
+def _samples(
+    members: Iterator[Member], skipped: list[str] | None = None
+) -> Iterator[tuple[str, list[tuple[str, Member]]]]:
     """Group consecutive members by key: (key, [(extension, member), ...]). When the tar turns
     out damaged, the sample being read is still yielded (its rows say what is missing)."""
     key = ""
@@ -271,7 +276,9 @@ def _samples(members: Iterator[Member]) -> Iterator[tuple[str, list[tuple[str, M
         for member in members:
             match = _KEY_AND_EXTENSION.match(member.name)
             if not match:
-                continue  # no extension: not part of any sample (WebDataset skips these too)
+                if skipped is not None:  # no extension, or a hidden name: WebDataset skips these too
+                    skipped.append(member.name)
+                continue
             member_key, extension = match.group(1), match.group(2)
             if member_key != key and group:
                 yield key, group
@@ -289,6 +296,7 @@ def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) ->
     items: list[ImageItem] = []
     seen: set[str] = set()
     duplicates = 0
+    skipped: list[str] = []
 
     def broken(reason: str) -> ImageItem:
         return ImageItem(root, shard_name, BrokenShard(shard_name, reason))
@@ -301,7 +309,7 @@ def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) ->
         return [broken(f"cannot open shard: {describe(exc, location)}")]
     try:
         with handle:
-            for key, group in _samples(iter_members(handle)):
+            for key, group in _samples(iter_members(handle, skipped), skipped):
                 if key in seen:
                     duplicates += 1
                     continue
@@ -319,6 +327,11 @@ def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) ->
         what = f"after {len(items)} samples" if items else "before any sample"
         message = str(exc) if isinstance(exc, TarDamage) else describe(exc, location)
         items.append(broken(f"truncated or corrupt tar {what}: {message}"))
+    if skipped and warnings is not None:
+        warnings.append(
+            f"{shard_name}: {len(skipped)} members belong to no sample and were not read "
+            f"(no extension, a hidden name, or a link), e.g. {skipped[0]!r}"
+        )
     if duplicates and warnings is not None:
         warnings.append(f"{shard_name}: {duplicates} samples repeat a key already seen in the shard and were skipped")
     if not items:
