@@ -101,10 +101,20 @@ def test_train_score_eval_round_trip(upsampled_root, tmp_path):
             "--device",
             "cpu",
             "--min-ap",
-            "1.01",
+            "1",
         ],
     )
-    assert gate.exit_code == 1 and "below --min-ap" in gate.stderr
+    if rows["all"]["ap"] < 1:
+        assert gate.exit_code == 1 and "below --min-ap" in gate.stderr
+    else:
+        assert gate.exit_code == 0
+    impossible = runner.invoke(
+        app,
+        ["detect-aigi", "eval", str(upsampled_root), "--detector", str(detector), "--min-ap", "1.01"]
+        + ["-o", str(tmp_path / "never.parquet")],
+    )
+    assert impossible.exit_code == 2 and "--min-ap must be between 0 and 1" in impossible.stderr
+    assert not (tmp_path / "never.parquet").exists()
     scores = tmp_path / "scores.parquet"
     invoke(
         "score",
