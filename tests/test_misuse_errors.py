@@ -58,7 +58,6 @@ def two(tmp_path: Path) -> Path:
             2,
             "unknown precision",
         ),
-        (["detect-aigi", "train", "--real", "IN", "--fake", "IN", "-o", "A_FILE/d.safetensors"], 3, "not a folder"),
         (["quantize", "--calib", "IN", "--model", "test-tiny-cnn", "-o", "A_FILE/q.safetensors"], 3, "not a folder"),
     ],
 )

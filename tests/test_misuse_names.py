@@ -93,6 +93,10 @@ def test_review_refusals_create_nothing(tmp_path):
     assert_one_line_error(invoke_cli(*train, "--fake", fake, "--group-pattern", "("), 2, "--group-pattern")
     assert_one_line_error(invoke_cli(*train, "--fake", real), 2, "same folder")
     assert_one_line_error(invoke_cli(*train, "--fake", fake, "--size", "10000"), 2, "--size")
+    (tmp_path / "a_file").write_text("x")
+    under_a_file = ["-o", tmp_path / "a_file" / "d.safetensors"]
+    assert_one_line_error(invoke_cli(*train[:-2], "--fake", fake, *under_a_file), 3, "not a folder")
+    (tmp_path / "a_file").unlink()
     assert_one_line_error(
         invoke_cli("classify", tmp_path / "nope" / "{00000..00003}.tar", *TINY_CNN, "-o", tmp_path / "x.parquet"),
         2,
