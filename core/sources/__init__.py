@@ -136,15 +136,15 @@ class _Found:
                 self.items.add(_item_for_file(line, os.getcwd()))
         elif os.path.isdir(entry):
             root = os.path.abspath(entry)
-            found = walk_folder(root, self.options.recursive)
-            shards = shards_in_folder(root, self.options.recursive)
-            if found and shards:
+            passed: list[str] = []
+            found = walk_folder(root, self.options.recursive, tars=passed)
+            shards = [] if found else shards_in_folder(root, self.options.recursive)
+            if found and passed:
                 if self.warnings is not None:
                     self.warnings.append(
-                        f"{entry} holds images and {len(shards)} .tar files: the .tar files were not read "
-                        f"(name them, e.g. '{os.path.join(entry, shards[0])}', to read their samples)"
+                        f"{entry} holds images and {len(passed)} .tar files: the .tar files were not read "
+                        f"(name them, e.g. '{os.path.join(entry, sorted(passed)[0])}', to read their samples)"
                     )
-                shards = []
             self.items.update(ImageItem(root, rel) for rel in found)
             self.shards += [(root, name) for name in shards]
         elif os.path.isfile(entry) and is_shard_name(entry):

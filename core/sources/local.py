@@ -21,7 +21,7 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def walk_folder(root: str, recursive: bool = True) -> list[str]:
+def walk_folder(root: str, recursive: bool = True, tars: list[str] | None = None) -> list[str]:
     """Relative POSIX paths of the image files under ``root``, the same on every machine.
 
     Hidden files and folders are skipped. Symbolic links are followed, but a
@@ -29,7 +29,8 @@ def walk_folder(root: str, recursive: bool = True) -> list[str]:
     relative to the root when it has one (the tree without links, walked
     first), else under its first alias in sorted order; each real folder is
     entered once, so a link loop cannot hang the walk. The result does not
-    depend on the order in which the file system lists a folder.
+    depend on the order in which the file system lists a folder. The ``.tar`` files the
+    walk passes are appended to ``tars`` (so a caller need not walk again to find shards).
     """
     found: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
@@ -69,6 +70,8 @@ def walk_folder(root: str, recursive: bool = True) -> list[str]:
                         (linked_dirs if is_link else subdirs).append(rel)
                 elif has_image_extension(entry.name):
                     (linked_files if is_link else into).append(rel)
+                elif tars is not None and entry.name.lower().endswith(".tar"):
+                    tars.append(rel)
             stack.extend(reversed(subdirs))
 
     scan("", found)
