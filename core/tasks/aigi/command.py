@@ -55,6 +55,21 @@ class RunSettings:
             raise UsageError(f"unknown precision {self.precision!r} (use auto, fp32, bf16 or fp16)")
 
 
+def features_config(path: str, run: RunSettings, resume: bool, protected, quiet: bool) -> RunConfig:
+    """The feature map stage's run, into ``path`` (resumable with --resume), checked before anything."""
+    config = RunConfig(
+        output=path,
+        batch_size=run.batch_size,
+        workers=run.workers,
+        quiet=quiet,
+        resume=resume,
+        overwrite=not resume,
+        protected=protected,
+    )
+    check_outputs(config)
+    return config
+
+
 def load_backbone(spec: str, pretrained: str | None, run: RunSettings):
     return load_model(spec, pretrained, run.device, run.precision)
 
@@ -154,16 +169,7 @@ def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
     features_path = features_path_for(output)
     protected = ProtectedInputs.for_items(data.items, [request.pretrained, request.model])
     outputs = [JobOutput(output)]
-    config = RunConfig(
-        output=features_path,
-        batch_size=run.batch_size,
-        workers=run.workers,
-        quiet=run.quiet,
-        resume=request.resume,
-        overwrite=not request.resume,
-        protected=protected,
-    )
-    check_outputs(config)
+    config = features_config(features_path, run, request.resume, protected, quiet=run.quiet)
     check_job_outputs(outputs, protected, request.overwrite)
     for warning in format_confounds(data):
         warn(warning)
@@ -231,16 +237,7 @@ def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list
     outputs = [JobOutput(output)]
     check_job_outputs(outputs, protected, request.overwrite)
     loaded = Detector.load(request.detector)
-    config = RunConfig(
-        output=features_path,
-        batch_size=run.batch_size,
-        workers=run.workers,
-        quiet=True,
-        resume=request.resume,
-        overwrite=not request.resume,
-        protected=protected,
-    )
-    check_outputs(config)
+    config = features_config(features_path, run, request.resume, protected, quiet=True)
     for warning in format_confounds(data):
         warn(warning)
     backbone = backbone_for(loaded, request.model, request.pretrained, run)
