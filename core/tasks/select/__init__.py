@@ -240,14 +240,23 @@ def _group_examples(items: Sequence[ImageItem], selection: Selection, limit: int
     return examples
 
 
-def _matrix(rows: list[dict], ok: np.ndarray, column: str, device) -> torch.Tensor:
-    """[n, d] normalized embeddings from ``column`` of the ok rows (zeros elsewhere)."""
+def _matrix(rows: list[dict], ok: np.ndarray, column: str, device, chunk: int = 65536) -> torch.Tensor:
+    """[n, d] normalized embeddings from ``column`` of the ok rows (zeros elsewhere; the rows lose
+    the column), held in fp16
+    (the pool's embeddings are the reduce's one big allocation: 1 KB per 512-d image; the
+    selection maths takes them to fp32 a chunk or a cluster at a time)."""
     dim = next((len(r[column]) for r in rows if r.get(column) is not None), 1)
-    matrix = np.zeros((len(rows), dim), dtype=np.float32)
+    matrix = np.zeros((len(rows), dim), dtype=np.float16)
     for i, r in enumerate(rows):
+        # Taken out of the row: each batch of the cache's vectors is freed once copied, so the
+        # pool is held once, not twice, at the peak.
+        vector = r.pop(column, None)
         if ok[i]:
-            matrix[i] = np.asarray(r[column], dtype=np.float32)
-    return F.normalize(torch.from_numpy(matrix).to(device), dim=1)
+            matrix[i] = vector
+    out = torch.from_numpy(matrix).to(device)
+    for start in range(0, out.shape[0], chunk):
+        out[start : start + chunk] = F.normalize(out[start : start + chunk].float(), dim=1).half()
+    return out
 
 
 def _clip_scores(items, embeddings, ok, model, options) -> np.ndarray | None:
@@ -264,6 +273,10 @@ def _clip_scores(items, embeddings, ok, model, options) -> np.ndarray | None:
     have = [i for i, t in enumerate(texts) if t is not None and ok[i]]
     if have:
         text_embeddings = encoder.encode([texts[i] for i in have])
-        values, _ = clip_score(embeddings[torch.tensor(have, device=embeddings.device)], text_embeddings)
-        scores[have] = values.cpu().numpy()
+        chunk = 65536
+        for start in range(0, len(have), chunk):
+            index = have[start : start + chunk]
+            rows = embeddings[torch.tensor(index, device=embeddings.device)]
+            values, _ = clip_score(rows, text_embeddings[start : start + chunk])
+            scores[index] = values.cpu().numpy()
     return scores

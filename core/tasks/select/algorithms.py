@@ -4,6 +4,11 @@ Distances are cosine distances ``1 - cos`` between L2-normalized embeddings.
 Everything is chunked so that no n x n matrix over the whole pool is ever
 built: cost grows close to linearly with the pool for a fixed number of
 clusters per point.
+
+The pool's embeddings may be held in fp16 (``select-data`` keeps them so: 1 KB per
+512-d image, 10 GB for ten million); every product is taken in fp32 on a chunk or a
+cluster at a time (:func:`f32`), so results do not depend on the storage type beyond
+its rounding.
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ def default_clusters(n: int) -> int:
     return max(1, min(n, int(round(math.sqrt(n)))))
 
 
+def f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 for a product (a copy only when it is stored in another type)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _chunked_nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536):
     labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     sims = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], chunk):
-        s = x[start : start + chunk] @ centroids.T
+        s = f32(x[start : start + chunk]) @ centroids.T
         best = s.max(dim=1)
         labels[start : start + chunk], sims[start : start + chunk] = best.indices, best.values
     return labels, sims
@@ -45,7 +55,7 @@ def spherical_kmeans(
     n = x.shape[0]
     k = max(1, min(k, n))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sample = x[torch.randperm(n, generator=generator)[: min(n, 50 * k)].to(x.device)]
+    sample = f32(x[torch.randperm(n, generator=generator)[: min(n, 50 * k)].to(x.device)])
     # k-means++ seeding on the sample: each next centre far from the chosen ones.
     chosen = [int(torch.randint(sample.shape[0], (1,), generator=generator))]
     closest = 1 - sample @ sample[chosen[0]]
@@ -70,7 +80,9 @@ def spherical_kmeans(
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
-        sums = torch.zeros_like(centroids).index_add_(0, labels, train)
+        sums = torch.zeros_like(centroids)
+        for start in range(0, train.shape[0], 65536):
+            sums.index_add_(0, labels[start : start + 65536], f32(train[start : start + 65536]))
         counts = torch.bincount(labels, minlength=k)
         empty = counts == 0
         sums[empty] = centroids[empty]  # an empty cluster keeps its centre
@@ -86,7 +98,7 @@ def second_clusters(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tens
         return labels.clone()
     second = torch.empty_like(labels)
     for start in range(0, x.shape[0], chunk):
-        sims = x[start : start + chunk] @ centroids.T
+        sims = f32(x[start : start + chunk]) @ centroids.T
         sims[torch.arange(sims.shape[0], device=x.device), labels[start : start + chunk]] = -2.0
         second[start : start + chunk] = sims.argmax(dim=1)
     return second
@@ -139,13 +151,16 @@ def semantic_duplicates(
     memberships = [labels] + ([second] if second is not None else [])
     all_labels = torch.cat(memberships)
     owners = torch.cat([torch.arange(n, device=device)] * len(memberships))
-    for cluster in torch.unique(all_labels).tolist():
-        members = torch.unique(owners[all_labels == cluster])
+    # Members of every cluster at once: sorted by cluster, split by count (one pass, not one per cluster).
+    by_cluster = torch.argsort(all_labels, stable=True)
+    counts = torch.bincount(all_labels).tolist()
+    for grouped in torch.split(owners[by_cluster], counts):
+        members = torch.unique(grouped)
         if members.numel() < 2:
             continue
         members = members[torch.argsort(rank[members])]
-        emb = x[members]
-        emb_flipped = flipped[members] if flipped is not None else None
+        emb = f32(x[members])  # one cluster in fp32 at a time
+        emb_flipped = f32(flipped[members]) if flipped is not None else None
         m = members.numel()
         for row in range(0, m, block):
             end = min(row + block, m)
@@ -172,9 +187,12 @@ def semantic_duplicates(
     similarity = torch.full((n,), float("nan"), device=device)
     if dropped.any():
         i, j = torch.nonzero(dropped).flatten(), duplicate_of[dropped]
-        sims = (x[i] * x[j]).sum(dim=1)
+        sims = (f32(x[i]) * f32(x[j])).sum(dim=1)
         if flipped is not None:
-            sims = torch.maximum(sims, torch.maximum((x[i] * flipped[j]).sum(dim=1), (flipped[i] * x[j]).sum(dim=1)))
+            sims = torch.maximum(
+                sims,
+                torch.maximum((f32(x[i]) * f32(flipped[j])).sum(dim=1), (f32(flipped[i]) * f32(x[j])).sum(dim=1)),
+            )
         similarity[i] = sims
     return duplicate_of, similarity
 
@@ -194,13 +212,14 @@ def kcenter_greedy(
     chosen = [first]
     distance = torch.empty(n, device=x.device)
     for start in range(0, n, chunk):
-        distance[start : start + chunk] = 1 - x[start : start + chunk] @ x[first]
+        distance[start : start + chunk] = 1 - f32(x[start : start + chunk]) @ f32(x[first])
     for _ in range(budget - 1):
         index = int(torch.argmax(distance))
         chosen.append(index)
+        center = f32(x[index])
         for start in range(0, n, chunk):
             distance[start : start + chunk] = torch.minimum(
-                distance[start : start + chunk], 1 - x[start : start + chunk] @ x[index]
+                distance[start : start + chunk], 1 - f32(x[start : start + chunk]) @ center
             )
     return torch.tensor(chosen, dtype=torch.long, device=x.device)
 
@@ -263,10 +282,24 @@ def targeted_selection(
     per_reference = min(n, math.ceil(budget / max(r, 1)) * 4 + 8)
     candidates = torch.empty(r, per_reference, dtype=torch.long, device=pool.device)
     nearest = torch.full((n,), 2.0, device=pool.device)
+    pool_chunk = 65536
     for start in range(0, r, chunk):
-        sims = reference[start : start + chunk] @ pool.T
-        candidates[start : start + chunk] = sims.topk(per_reference, dim=1).indices
-        nearest = torch.minimum(nearest, 1 - sims.max(dim=0).values)
+        queries = f32(reference[start : start + chunk])
+        best_values = torch.empty(queries.shape[0], 0, device=pool.device)
+        best_index = torch.empty(queries.shape[0], 0, dtype=torch.long, device=pool.device)
+        for first in range(0, n, pool_chunk):
+            sims = queries @ f32(pool[first : first + pool_chunk]).T
+            nearest[first : first + pool_chunk] = torch.minimum(
+                nearest[first : first + pool_chunk], 1 - sims.max(dim=0).values
+            )
+            # The running top per reference image over the pool chunks seen so far.
+            values = torch.cat([best_values, sims], dim=1)
+            positions = torch.cat(
+                [best_index, torch.arange(first, first + sims.shape[1], device=pool.device).expand_as(sims)], dim=1
+            )
+            best_values, keep = values.topk(min(per_reference, values.shape[1]), dim=1)
+            best_index = positions.gather(1, keep)
+        candidates[start : start + chunk] = best_index
     taken = torch.zeros(n, dtype=torch.bool)
     cand = candidates.cpu().numpy()
     pointer = np.zeros(r, dtype=np.int64)
@@ -310,10 +343,10 @@ def coverage(
         return float("nan"), float("nan")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     index = torch.randperm(pool.shape[0], generator=generator)[:sample].to(pool.device)
-    points = pool[index]
+    points = f32(pool[index])
     best = torch.full((points.shape[0],), -2.0, device=pool.device)
     for start in range(0, selected.shape[0], chunk):
-        best = torch.maximum(best, (points @ selected[start : start + chunk].T).max(dim=1).values)
+        best = torch.maximum(best, (points @ f32(selected[start : start + chunk]).T).max(dim=1).values)
     distance = (1 - best).clamp(min=0)
     return float(distance.mean()), float(distance.max())
 
@@ -324,7 +357,7 @@ def diversity(selected: torch.Tensor, sample: int = 4000, seed: int = 0) -> floa
     if m < 2:
         return float("nan")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    points = selected[torch.randperm(m, generator=generator)[:sample].to(selected.device)]
+    points = f32(selected[torch.randperm(m, generator=generator)[:sample].to(selected.device)])
     sims = points @ points.T
     k = points.shape[0]
     return float(1 - (sims.sum() - sims.diagonal().sum()) / (k * (k - 1)))

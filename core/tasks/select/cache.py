@@ -26,6 +26,7 @@ from visbatch.core.pipeline import RunConfig, run_pipeline
 from visbatch.core.sources import items_unchanged
 from visbatch.core.tasks.clip_score import ClipScoreOptions, ClipScoreTask
 
+EMBEDDING = "image_embedding"
 FLIPPED = "image_embedding_flipped"
 CACHE_COLUMNS = [
     "path",
@@ -67,9 +68,65 @@ def read_cache(path: str, model: LoadedModel) -> dict[tuple[str, str], dict]:
             f"{path} is not an embedding cache (no {', '.join(missing)}); clip-score writes one with --save-embeddings"
         )
     columns = CACHE_COLUMNS + [c for c in ("root", "path_bytes", FLIPPED) if c in schema.names]
-    table = pq.read_table(path, columns=columns).to_pylist()
     roots = meta.get("roots") or [""]
-    return {row_key(row, roots[0]): row for row in table}
+    return {row_key(row, roots[0]): row for row in read_embedding_rows(path, columns)}
+
+
+def read_embedding_rows(path: str, columns: list[str] | None = None) -> list[dict]:
+    """The rows of a Parquet file, each embedding a float16 NumPy view into one matrix per column.
+
+    A 512-d embedding as a Python list of floats costs about 16 KB; as a view of an fp16
+    matrix, 1 KB and a hundred bytes of view: ten million pool images stay within 11 GB.
+    """
+    # Batch by batch: Parquet decodes a list column through per-value levels, about six times the
+    # column's own size at its peak, and a whole-file read would hold that for the whole pool.
+    file = pq.ParquetFile(path)
+    rows: list[dict] = []
+    for batch in file.iter_batches(batch_size=8192, columns=columns):
+        table = pa.Table.from_batches([batch])
+        names = [c for c in (EMBEDDING, FLIPPED) if c in table.column_names]
+        part = table.drop_columns(names).to_pylist()
+        for name in names:
+            for row, vector in zip(part, embedding_views(table.column(name))):
+                row[name] = vector
+        rows += part
+    return rows
+
+
+def embedding_views(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """One fp16 row view (or None for a null) per entry of a list<float> column."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(array)
+    if n == 0:
+        return []
+    if pa.types.is_fixed_size_list(array.type):
+        dim = array.type.list_size
+        values = array.values.slice(array.offset * dim, n * dim)
+        starts = np.arange(n) * dim
+    else:
+        offsets = array.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        if lengths.size and (lengths != lengths.max()).any() and array.null_count == 0:
+            raise UsageError("embeddings of different lengths in one column")
+        dim = int(lengths.max()) if lengths.size else 0
+        values = array.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+        starts = offsets[:-1] - offsets[0]
+    flat = np.array(values.to_numpy(zero_copy_only=False), dtype=np.float16)  # a copy: the batch is freed
+    nulls = array.is_null().to_numpy(zero_copy_only=False)
+    return [None if nulls[i] else flat[s : s + dim] for i, s in enumerate(starts.tolist())]
+
+
+def embedding_array(vectors: Sequence, dim: int) -> pa.Array:
+    """A fixed_size_list<float16>[dim] column from fp16 vectors (None: a null), built in one matrix."""
+    matrix = np.zeros((len(vectors), dim), dtype=np.float16)
+    nulls = np.zeros(len(vectors), dtype=bool)
+    for i, vector in enumerate(vectors):
+        if vector is None:
+            nulls[i] = True
+        else:
+            matrix[i] = vector
+    values = pa.array(matrix.reshape(-1), type=pa.float16())
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(nulls))
 
 
 def cache_write_path(cache_path: str, config: RunConfig) -> str:
@@ -144,7 +201,7 @@ def embed_with_cache(
             run_pipeline(task, model, todo, embed_config)
             new_meta = read_run_metadata(part)
             roots = new_meta.get("roots") or [""]
-            for row in pq.read_table(part).to_pylist():
+            for row in read_embedding_rows(part):
                 rows[row_key(row, roots[0])] = row
     ordered = [rows[_key(it.root, it.relpath)] for it in items]
     _write_cache(cache_write_path(cache_path, config), cached, ordered, items, model)
@@ -157,7 +214,7 @@ def _write_cache(path: str, existing: dict, rows: list[dict], items: Sequence[Im
     for item, row in zip(items, rows):
         merged[_key(item.root, item.relpath)] = row
     keys = sorted(merged)
-    dim = next((len(r["image_embedding"]) for r in merged.values() if r.get("image_embedding") is not None), 0)
+    dim = next((len(r[EMBEDDING]) for r in merged.values() if r.get(EMBEDDING) is not None), 0)
     schema = pa.schema(
         [
             pa.field("root", pa.string()),
@@ -174,13 +231,14 @@ def _write_cache(path: str, existing: dict, rows: list[dict], items: Sequence[Im
             pa.field(FLIPPED, pa.list_(pa.float16(), dim)),
         ]
     )
-    columns = {f.name: [merged[k].get(f.name) for k in keys] for f in schema}
+    plain = [f for f in schema if f.name not in (EMBEDDING, FLIPPED)]
+    columns = {f.name: [merged[k].get(f.name) for k in keys] for f in plain}
     columns["root"] = [display_path(k[0]) for k in keys]
     columns["path"] = [display_path(k[1]) for k in keys]
     columns["path_bytes"] = [path_bytes(k[1]) for k in keys]
-    for name in ("image_embedding", FLIPPED):
-        columns[name] = [None if v is None else np.asarray(v, dtype=np.float16) for v in columns[name]]
-    table = pa.Table.from_pydict(columns, schema=schema)
+    arrays = [pa.array(columns[f.name], type=f.type) for f in plain]
+    arrays += [embedding_array([merged[k].get(name) for k in keys], dim) for name in (EMBEDDING, FLIPPED)]
+    table = pa.Table.from_arrays(arrays, schema=schema)
     meta = {
         "task": "embedding-cache",
         "model": model.describe(),

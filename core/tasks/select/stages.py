@@ -195,7 +195,8 @@ def select(
                 raise UsageError("--dedup-keep clip-score needs captions (--captions, --sidecar) or --prompt")
             priority = torch.from_numpy(np.nan_to_num(clip_scores[index], nan=-1.0)).float()
         else:
-            priority = (x * centroids[torch.from_numpy(clusters[index])]).sum(dim=1).cpu()
+            assert centroids is not None  # k-means ran: the pool is not empty
+            priority = _closeness(x, centroids, torch.from_numpy(clusters[index]).to(x.device)).cpu()
         local_labels = torch.from_numpy(clusters[index]).to(x.device)
         dup, sims = alg.semantic_duplicates(
             x,
@@ -278,6 +279,15 @@ def select(
         largest_duplicate_group=int(np.bincount(groups[groups >= 0]).max()) if (groups >= 0).any() else 0,
     )
     return Selection(reason, duplicate_of, clusters, clip_scores, rank, nearest_reference, report, similarity, groups)
+
+
+def _closeness(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Each image's cosine to its cluster's centroid, a chunk at a time in fp32."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        rows = alg.f32(x[start : start + chunk])
+        out[start : start + chunk] = (rows * centroids[labels[start : start + chunk]]).sum(dim=1)
+    return out
 
 
 def _rows(embeddings: torch.Tensor, index: np.ndarray) -> torch.Tensor:
