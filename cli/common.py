@@ -59,6 +59,47 @@ class CommonOptions:
     warnings: list = field(default_factory=list)  # what the inputs' reading skipped, for the summary
 
 
+# --engine and its settings: shared by CommonOptions and the jobs whose result is a file.
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="local (this machine) or ray (a Ray cluster; pip install 'visbatch\\[ray]').",
+        envvar="VISBATCH_ENGINE",
+    ),
+]
+
+RayAddressOpt = Annotated[
+    str,
+    typer.Option(
+        "--ray-address",
+        help="With --engine ray: auto (the running cluster, else a local one), local, or HOST:PORT.",
+        envvar="VISBATCH_RAY_ADDRESS",
+    ),
+]
+
+GpusPerWorkerOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--gpus-per-worker",
+        min=0.0,
+        help="With --engine ray: GPUs per model actor (default 1 when the cluster has GPUs, else 0).",
+        envvar="VISBATCH_GPUS_PER_WORKER",
+        show_default=False,
+    ),
+]
+
+ConcurrencyOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--concurrency",
+        help="With --engine ray: model actors, N or MIN,MAX (default: one per GPU, or 1 on CPU).",
+        envvar="VISBATCH_CONCURRENCY",
+        show_default=False,
+    ),
+]
+
+
 def _common_parameters(default_model: str, default_pretrained: Optional[str]) -> list:
     P = inspect.Parameter
     kw = P.KEYWORD_ONLY
@@ -308,57 +349,10 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
             ],
             None,
         ),
-        opt(
-            "engine",
-            Annotated[
-                str,
-                typer.Option(
-                    "--engine",
-                    help="local (this machine) or ray (a Ray cluster; pip install 'visbatch\\[ray]').",
-                    envvar="VISBATCH_ENGINE",
-                ),
-            ],
-            "local",
-        ),
-        opt(
-            "ray_address",
-            Annotated[
-                str,
-                typer.Option(
-                    "--ray-address",
-                    help="With --engine ray: auto (the running cluster, else a local one), local, or HOST:PORT.",
-                    envvar="VISBATCH_RAY_ADDRESS",
-                ),
-            ],
-            "auto",
-        ),
-        opt(
-            "gpus_per_worker",
-            Annotated[
-                Optional[float],
-                typer.Option(
-                    "--gpus-per-worker",
-                    min=0.0,
-                    help="With --engine ray: GPUs per model actor (default 1 when the cluster has GPUs, else 0).",
-                    envvar="VISBATCH_GPUS_PER_WORKER",
-                    show_default=False,
-                ),
-            ],
-            None,
-        ),
-        opt(
-            "concurrency",
-            Annotated[
-                Optional[str],
-                typer.Option(
-                    "--concurrency",
-                    help="With --engine ray: model actors, N or MIN,MAX (default: one per GPU, or 1 on CPU).",
-                    envvar="VISBATCH_CONCURRENCY",
-                    show_default=False,
-                ),
-            ],
-            None,
-        ),
+        opt("engine", EngineOpt, "local"),
+        opt("ray_address", RayAddressOpt, "auto"),
+        opt("gpus_per_worker", GpusPerWorkerOpt, None),
+        opt("concurrency", ConcurrencyOpt, None),
         opt(
             "report",
             Annotated[
@@ -585,10 +579,14 @@ def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(
 
 
 def engine_options(common: CommonOptions):
+    return parse_engine(common.engine, common.ray_address, common.gpus_per_worker, common.concurrency)
+
+
+def parse_engine(engine: str, ray_address: str, gpus_per_worker: Optional[float], concurrency: Optional[str]):
     """The --engine options, checked (and the ray extra found) before anything is created."""
     from visbatch.core.engines import EngineOptions
 
-    return EngineOptions.parse(common.engine, common.ray_address, common.gpus_per_worker, common.concurrency)
+    return EngineOptions.parse(engine, ray_address, gpus_per_worker, concurrency)
 
 
 def report_path_for(output: str) -> str:

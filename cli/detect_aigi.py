@@ -12,19 +12,24 @@ from visbatch.cli.common import (
     AlphaOpt,
     BatchSizeOpt,
     ColormapOpt,
+    ConcurrencyOpt,
     DeviceOpt,
+    EngineOpt,
+    GpusPerWorkerOpt,
     JsonOpt,
     OverlaySizeOpt,
     OverlayStyleOpt,
     OverwriteOpt,
     PrecisionOpt,
     QuietOpt,
+    RayAddressOpt,
     WorkersOpt,
     find_inputs,
     finish,
     guarded,
     job_command,
     overlay_settings,
+    parse_engine,
     pipeline_config,
 )
 
@@ -135,6 +140,10 @@ def train(
     precision: PrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 0,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = "auto",
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    concurrency: ConcurrencyOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -163,7 +172,14 @@ def train(
             normalize_format=normalize_format,
             overwrite=overwrite,
             resume=resume,
-            run=RunSettings(device, precision, batch_size, workers, quiet),
+            run=RunSettings(
+                device,
+                precision,
+                batch_size,
+                workers,
+                quiet,
+                parse_engine(engine, ray_address, gpus_per_worker, concurrency),
+            ),
         )
         result = train_command(request, lambda text: _say(quiet, f"visbatch: warning: {text}"))
         report = result.report
@@ -238,6 +254,10 @@ def evaluate_command(
     precision: PrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 0,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = "auto",
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    concurrency: ConcurrencyOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -254,7 +274,14 @@ def evaluate_command(
             normalize_format=normalize_format,
             overwrite=overwrite,
             resume=resume,
-            run=RunSettings(device, precision, batch_size, workers, quiet),
+            run=RunSettings(
+                device,
+                precision,
+                batch_size,
+                workers,
+                quiet,
+                parse_engine(engine, ray_address, gpus_per_worker, concurrency),
+            ),
             min_ap=min_ap,
         )
         rows, errors = evaluate_command(request, lambda text: _say(quiet, f"visbatch: warning: {text}"))

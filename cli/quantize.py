@@ -10,13 +10,18 @@ from visbatch.cli.common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     BatchSizeOpt,
+    ConcurrencyOpt,
     DeviceOpt,
+    EngineOpt,
+    GpusPerWorkerOpt,
     JsonOpt,
     OverwriteOpt,
     QuietOpt,
+    RayAddressOpt,
     UsageError,
     WorkersOpt,
     guarded,
+    parse_engine,
 )
 
 
@@ -69,6 +74,10 @@ def quantize(
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     workers: WorkersOpt = 0,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = "auto",
+    gpus_per_worker: GpusPerWorkerOpt = None,
+    concurrency: ConcurrencyOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -107,6 +116,7 @@ def quantize(
             device=device,
             batch_size=batch_size,
             workers=workers,
+            engine=parse_engine(engine, ray_address, gpus_per_worker, concurrency),
         )
         warn = (lambda text: None) if quiet else (lambda text: print(f"visbatch: warning: {text}", file=sys.stderr))
         result = quantize_command(request, warn)

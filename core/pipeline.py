@@ -91,6 +91,10 @@ class Task(Protocol):
     # Optional: ``geometry``, the CPU resize/crop when the task needs another
     # than the model's (detectors that must see pixels at native resolution);
     # overlays and peaks then map through it.
+    # Optional: ``observe(rows)`` with ``summary_columns``: the ok rows of each
+    # committed batch (only those columns), from which ``summary()`` counts; the
+    # same on every engine (Ray's actors send those columns back), and a batch
+    # that never reached the output is never counted.
     # Optional: ``reduce(table) -> table``, the reduce stage over everything
     # gathered (all rows of the run, resumed ones included), run once after
     # the map stage; it keeps one row per input and may fill columns that
@@ -480,7 +484,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
                     for batch in loader:
                         current = _process_batch(task, model, batch, overlay_sink, map_sink, config, multi_root)
                         if pending is not None:
-                            _commit(pending, writer, summary, progress)
+                            _commit(task, pending, writer, summary, progress)
                         pending = current
                         if stop:
                             break
@@ -488,7 +492,7 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
                         summary.interrupted = True
                         break
                 if pending is not None:
-                    _commit(pending, writer, summary, progress)
+                    _commit(task, pending, writer, summary, progress)
                     pending = None
         except KeyboardInterrupt:
             summary.interrupted = True
@@ -621,11 +625,25 @@ def count_batch(ok: int, failed: int, errors: list[str], summary: Summary, progr
     progress.update(ok, failed)
 
 
-def _commit(pending: _Pending, writer: ResultsWriter, summary: Summary, progress: Progress) -> None:
+def _commit(task, pending: _Pending, writer: ResultsWriter, summary: Summary, progress: Progress) -> None:
     """Wait for the batch's files, write the part, count the rows."""
     rows = settle(pending)
     writer.write_rows(rows)
     count_batch(*batch_tally(rows), summary, progress)
+    observe(task, summary_rows(task, rows))
+
+
+def summary_rows(task, rows: list[dict]) -> list[dict]:
+    """The ok rows of a batch, reduced to the columns the task's summary counts."""
+    columns = getattr(task, "summary_columns", ())
+    if not columns:
+        return []
+    return [{c: row.get(c) for c in columns} for row in rows if row["status"] == "ok"]
+
+
+def observe(task, rows: list[dict]) -> None:
+    if rows and hasattr(task, "observe"):
+        task.observe(rows)
 
 
 def _make_error(row: dict, reason: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from test_sources import TINY_CLIP, TINY_CNN, by_key, pool, same_values  # noqa: F401  (pool is a fixture)
 
 from conftest import VISBATCH, assert_one_line_error, invoke_cli, snapshot, write_image
@@ -199,3 +200,74 @@ def test_engine_misuse_is_one_line(corpus, tmp_path, monkeypatch):
     assert_one_line_error(invoke_cli("classify", corpus, *TINY_CNN, "--engine", "ray", "-o", out), 2, "visbatch[ray]")
     assert not out.exists() and sys.modules.get("visbatch") is not None
     web.close()
+
+
+def test_classify_summary_on_ray_equals_local(cluster, corpus, tmp_path):
+    """The task's own summary figures (top-1 counts) come back from the actors."""
+    local = invoke_cli("classify", corpus, *TINY_CNN, "-o", tmp_path / "l.parquet", "--json")
+    on_ray = invoke_cli("classify", corpus, *TINY_CNN, *RAY, "-o", tmp_path / "r.parquet", "--json")
+    assert local.exit_code == 0 and on_ray.exit_code == 0, on_ray.stderr
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (local, on_ray))
+    assert a["most_common_top1"]  # not empty: the test compares something
+    assert a["most_common_top1"] == b["most_common_top1"]
+
+
+@pytest.fixture
+def labelled_root(tmp_path: Path) -> Path:
+    """0_real/: structured noise; 1_fake/: the same images 2x nearest up-sampled (a visible artefact)."""
+    from PIL import Image
+
+    root = tmp_path / "labelled"
+    for n in range(6):
+        real = write_image(root / "0_real" / f"{n}.png", size=(64, 64), seed=n)
+        small = Image.open(real).resize((32, 32), Image.BILINEAR)
+        (root / "1_fake").mkdir(parents=True, exist_ok=True)
+        small.resize((64, 64), Image.NEAREST).save(root / "1_fake" / f"{n}.png")
+    return root
+
+
+def test_pool_jobs_on_ray_equal_local(cluster, labelled_root, corpus, tmp_path):
+    """detect-aigi train/eval's feature stage and quantize's calibration decode on the cluster:
+    the same features, the same detector figures, the same quantized weights."""
+    from safetensors.torch import load_file
+
+    before = snapshot(labelled_root)
+    train = ["detect-aigi", "train", labelled_root, "--features", "npr,bitplane", "--size", "64", "--json"]
+    reports = {}
+    for name, extra in (("local", []), ("ray", RAY)):
+        detector = tmp_path / f"{name}.safetensors"
+        result = invoke_cli(*train, *extra, "-o", detector)
+        assert result.exit_code == 0, result.stderr
+        reports[name] = json.loads(result.stdout.strip().splitlines()[-1])
+        result = invoke_cli(
+            "detect-aigi",
+            "eval",
+            labelled_root,
+            "--detector",
+            detector,
+            *extra,
+            "-o",
+            tmp_path / f"{name}-eval.parquet",
+        )
+        assert result.exit_code == 0, result.stderr
+    features = {name: _rows(tmp_path / f"{name}.features.parquet") for name in ("local", "ray")}
+    assert len(features["local"]) == 12
+    for x, y in zip(features["local"], features["ray"]):
+        assert x["path"] == y["path"] and max(abs(p - q) for p, q in zip(x["features"], y["features"])) <= 1e-5
+    meta = json.loads(pq.read_schema(tmp_path / "ray.features.parquet").metadata[b"visbatch"])
+    assert meta["engine"]["engine"] == "ray"
+    for key in ("held_out_ap", "held_out_auroc", "threshold"):
+        assert abs(reports["local"][key] - reports["ray"][key]) <= 1e-6, key
+    a, b = _rows(tmp_path / "e-local.parquet"), _rows(tmp_path / "e-ray.parquet")
+    assert [(r["generator"], r["ap"]) for r in a] == [(r["generator"], r["ap"]) for r in b]
+    assert snapshot(labelled_root) == before
+
+    good = tmp_path / "calib"
+    for n in range(8):
+        write_image(good / f"{n}.png", size=(48, 40), seed=20 + n)
+    quantize = ["quantize", "--calib", good, "--model", "test-tiny-cnn", "--device", "cpu", "--method", "gptq"]
+    for name, extra in (("local", []), ("ray", RAY)):
+        result = invoke_cli(*quantize, *extra, "-o", tmp_path / f"q-{name}.safetensors", "--json")
+        assert result.exit_code == 0, result.stderr
+    qa, qb = load_file(tmp_path / "q-local.safetensors"), load_file(tmp_path / "q-ray.safetensors")
+    assert qa.keys() == qb.keys() and all(torch.equal(qa[k], qb[k]) for k in qa)

@@ -9,7 +9,8 @@ Per chunk of items the driver builds a dataset of ``(index, item)`` rows and run
                                  so no weights travel from the driver); task.map, overlays and
                                  maps written by the actor, the batch's rows written as a part
                                  named after the run and its first item (never Ray's uuids)
-    driver                       counts the small (ok, failed, errors) records the actors return
+    driver                       counts the small (ok, failed, errors) records the actors return,
+                                 and feeds the task's summary the few columns it counts
 
 Parts land in the output's parts folder exactly as the local engine's do, so resume, the
 final sort-and-merge and the summary are :func:`~visbatch.core.pipeline.run_pipeline`'s own.
@@ -301,17 +302,9 @@ class ModelStage:
 
     def __call__(self, batch: dict) -> dict:
         from visbatch.core.outputs import rows_table, write_part
-        from visbatch.core.pipeline import _process_batch, batch_tally, settle
+        from visbatch.core.pipeline import _process_batch, batch_tally, settle, summary_rows
 
-        records = [pickle.loads(raw) for raw in batch["record"]]
-        tensors = [
-            torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape([int(v) for v in shape]).copy())
-            if len(raw)
-            else None
-            for raw, shape in zip(batch["image"], batch["shape"])
-        ]
-        order = sorted(range(len(records)), key=lambda i: records[i].index)
-        decoded = collate([(tensors[i], records[i]) for i in order])
+        decoded = collate(_decoded_batch(batch))
         s = self.settings
         drawn = self.overlay_sink.written if self.overlay_sink is not None else 0
         pending = _process_batch(
@@ -327,7 +320,50 @@ class ModelStage:
             "failed": np.array([failed]),
             "errors": np.array([json.dumps(errors)]),
             "overlays": np.array([drawn]),
+            # The columns the task's summary counts go back to the driver's task (a few per row).
+            "observed": np.array([pickle.dumps(summary_rows(self.task, rows))], dtype=object),
         }
+
+
+def _decoded_batch(batch: dict):
+    """A DecodeStage batch back as (uint8 tensors or None, records), in item order."""
+    records = [pickle.loads(raw) for raw in batch["record"]]
+    tensors = [
+        torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape([int(v) for v in shape]).copy())
+        if len(raw)
+        else None
+        for raw, shape in zip(batch["image"], batch["shape"])
+    ]
+    order = sorted(range(len(records)), key=lambda i: records[i].index)
+    return [(tensors[i], records[i]) for i in order]
+
+
+def decode_batches(items: Sequence[ImageItem], geometry, config) -> Iterator:
+    """The decode stage alone on the cluster (CPU tasks), its batches collated on the driver in
+    item order: for the jobs whose reduce needs the decoded images themselves (quantize's
+    calibration, whose block-by-block statistics depend on the blocks already quantized)."""
+    import ray.data
+
+    connect(config.engine)
+    stage = DecodeStage(geometry, config.max_pixels, None, None)
+    rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
+    dataset: Any = ray.data.from_items(rows).map_batches(
+        stage, batch_size=config.batch_size, batch_format="numpy", num_cpus=1
+    )
+    decoded = []
+    try:
+        with _without_ray_logs():
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                decoded += _decoded_batch(batch)
+    except (FatalError, UsageError):
+        raise
+    except Exception as exc:
+        if "KeyboardInterrupt" in type(exc).__name__:
+            raise KeyboardInterrupt from exc
+        raise FatalError(f"the Ray job failed: {_first_line(exc)}") from exc
+    decoded.sort(key=lambda pair: pair[1].index)  # blocks may come back in any order
+    for start in range(0, len(decoded), config.batch_size):
+        yield collate(decoded[start : start + config.batch_size])
 
 
 # ----------------------------------------------------------------------------
@@ -349,6 +385,7 @@ class RayRunner:
             concurrency = (1, actors)
         self.gpus, self.concurrency = gpus, concurrency
         self.batch_size = config.batch_size
+        self.task = task
         self.decode = DecodeStage(
             getattr(task, "geometry", None) or model.preprocess.geometry,
             config.max_pixels,
@@ -376,6 +413,8 @@ class RayRunner:
         """(ok, failed, error examples, overlays written) per batch as the actors finish them."""
         import ray.data
 
+        from visbatch.core.pipeline import observe
+
         for start in range(0, len(items), CHUNK_SIZE):
             part = items[start : start + CHUNK_SIZE]
             rows = [{"index": offset + start + i, "item": pickle.dumps(item)} for i, item in enumerate(part)]
@@ -393,9 +432,10 @@ class RayRunner:
             try:
                 with _without_ray_logs():
                     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                        for ok, failed, errors, drawn in zip(
-                            batch["ok"], batch["failed"], batch["errors"], batch["overlays"]
+                        for ok, failed, errors, drawn, observed in zip(
+                            batch["ok"], batch["failed"], batch["errors"], batch["overlays"], batch["observed"]
                         ):
+                            observe(self.task, pickle.loads(observed))
                             yield int(ok), int(failed), json.loads(errors), int(drawn)
             except (FatalError, UsageError):
                 raise

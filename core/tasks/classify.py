@@ -70,9 +70,16 @@ class ClassifyTask:
         rows = []
         for p, i in zip(probs_l, idx_l):
             labels = [names[j] for j in i]
-            self._top1_counts[labels[0]] = self._top1_counts.get(labels[0], 0) + 1
             rows.append({"top_labels": labels, "top_indices": i, "top_probs": p})
         return MapOutput(rows, overlays)
+
+    summary_columns = ("top_labels",)
+
+    def observe(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row["top_labels"]:
+                top1 = row["top_labels"][0]
+                self._top1_counts[top1] = self._top1_counts.get(top1, 0) + 1
 
     def summary(self) -> dict:
         common = sorted(self._top1_counts.items(), key=lambda kv: -kv[1])[:5]

@@ -165,7 +165,7 @@ class ClipScoreTask:
         logit_scale = getattr(model.module, "logit_scale", None)
         self.logit_scale = float(logit_scale.exp()) if isinstance(logit_scale, torch.Tensor) else 100.0
         self.annotate = read_sidecar_caption if options.sidecar else None
-        self._scores: list[np.ndarray] = []
+        self._scores: list[float] = []
         self._truncated = 0
 
     def _embedding_dim(self) -> int:
@@ -287,10 +287,8 @@ class ClipScoreTask:
             F.normalize(text_embeddings, dim=-1).half().cpu().numpy() if self.config.save_embeddings else None
         )
         scores_np, cosines_np = scores.cpu().numpy(), cosines.cpu().numpy()
-        self._scores.append(scores_np)
         for j, i in enumerate(good):
             truncated = self.text.is_truncated(texts[j])
-            self._truncated += bool(truncated)
             rows[i].update(
                 caption=texts[j], clip_score=float(scores_np[j]), cosine=float(cosines_np[j]), truncated=truncated
             )
@@ -325,10 +323,18 @@ class ClipScoreTask:
         ref_scores, best = ref_clip_score(scores, text_embeddings, padded, mask)
         return ref_scores.cpu().numpy(), best.cpu().numpy(), counts
 
+    summary_columns = ("clip_score", "truncated")
+
+    def observe(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row.get("clip_score") is not None:
+                self._scores.append(row["clip_score"])
+                self._truncated += bool(row.get("truncated"))
+
     def summary(self) -> dict:
         out: dict = {}
         if self.has_text:
-            scores = np.concatenate(self._scores) if self._scores else np.empty(0)
+            scores = np.asarray(self._scores, dtype=np.float64)
             out["scored"] = int(scores.size)
             if scores.size:
                 out.update(

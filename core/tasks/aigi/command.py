@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from visbatch.core.engines import EngineOptions
 from visbatch.core.errors import UsageError
 from visbatch.core.files import utc_now
 from visbatch.core.jobs import JobOutput, check_job_outputs, run_job
@@ -49,6 +50,7 @@ class RunSettings:
     batch_size: int = 16
     workers: int = 0
     quiet: bool = False
+    engine: EngineOptions | None = None  # where the feature map stage runs (None: this process)
 
     def __post_init__(self):
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -65,6 +67,7 @@ def features_config(path: str, run: RunSettings, resume: bool, protected, quiet:
         resume=resume,
         overwrite=not resume,
         protected=protected,
+        engine=run.engine,
     )
     check_outputs(config)
     return config

@@ -95,8 +95,6 @@ class ScoreTask:
                 }
                 if len(verdicts) > 1:
                     row["label"] = "unsure"
-        for row in rows:
-            self._counts[row["label"]] += 1
         overlays = None
         if self.heatmaps and per_tile is not None:
             overlays = self._policy_tile_maps(per_tile, inside, p)
@@ -130,6 +128,12 @@ class ScoreTask:
         tiling = Tiling(min(images.shape[-2:]) // k, k)
         p = self.detector.probability(self.extractor(tiling.split(images))).view(images.shape[0], k, k)
         return list(p.cpu().numpy())
+
+    summary_columns = ("label",)
+
+    def observe(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._counts[row["label"]] += 1
 
     def summary(self):
         return {f"labelled_{k}": v for k, v in self._counts.items()}

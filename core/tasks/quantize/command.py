@@ -5,6 +5,11 @@ calibration when no ``--eval-images`` is given), names both outputs and runs
 :func:`~visbatch.core.tasks.quantize.job.run_quantize` through
 :func:`visbatch.core.jobs.run_job`. The CLI builds the request and prints the report.
 
+With ``--engine ray`` the calibration and held-out images are read and decoded in
+the cluster's CPU tasks; the statistics and searches stay on the driver, because
+each block's statistics are taken on the outputs of the blocks already quantized
+(a sequential reduce over a few hundred images, not a map).
+
 Calibration always runs in fp32 whatever ``--precision`` the subcommands that
 load the file later use: the statistics and the error searches need it, so
 ``quantize`` takes no ``--precision``.
@@ -17,6 +22,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from visbatch.core.engines import EngineOptions
 from visbatch.core.errors import UsageError
 from visbatch.core.jobs import JobOutput, check_job_outputs, run_job
 from visbatch.core.models import load_model
@@ -53,6 +59,7 @@ class QuantizeRequest:
     device: str = "auto"
     batch_size: int = 16
     workers: int = 0
+    engine: EngineOptions | None = None  # --engine ray: the images are decoded on the cluster
 
 
 @dataclass
@@ -138,7 +145,7 @@ def quantize_command(r: QuantizeRequest, warn: Callable[[str], None]) -> Quantiz
         held_out, calibration = shuffled[:cut] or shuffled, (shuffled[cut:] or shuffled)[: r.calib_limit]
     # Calibration statistics and the search maths run in fp32, whatever the device.
     loaded = load_model(r.model, r.pretrained, r.device, "fp32")
-    config = RunConfig(output=output, batch_size=r.batch_size, workers=r.workers, quiet=True)
+    config = RunConfig(output=output, batch_size=r.batch_size, workers=r.workers, quiet=True, engine=r.engine)
     texts = _texts(r)
     label_list = [label.strip() for label in (r.labels or "").split(",") if label.strip()]
     if label_list and "text_embedding" not in loaded.capabilities:

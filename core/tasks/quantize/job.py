@@ -47,7 +47,13 @@ class QuantizeOptions:
 def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, what: str) -> list[torch.Tensor]:
     """The decodable images of ``items`` as uint8 batches; none at all is a usage error naming why."""
     batches, errors = [], []
-    for batch in make_loader(items, model, config):
+    if config.engine is not None and not config.engine.is_local:
+        from visbatch.core.engines import ray_data
+
+        loader = ray_data.decode_batches(items, model.preprocess.geometry, config)
+    else:
+        loader = make_loader(items, model, config)
+    for batch in loader:
         if batch.images.shape[0]:
             batches.append(batch.images)
         errors += [f"{r.item.relpath}: {r.error}" for r in batch.records if r.status != "ok"]

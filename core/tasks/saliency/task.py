@@ -341,12 +341,8 @@ class SaliencyTask:
                 "completeness_gap": float(gap[n]) if gap is not None else None,
                 "map": compact[n].cpu().numpy(),
             }
-            if gap is not None:
-                self._gaps.append(abs(float(gap[n])))
             if deletion is not None:
                 row.update(deletion_auc=float(deletion[n]), insertion_auc=float(insertion[n]))
-                self._deletion.append(float(deletion[n]))
-                self._insertion.append(float(insertion[n]))
             rows[i].update(row)
             overlays[i] = maps_np[n]
         return MapOutput(rows, overlays, arrays=overlays if o.save_maps else None)
@@ -358,6 +354,16 @@ class SaliencyTask:
             return [self.config.prompt] * len(targets)
         names = self.config.labels if self.is_clip else self.model.class_names
         return [names[int(t)] if names else str(int(t)) for t in targets]
+
+    summary_columns = ("completeness_gap", "deletion_auc", "insertion_auc")
+
+    def observe(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row.get("completeness_gap") is not None:
+                self._gaps.append(abs(row["completeness_gap"]))
+            if row.get("deletion_auc") is not None:
+                self._deletion.append(row["deletion_auc"])
+                self._insertion.append(row["insertion_auc"])
 
     def summary(self) -> dict:
         out: dict[str, Any] = (
