@@ -50,10 +50,21 @@ def outputs(tmp_path_factory):
     _ok(invoke_cli("clip-score", pool, *TINY_CLIP, "--sidecar", "-o", out["clip-score"]))
     out["saliency"] = tmp / "saliency.parquet"
     _ok(
-        invoke_cli("saliency", pool, *TINY_CNN, "--method", "gradient", "--overlays", tmp / "ov", "-o", out["saliency"])
+        invoke_cli(  # fmt: skip
+            "saliency",
+            pool,
+            *TINY_CNN,
+            "--method",
+            "gradient",
+            "--eval",
+            "--overlays",
+            tmp / "ov",
+            "-o",
+            out["saliency"],
+        )
     )
     out["saliency-ig"] = tmp / "saliency-ig.parquet"
-    _ok(invoke_cli("saliency", pool, *TINY_CNN, "--method", "input-x-gradient", "-o", out["saliency-ig"]))
+    _ok(invoke_cli("saliency", pool, *TINY_CNN, "--method", "input-x-gradient", "--eval", "-o", out["saliency-ig"]))
     out["select-data"] = tmp / "select.parquet"
     _ok(invoke_cli("select-data", pool, *TINY_CNN, "-o", out["select-data"]))
     detector = tmp / "det.safetensors"
@@ -148,6 +159,18 @@ def test_saliency_methods_side_by_side_and_missing_inputs_are_placeholders(outpu
     text, page = _report(tmp_path, out["saliency"], out["saliency-ig"])
     assert page.kinds == ["saliency", "saliency"] and "Methods side by side" in text
     assert "input-x-gradient" in text and "gradient" in text
+    assert "mean deletion curve" in text and "mean insertion curve" in text
+    assert text.count("deletion and insertion curves") == 2  # each run's own, per image and mean
+    # The stored curves are the ones the AUCs were taken on: their trapezoid mean is the AUC.
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    rows = [r for r in pq.read_table(out["saliency"]).to_pylist() if r["status"] == "ok"]
+    assert rows and all(len(r["deletion_curve"]) == 17 for r in rows)  # --eval-steps 16: 17 points
+    for r in rows:
+        for name in ("deletion", "insertion"):
+            curve = np.asarray(r[f"{name}_curve"])
+            assert abs(((curve[1:] + curve[:-1]) / 2).mean() - r[f"{name}_auc"]) < 1e-5
     moved = tmp / "pool-moved"
     pool.rename(moved)
     try:

@@ -91,3 +91,34 @@ def curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: st
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return _svg(fig)
+
+
+def curve_band(curves: dict[str, np.ndarray], title: str, xlabel: str, ylabel: str, per_image: int = 40) -> str:
+    """Per-image curves (``[n, k]`` per name, thin and faint, a sample of ``per_image``) under
+    their mean over every image (bold, with a marker)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    markers = "osD^v<>P"
+    for n, (name, matrix) in enumerate(curves.items()):
+        if matrix.size == 0:
+            continue
+        x = np.linspace(0, 1, matrix.shape[1])
+        colour = PALETTE[n % len(PALETTE)]
+        step = max(1, matrix.shape[0] // per_image)
+        for row in matrix[::step][:per_image]:
+            ax.plot(x, row, color=colour, alpha=0.18, linewidth=0.7)
+        ax.plot(
+            x,
+            matrix.mean(axis=0),
+            color=colour,
+            marker=markers[n % len(markers)],
+            markersize=3,
+            linewidth=2,
+            label=f"{name} (mean of {matrix.shape[0]})",
+        )
+    if curves:
+        ax.legend(frameon=False)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _svg(fig)

@@ -59,7 +59,10 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _light_rows(run: Run, drop: tuple[str, ...] = ("map", "probs", "image_embedding", "text_embedding")) -> list[dict]:
+HEAVY_COLUMNS = ("map", "probs", "image_embedding", "text_embedding", "deletion_curve", "insertion_curve")
+
+
+def _light_rows(run: Run, drop: tuple[str, ...] = HEAVY_COLUMNS) -> list[dict]:
     """The ok rows without their large list columns (a million rows stay cheap)."""
     keep = [c for c in run.table.column_names if c not in drop and not c.startswith("image_embedding")]
     table = run.table.select(keep)
@@ -140,9 +143,35 @@ def clip_score(run: Run) -> list[Section]:
 # ----------------------------------------------------------------------------
 
 
+def _curve_matrix(run: Run, column: str) -> np.ndarray:
+    """[ok rows with the curve, points] of a fixed-size list column, without Python lists per row."""
+    if column not in run.table.column_names:
+        return np.empty((0, 0))
+    table = run.table
+    if "status" in table.column_names:
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+    array = table.column(column).combine_chunks()
+    array = array.filter(pc.is_valid(array))
+    if not len(array) or not pa.types.is_fixed_size_list(array.type):
+        return np.empty((0, 0))
+    size = array.type.list_size
+    flat = array.values.slice(array.offset * size, len(array) * size).to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float64).reshape(len(array), size)
+
+
 def saliency(run: Run) -> list[Section]:
     rows = _light_rows(run)
     s = Section(f"Saliency: {run.metadata.get('task_options', {}).get('method', '')}")
+    deletion, insertion = _curve_matrix(run, "deletion_curve"), _curve_matrix(run, "insertion_curve")
+    if deletion.size:
+        s.figures.append(
+            plots.curve_band(
+                {"deletion": deletion, "insertion": insertion},
+                "deletion and insertion curves",
+                "fraction of pixels deleted / inserted (most salient first)",
+                "score of the explained target",
+            )
+        )
     for column, title in (
         ("target_score", "score of the explained target"),
         ("concentration", "concentration (share of attribution in the top 10% of the map)"),
@@ -188,6 +217,15 @@ def saliency_side_by_side(runs: list[Run]) -> Section:
             ]
         )
     s.tables.append(table)
+    for column, title in (("deletion_curve", "mean deletion curve"), ("insertion_curve", "mean insertion curve")):
+        series = {}
+        for n, run in enumerate(runs):
+            matrix = _curve_matrix(run, column)
+            if matrix.size:
+                method = run.metadata.get("task_options", {}).get("method", "?")
+                series[f"{n + 1}. {method}"] = (np.linspace(0, 1, matrix.shape[1]), matrix.mean(axis=0))
+        if series:
+            s.figures.append(plots.curves(series, title, "fraction of pixels", "score of the explained target"))
     return s
 
 

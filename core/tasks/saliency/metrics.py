@@ -35,7 +35,7 @@ def compact_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(maps.unsqueeze(1).float(), (size, size)).squeeze(1)
 
 
-def deletion_insertion_auc(
+def deletion_insertion_curves(
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     targets: torch.Tensor,
@@ -45,7 +45,7 @@ def deletion_insertion_auc(
     internal_batch_size: int = 64,
     deletion_fill: str = "blur",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deletion and insertion AUC (Petsiuk et al., "RISE", BMVC 2018, sec. 4.1).
+    """Deletion and insertion curves, [B, steps + 1] each (Petsiuk et al., "RISE", BMVC 2018, sec. 4.1).
 
     Pixels are ranked by the map, highest first. *Deletion* replaces the top
     ``k/steps`` of the pixels, ``k = 0..steps``, with ``deletion_fill``:
@@ -81,9 +81,19 @@ def deletion_insertion_auc(
             variants = torch.where(switched, end.unsqueeze(0), start.unsqueeze(0)).reshape(-1, *images.shape[1:])
             with torch.no_grad():
                 scores.append(score_fn(variants, targets.repeat(len(ks))).float().view(len(ks), batch))
-        curve = torch.cat(scores)  # [steps + 1, B]
-        curves[name] = ((curve[1:] + curve[:-1]) / 2).mean(dim=0)
+        curves[name] = torch.cat(scores).T  # [B, steps + 1]
     return curves["deletion"], curves["insertion"]
+
+
+def curve_auc(curve: torch.Tensor) -> torch.Tensor:
+    """The trapezoid mean of [B, steps + 1] curves over the fraction of pixels, [B]."""
+    return ((curve[:, 1:] + curve[:, :-1]) / 2).mean(dim=1)
+
+
+def deletion_insertion_auc(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deletion and insertion AUC [B] of :func:`deletion_insertion_curves` (same arguments)."""
+    deletion, insertion = deletion_insertion_curves(*args, **kwargs)
+    return curve_auc(deletion), curve_auc(insertion)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

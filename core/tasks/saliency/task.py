@@ -25,7 +25,13 @@ from visbatch.core.tasks.saliency.methods import (
     item_seed,
     target_scores,
 )
-from visbatch.core.tasks.saliency.metrics import compact_maps, concentration, deletion_insertion_auc, peaks
+from visbatch.core.tasks.saliency.metrics import (
+    compact_maps,
+    concentration,
+    curve_auc,
+    deletion_insertion_curves,
+    peaks,
+)
 from visbatch.core.texts import (
     DEFAULT_TEMPLATE,
     TextEncoder,
@@ -217,7 +223,13 @@ class SaliencyTask:
             pa.field("map", pa.list_(pa.float32(), self.config.map_size**2)),
         ]
         if self.config.evaluate:
-            fields += [pa.field("deletion_auc", pa.float32()), pa.field("insertion_auc", pa.float32())]
+            points = pa.list_(pa.float32(), self.config.eval_steps + 1)  # the score at 0, 1/steps, ... 1 of the pixels
+            fields += [
+                pa.field("deletion_auc", pa.float32()),
+                pa.field("insertion_auc", pa.float32()),
+                pa.field("deletion_curve", points),
+                pa.field("insertion_curve", points),
+            ]
         return fields
 
     def options(self) -> dict:
@@ -311,7 +323,7 @@ class SaliencyTask:
         compact = compact_maps(maps, o.map_size).reshape(len(keep), -1)
         deletion = insertion = None
         if o.evaluate:
-            deletion, insertion = deletion_insertion_auc(
+            deletion_curve, insertion_curve = deletion_insertion_curves(
                 self._eval_score_fn(texts),
                 x,
                 targets,
@@ -321,6 +333,8 @@ class SaliencyTask:
                 o.internal_batch_size,
                 o.eval_deletion,
             )
+            deletion, insertion = curve_auc(deletion_curve), curve_auc(insertion_curve)
+            deletion_points, insertion_points = deletion_curve.cpu().numpy(), insertion_curve.cpu().numpy()
         gap = result.extras.get("completeness_gap")
         names = self._target_names(targets, target_names)
         maps_np = maps.cpu().numpy()
@@ -342,7 +356,12 @@ class SaliencyTask:
                 "map": compact[n].cpu().numpy(),
             }
             if deletion is not None:
-                row.update(deletion_auc=float(deletion[n]), insertion_auc=float(insertion[n]))
+                row.update(
+                    deletion_auc=float(deletion[n]),
+                    insertion_auc=float(insertion[n]),
+                    deletion_curve=deletion_points[n],
+                    insertion_curve=insertion_points[n],
+                )
             rows[i].update(row)
             overlays[i] = maps_np[n]
         return MapOutput(rows, overlays, arrays=overlays if o.save_maps else None)
