@@ -90,6 +90,43 @@ def test_ap_and_auroc_match_scikit_learn():
         )
 
 
+def test_eval_curves_match_scikit_learn_and_figures_are_consistent():
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from visbatch.core.images import ImageItem
+    from visbatch.core.tasks.aigi.figures import eval_figures, roc_pr_points
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(labels * 0.8 + rng.normal(size=300), 1)  # many ties
+    points = roc_pr_points(labels, scores, limit=None)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    assert np.allclose(points["roc"]["fpr"], fpr, atol=1e-6) and np.allclose(points["roc"]["tpr"], tpr, atol=1e-6)
+    precision, recall, _ = precision_recall_curve(
+        labels, scores
+    )  # lowest threshold first, (recall 0, precision 1) last
+    assert np.allclose(points["pr"]["recall"], recall[::-1], atol=1e-6)
+    assert np.allclose(points["pr"]["precision"], precision[::-1], atol=1e-6)
+    thinned = roc_pr_points(labels, scores)
+    assert len(thinned["roc"]["fpr"]) <= 101 and thinned["roc"]["tpr"][-1] == 1.0
+    assert roc_pr_points(np.zeros(5, dtype=int), np.arange(5.0)) == {}  # one class: no curve
+
+    p = 1 / (1 + np.exp(-scores))
+    items = [ImageItem("/root", f"{i}.png") for i in range(300)]
+    generators = ["a" if i % 2 else "b" for i in range(300)]
+    figures = eval_figures(items, labels, generators, p, 0.6)
+    assert set(figures["curves"]) == {"a", "b", "all"}
+    assert sum(figures["confusion"][k] for k in figures["confusion"] if k != "threshold") == 300
+    assert sum(b["count"] for b in figures["reliability"]) == 300
+    wrong = figures["worst_errors"]
+    assert wrong and all((e["p_fake"] >= 0.6) != (e["label"] == "fake") for e in wrong)
+    errors = [abs((e["label"] == "fake") - e["p_fake"]) for e in wrong]
+    assert errors == sorted(errors, reverse=True)
+    assert all(e["label"] == "fake" for e in figures["most_confident_fakes"])
+    fakes = [e["p_fake"] for e in figures["most_confident_fakes"]]
+    assert fakes == sorted(fakes, reverse=True) and fakes[0] == p[labels == 1].max().round(6)
+
+
 def test_logistic_platt_and_threshold_on_imbalanced_data():
     generator = torch.Generator().manual_seed(0)
 

@@ -138,12 +138,17 @@ def test_each_kind_is_self_contained_with_its_galleries(outputs, tmp_path, kind)
     assert page.kinds == [kind]
     assert page.svgs >= 1 or kind == "detect-aigi-eval" and "AP" in text
     expected = dict(EXPECTED[kind])
-    if kind == "select-data":
-        import pyarrow.parquet as pq
+    import pyarrow.parquet as pq
 
+    if kind == "select-data":
         groups = [g for g in pq.read_table(out[kind]).column("duplicate_group").to_pylist() if g is not None]
         largest = max(groups.count(g) for g in set(groups))
         expected[f"duplicate group ({largest} images)"] = min(largest, 13)  # the kept image + up to 12 copies
+    if kind == "detect-aigi-eval":
+        figures = json.loads(pq.read_schema(out[kind]).metadata[b"visbatch"])["figures"]
+        wrong = sum(v for k, v in figures["confusion"].items() if k in ("fake_called_real", "real_called_fake"))
+        expected.update({"most confident fakes": 12, "most confident reals": 12, "worst errors": min(12, wrong)})
+        assert "ROC per generator" in text and "reliability" in text and "called fake" in text
     for title, count in expected.items():
         assert page.galleries.get(title) == count, (title, page.galleries)
     import pyarrow.parquet as pq

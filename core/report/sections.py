@@ -355,6 +355,66 @@ def detect_aigi_eval(run: Run) -> list[Section]:
             plots.bars([r["generator"] for r in named], [r["ap"] for r in named], "AP", "average precision")
         )
     s.notes.append(f"threshold {run.metadata.get('threshold')}; detector {run.metadata.get('detector')}")
+    figures = run.metadata.get("figures") or {}
+    curves = figures.get("curves") or {}
+    if curves:
+        s.figures.append(
+            plots.curves(
+                {g: (c["roc"]["fpr"], c["roc"]["tpr"]) for g, c in curves.items()},
+                "ROC per generator",
+                "false positive rate (reals called fake)",
+                "true positive rate (fakes called fake)",
+            )
+        )
+        s.figures.append(
+            plots.curves(
+                {g: (c["pr"]["recall"], c["pr"]["precision"]) for g, c in curves.items()},
+                "precision-recall per generator",
+                "recall",
+                "precision",
+            )
+        )
+    bins = figures.get("reliability") or []
+    if bins:
+        s.figures.append(
+            plots.curves(
+                {
+                    "perfect calibration": ([0.0, 1.0], [0.0, 1.0]),
+                    "this detector": ([b["predicted"] for b in bins], [b["observed"] for b in bins]),
+                },
+                "reliability (all images)",
+                "mean predicted p_fake in the bin",
+                "share of fakes in the bin",
+            )
+        )
+    matrix = figures.get("confusion")
+    if matrix:
+        s.tables.append(
+            {
+                "head": [f"at threshold {matrix['threshold']:.3f}", "called fake", "called real"],
+                "rows": [
+                    ["fake", matrix["fake_called_fake"], matrix["fake_called_real"]],
+                    ["real", matrix["real_called_fake"], matrix["real_called_real"]],
+                ],
+            }
+        )
+    for key, title in (
+        ("most_confident_fakes", "most confident fakes"),
+        ("most_confident_reals", "most confident reals"),
+        ("worst_errors", "worst errors"),
+    ):
+        examples = (figures.get(key) or [])[: run.per_gallery]
+        if key in figures:
+            s.galleries.append(
+                _gallery(
+                    title,
+                    [_card(run, e, f"{e['label']} ({e['generator']})", f"p_fake {_f(e['p_fake'])}") for e in examples],
+                )
+            )
+    if figures:
+        s.notes.append(
+            "the eval scores images without heatmaps; `detect-aigi score --heatmaps DIR` draws them for any of these"
+        )
     return [s]
 
 

@@ -30,6 +30,7 @@ from visbatch.core.tasks.aigi.detector import (
     evaluate,
     train_detector,
 )
+from visbatch.core.tasks.aigi.figures import eval_figures
 
 MIN_PER_CLASS = 2  # one image of each class to train on and one to calibrate on
 
@@ -188,7 +189,14 @@ def evaluate_job(
     p_fake = detector.probability(vectors)
     rows = evaluate([data.labels[i] for i in keep], [data.generators[i] for i in keep], p_fake, detector.threshold)
     rows = json_safe(rows)  # an AP without fakes is undefined: null, not NaN
-    write_parquet(output, pa.Table.from_pylist(rows), {**metadata, "unreadable": len(errors)})
+    figures = eval_figures(
+        [data.items[i] for i in keep],
+        [data.labels[i] for i in keep],
+        [data.generators[i] for i in keep],
+        p_fake.cpu().numpy(),
+        detector.threshold,
+    )
+    write_parquet(output, pa.Table.from_pylist(rows), {**metadata, "unreadable": len(errors), "figures": figures})
     return rows, errors
 
 
