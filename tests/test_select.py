@@ -317,7 +317,9 @@ def test_semdedup_keeps_one_per_group_and_follows_chains():
     )
     labels = torch.zeros(15, dtype=torch.long)
     priority = torch.arange(15, 0, -1).float()  # originals first
-    dup, similarity = alg.semantic_duplicates(x, labels, priority, 0.95, block=4)
+    dup, similarity, nearest, nearest_similarity = alg.semantic_duplicates(x, labels, priority, 0.95, block=4)
+    # An image is dropped exactly when its nearest higher-priority image is above the threshold.
+    assert torch.equal(dup >= 0, torch.nan_to_num(nearest_similarity, nan=-2.0) > 0.95)
     assert (dup[:5] == -1).all()
     assert torch.equal(dup[5:10], torch.arange(5)) and torch.equal(dup[10:], torch.arange(5))
     assert torch.isnan(similarity[:5]).all() and (similarity[5:] > 0.95).all()

@@ -268,16 +268,6 @@ def select_data(run: Run) -> list[Section]:
                 {"threshold": threshold} if threshold is not None else None,
             )
         )
-        # Only copies at or above the run's threshold have a recorded similarity: lower candidates
-        # would drop at least these (the manifest does not hold the pairs below it).
-        explorer: dict[str, list] = {"head": ["--dedup-threshold", "copies dropped at it"], "rows": []}
-        values = np.asarray(similarities)
-        candidates = {round(float(t), 3) for t in np.linspace(values.min(), 1.0, 6)}
-        if threshold is not None:
-            candidates.add(float(threshold))
-        for candidate in sorted(candidates):
-            explorer["rows"].append([f"{candidate:.3f}", int((values >= candidate).sum())])
-        s.tables.append(explorer)
     by_path = {r["path"]: r for r in rows}
     groups: dict[int, list[dict]] = {}
     for r in rows:
@@ -290,18 +280,52 @@ def select_data(run: Run) -> list[Section]:
         cards = [_card(run, kept, "kept")] if kept else []
         cards += [_card(run, m, f"similarity {_f(m['duplicate_similarity'])}") for m in copies[: run.per_gallery]]
         s.galleries.append(_gallery(f"duplicate group ({len(members)} images)", cards))
-    if threshold is not None and similarities:
-        near = sorted(
-            (r for r in rows if r.get("duplicate_similarity") is not None),
-            key=lambda r: abs(r["duplicate_similarity"] - threshold),
-        )[: run.per_gallery]
-        s.galleries.append(
-            _gallery(
-                "copies just above the threshold",
-                [_card(run, r, f"{_f(r['duplicate_similarity'])} of {r['duplicate_of']}") for r in near],
-            )
+    if threshold is not None:
+        s.tables.append(_threshold_explorer(rows, float(threshold)))
+        compared = [r for r in rows if r.get("nearest_similarity") is not None and r.get("reason") != "exact_duplicate"]
+        above = sorted(
+            (r for r in compared if r["nearest_similarity"] > threshold), key=lambda r: r["nearest_similarity"]
         )
+        below = sorted(
+            (r for r in compared if r["nearest_similarity"] <= threshold), key=lambda r: -r["nearest_similarity"]
+        )
+        pairs = max(1, run.per_gallery // 2)
+        for title, chosen, verdict in (
+            ("pairs just above the threshold (dropped)", above[:pairs], "dropped"),
+            ("pairs just below the threshold (both kept)", below[:pairs], "kept"),
+        ):
+            cards = []
+            for r in chosen:
+                cards.append(_card(run, r, f"{verdict}: {_f(r['nearest_similarity'])} to the next"))
+                other = by_path.get(r["nearest_path"])
+                if other is not None:
+                    cards.append(_card(run, other, "its nearest ranked before it"))
+            s.galleries.append(_gallery(title, cards))
     return [s]
+
+
+def _threshold_explorer(rows: list[dict], threshold: float) -> dict:
+    """Near duplicates each candidate --dedup-threshold drops: exact for the run's clusters, since
+    SemDeDup drops an image exactly when its nearest higher-priority image is above the threshold."""
+    values = np.asarray(
+        [
+            r["nearest_similarity"]
+            for r in rows
+            if r.get("nearest_similarity") is not None and r.get("reason") != "exact_duplicate"
+        ],
+        dtype=np.float64,
+    )
+    candidates = sorted(
+        {round(min(1.0, max(-1.0, threshold + d)), 3) for d in (-0.15, -0.1, -0.05, -0.02, 0, 0.02, 0.04)}
+    )
+    table: dict[str, list] = {
+        "head": ["--dedup-threshold", "near duplicates dropped", "of the images compared"],
+        "rows": [],
+    }
+    for candidate in candidates:
+        mark = " (this run)" if abs(candidate - threshold) < 5e-4 else ""
+        table["rows"].append([f"{candidate:.3f}{mark}", int((values > candidate).sum()), int(values.size)])
+    return table
 
 
 # ----------------------------------------------------------------------------

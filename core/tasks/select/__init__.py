@@ -68,6 +68,8 @@ class SelectTask:
             pa.field("duplicate_of", pa.string()),
             pa.field("duplicate_group", pa.int32()),
             pa.field("duplicate_similarity", pa.float32()),
+            pa.field("nearest_path", pa.string()),
+            pa.field("nearest_similarity", pa.float32()),
             pa.field("cluster", pa.int32()),
             pa.field("clip_score", pa.float32()),
             pa.field("rank", pa.int32()),
@@ -146,6 +148,8 @@ def run_select(
         overwrite=config.overwrite,
     )
     out_rows = []
+    assert selection.nearest is not None and selection.nearest_similarity is not None  # select() sets them
+    nearest, near_sims = selection.nearest, selection.nearest_similarity
     for i, (item, row) in enumerate(zip(items, rows)):
         dup = selection.duplicate_of[i]
         fingerprint = {k: row.get(k) for k in FINGERPRINT_COLUMNS}
@@ -168,6 +172,8 @@ def run_select(
                 "duplicate_similarity": None
                 if np.isnan(selection.duplicate_similarity[i])
                 else float(selection.duplicate_similarity[i]),
+                "nearest_path": display_path(items[nearest[i]].relpath) if nearest[i] >= 0 else None,
+                "nearest_similarity": None if np.isnan(near_sims[i]) else float(near_sims[i]),
                 "cluster": int(selection.cluster[i]) if selection.cluster[i] >= 0 else None,
                 "clip_score": None
                 if clip_scores is None or not ok[i] or np.isnan(clip_scores[i])

@@ -136,9 +136,12 @@ def semantic_duplicates(
     that k-means put on either side of a boundary are still found. Only within-cluster
     similarity matrices are built.
 
-    Returns ``(duplicate_of, similarity)`` [n]: -1 for kept images, else the index of the kept
-    image it duplicates (chains of drops are followed to a kept one), and the similarity of
-    each dropped image to that kept image (nan for kept images).
+    Returns ``(duplicate_of, similarity, nearest, nearest_similarity)`` [n]: -1 for kept
+    images, else the index of the kept image it duplicates (chains of drops are followed to a
+    kept one), and the similarity of each dropped image to that kept image (nan for kept
+    images); then, for every image, the most similar higher-priority image of its clusters and
+    that similarity (-1 and nan when it has none): the comparison the rule makes, so an image
+    is dropped at a threshold ``t`` exactly when its nearest similarity is above ``t``.
     """
     n = x.shape[0]
     device = x.device
@@ -194,7 +197,9 @@ def semantic_duplicates(
                 torch.maximum((f32(x[i]) * f32(flipped[j])).sum(dim=1), (f32(flipped[i]) * f32(x[j])).sum(dim=1)),
             )
         similarity[i] = sims
-    return duplicate_of, similarity
+    has_nearest = best_idx >= 0
+    nearest_similarity = torch.where(has_nearest, best_sim, torch.full_like(best_sim, float("nan")))
+    return duplicate_of, similarity, best_idx, nearest_similarity
 
 
 def kcenter_greedy(

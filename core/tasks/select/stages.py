@@ -81,6 +81,10 @@ class Selection:
     report: dict
     duplicate_similarity: np.ndarray | None = None  # each dropped copy's similarity to its kept image
     duplicate_group: np.ndarray | None = None  # a group id per kept image with copies and per copy, else -1
+    # The most similar higher-priority image each image was compared with (SemDeDup's comparison;
+    # an exact copy's is its twin), -1 when none, and that similarity: the threshold explorer's input.
+    nearest: np.ndarray | None = None
+    nearest_similarity: np.ndarray | None = None
 
 
 def duplicate_groups(duplicate_of: list[int]) -> np.ndarray:
@@ -170,13 +174,16 @@ def select(
     reason = ["kept" if good else "error" for good in ok]
     duplicate_of = [-1] * n
     similarity = np.full(n, np.nan, dtype=np.float32)
+    nearest = np.full(n, -1, dtype=np.int64)
+    nearest_similarity = np.full(n, np.nan, dtype=np.float32)
     # 1. exact duplicates: the first in path order is kept.
     first_with_hash: dict[str, int] = {}
     for i in range(n):
         if ok[i] and hashes[i]:
             if hashes[i] in first_with_hash:
                 reason[i], duplicate_of[i] = "exact_duplicate", first_with_hash[hashes[i]]
-                similarity[i] = 1.0
+                similarity[i] = nearest_similarity[i] = 1.0
+                nearest[i] = duplicate_of[i]
             else:
                 first_with_hash[hashes[i]] = i
     alive = np.array([r == "kept" for r in reason])
@@ -198,7 +205,7 @@ def select(
             assert centroids is not None  # k-means ran: the pool is not empty
             priority = _closeness(x, centroids, torch.from_numpy(clusters[index]).to(x.device)).cpu()
         local_labels = torch.from_numpy(clusters[index]).to(x.device)
-        dup, sims = alg.semantic_duplicates(
+        dup, sims, near_index, near_sims = alg.semantic_duplicates(
             x,
             local_labels,
             priority.to(x.device),
@@ -207,6 +214,10 @@ def select(
             second=alg.second_clusters(x, centroids, local_labels),
         )
         dup, sims = dup.cpu().numpy(), sims.cpu().numpy()
+        near_index, near_sims = near_index.cpu().numpy(), near_sims.cpu().numpy()
+        has = near_index >= 0
+        nearest[index[has]] = index[near_index[has]]
+        nearest_similarity[index] = near_sims
         for local, target in enumerate(dup):
             if target >= 0:
                 reason[index[local]], duplicate_of[index[local]] = "near_duplicate", int(index[target])
@@ -278,7 +289,19 @@ def select(
         duplicate_groups=int(groups.max() + 1) if (groups >= 0).any() else 0,
         largest_duplicate_group=int(np.bincount(groups[groups >= 0]).max()) if (groups >= 0).any() else 0,
     )
-    return Selection(reason, duplicate_of, clusters, clip_scores, rank, nearest_reference, report, similarity, groups)
+    return Selection(
+        reason,
+        duplicate_of,
+        clusters,
+        clip_scores,
+        rank,
+        nearest_reference,
+        report,
+        similarity,
+        groups,
+        nearest,
+        nearest_similarity,
+    )
 
 
 def _closeness(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
