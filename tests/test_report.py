@@ -147,7 +147,7 @@ def test_each_kind_is_self_contained_with_its_galleries(outputs, tmp_path, kind)
         # The explorer's count at the run's own threshold is the manifest's count of near duplicates.
         manifest = pq.read_table(out[kind]).to_pylist()
         near = sum(r["reason"] == "near_duplicate" for r in manifest)
-        assert re.search(r"\(this run\)</td><td>%d</td>" % near, text), near
+        assert re.search(rf"\(this run\)</td><td>{near}</td>", text), near
         assert "pairs just below the threshold (both kept)" in page.galleries
     if kind == "detect-aigi-eval":
         figures = json.loads(pq.read_schema(out[kind]).metadata[b"visbatch"])["figures"]
