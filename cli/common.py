@@ -607,6 +607,38 @@ def check_report_output(common: CommonOptions, output: str, protected) -> None:
         raise UsageError(f"report {path} exists; pass --overwrite to replace it")
 
 
+def check_job_report(result: str, overwrite: bool, inputs: list) -> str:
+    """--report of a job whose table is a side output (detect-aigi eval, quantize): RESULT.html,
+    refused before anything is created if it exists without --overwrite or is one of the inputs."""
+    from visbatch.core.report import check_report_extra
+
+    check_report_extra()
+    path = report_path_for(result)
+    if any(i and os.path.exists(i) and os.path.realpath(i) == os.path.realpath(path) for i in inputs):
+        raise UsageError(f"report {path} is one of the inputs; choose another -o")
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"report {path} exists; pass --overwrite to replace it")
+    return path
+
+
+def write_job_report(result: str, path: str, quiet: bool) -> None:
+    from visbatch.core.report import build_report
+
+    build_report([result], path)
+    if not quiet:
+        print(f"  report: {path}", file=sys.stderr)
+
+
+ReportOpt = Annotated[
+    bool,
+    typer.Option(
+        "--report",
+        help="Also write the result's report as HTML beside it (pip install 'visbatch[report]').",
+        envvar="VISBATCH_REPORT",
+    ),
+]
+
+
 def finish(summary, common: CommonOptions) -> int:
     """Print the summary (and write the --report) and choose the exit code."""
     from visbatch.core.pipeline import print_summary

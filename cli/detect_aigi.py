@@ -23,7 +23,9 @@ from visbatch.cli.common import (
     PrecisionOpt,
     QuietOpt,
     RayAddressOpt,
+    ReportOpt,
     WorkersOpt,
+    check_job_report,
     find_inputs,
     finish,
     guarded,
@@ -31,6 +33,7 @@ from visbatch.cli.common import (
     overlay_settings,
     parse_engine,
     pipeline_config,
+    write_job_report,
 )
 
 NormalizeFormatOpt = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95.")
@@ -249,6 +252,7 @@ def evaluate_command(
     normalize_format: bool = NormalizeFormatOpt,
     output: str = typer.Option("detect-aigi-eval.parquet", "--output", "-o"),
     overwrite: OverwriteOpt = False,
+    report: ReportOpt = False,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -265,6 +269,7 @@ def evaluate_command(
     from visbatch.core.tasks.aigi.command import EvalRequest, RunSettings, evaluate_command
 
     def job() -> int:
+        html = check_job_report(output, overwrite, [root, detector]) if report else None
         request = EvalRequest(
             root=root,
             detector=detector,
@@ -303,6 +308,8 @@ def evaluate_command(
                 )
             for error in errors[:5]:
                 print(f"visbatch: warning: not scored: {error}", file=sys.stderr)
+        if html:
+            write_job_report(output, html, quiet)
         if min_ap is not None and not (overall["ap"] is not None and overall["ap"] >= min_ap):
             _say(quiet, f"visbatch: AP {_f(overall['ap'], 5)} is below --min-ap {min_ap}")
             return EXIT_SOME_FAILED

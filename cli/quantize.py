@@ -18,10 +18,13 @@ from visbatch.cli.common import (
     OverwriteOpt,
     QuietOpt,
     RayAddressOpt,
+    ReportOpt,
     UsageError,
     WorkersOpt,
+    check_job_report,
     guarded,
     parse_engine,
+    write_job_report,
 )
 
 
@@ -70,6 +73,7 @@ def quantize(
     ),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The quantized .safetensors file."),
     overwrite: OverwriteOpt = False,
+    html_report: ReportOpt = False,
     inspect: Optional[str] = typer.Option(None, "--inspect", help="Print what a quantized file holds and exit."),
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 16,
@@ -118,6 +122,13 @@ def quantize(
             workers=workers,
             engine=parse_engine(engine, ray_address, gpus_per_worker, concurrency),
         )
+        html = None
+        if html_report:
+            from visbatch.core.tasks.quantize.command import check_request, report_path_for
+
+            check_request(request)  # the file's own options first: the report sits beside it
+            inputs = [calib, calib_prompts, calib_captions, eval_images]
+            html = check_job_report(report_path_for(output), overwrite, inputs)
         warn = (lambda text: None) if quiet else (lambda text: print(f"visbatch: warning: {text}", file=sys.stderr))
         result = quantize_command(request, warn)
         report, report_path, options = result.report, result.report_path, result.options
@@ -141,6 +152,8 @@ def quantize(
             lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in figures.items()]
             lines += [f"  file: {output}", f"  report: {report_path}"]
             print("\n".join(lines), file=sys.stderr)
+        if html:
+            write_job_report(report_path, html, quiet)
         if min_cosine is not None and not report["cosine_min"] >= min_cosine:
             if not quiet:
                 print(

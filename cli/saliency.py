@@ -62,9 +62,13 @@ def saliency(
     keep_probability: float = typer.Option(0.5, "--keep-probability", min=0.01, max=1.0, help="rise: p."),
     map_size: int = typer.Option(32, "--map-size", min=1, help="Side of the compact map stored in the table."),
     evaluate: bool = typer.Option(False, "--eval", help="Deletion and insertion AUC (Petsiuk et al. 2018)."),
-    eval_steps: int = typer.Option(16, "--eval-steps", min=2, help="Steps of the deletion/insertion curves."),
-    eval_deletion: str = typer.Option(
-        "blur", "--eval-deletion", help="What deleted pixels become: blur (default) or black (Petsiuk's original)."
+    eval_steps: Optional[int] = typer.Option(
+        None, "--eval-steps", min=2, help="Steps of the deletion/insertion curves (default 16; implies --eval)."
+    ),
+    eval_deletion: Optional[str] = typer.Option(
+        None,
+        "--eval-deletion",
+        help="What deleted pixels become: blur (default) or black (Petsiuk's original); implies --eval.",
     ),
     save_maps: Optional[str] = typer.Option(None, "--save-maps", help="Folder for full-resolution maps (.npy)."),
     internal_batch_size: Optional[int] = typer.Option(
@@ -92,9 +96,11 @@ def saliency(
 
         # Every option is checked before anything is loaded or created, whichever method uses it.
         integration_points(steps, ig_rule)
+        # Naming how to evaluate asks for the evaluation: never silently skipped.
+        run_eval = evaluate or eval_steps is not None or eval_deletion is not None
         if baseline not in BASELINES:
             raise UsageError(f"--baseline {baseline!r}: choose from {', '.join(BASELINES)}")
-        if eval_deletion not in DELETION_FILLS:
+        if eval_deletion is not None and eval_deletion not in DELETION_FILLS:
             raise UsageError(f"--eval-deletion {eval_deletion!r}: choose blur or black")
         if map_size > MAX_MAP_SIZE:
             raise UsageError(f"--map-size {map_size}: at most {MAX_MAP_SIZE}")
@@ -147,9 +153,9 @@ def saliency(
             sidecar=sidecar,
             score=score,
             map_size=map_size,
-            evaluate=evaluate,
-            eval_steps=eval_steps,
-            eval_deletion=eval_deletion,
+            evaluate=run_eval,
+            eval_steps=16 if eval_steps is None else eval_steps,
+            eval_deletion=eval_deletion or "blur",
             save_maps=save_maps,
             internal_batch_size=internal_batch_size or config.batch_size * (4 if model.device.type == "cuda" else 2),
             seed=seed,

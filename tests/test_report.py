@@ -232,6 +232,26 @@ def test_report_flag_on_a_subcommand(outputs, tmp_path):
     assert (tmp_path / "e.html").read_text() == "mine" and not (tmp_path / "e.parquet").exists()
 
 
+def test_report_flag_on_the_jobs_with_a_side_table(outputs, tmp_path):
+    """detect-aigi eval writes EVAL.html; quantize writes FILE.report.html from its report table."""
+    tmp, pool, _ = outputs
+    detector = tmp / "det.safetensors"
+    evaluation = tmp_path / "e.parquet"
+    args = ["detect-aigi", "eval", AIGI, "--detector", detector, "--device", "cpu", "-q", "--report"]
+    assert invoke_cli(*args, "-o", evaluation).exit_code == 0
+    text = (tmp_path / "e.html").read_text()
+    assert "ROC per generator" in text and "cpu / fp32" in text.replace("<td>", "").replace("</td>", "")
+    (tmp_path / "f.html").write_text("mine")
+    assert_one_line_error(invoke_cli(*args, "-o", tmp_path / "f.parquet"), 2, "exists")
+    assert (tmp_path / "f.html").read_text() == "mine" and not (tmp_path / "f.parquet").exists()
+    quantize = ["quantize", "--model", "test-tiny-cnn", "--calib", pool, "--method", "rtn", "--device", "cpu", "-q"]
+    assert invoke_cli(*quantize, "-o", tmp_path / "q.safetensors", "--report").exit_code == 0
+    assert "Quantization" in (tmp_path / "q.report.html").read_text()
+    (tmp_path / "r.report.html").write_text("mine")
+    assert_one_line_error(invoke_cli(*quantize, "-o", tmp_path / "r.safetensors", "--report"), 2, "exists")
+    assert not (tmp_path / "r.safetensors").exists() and (tmp_path / "r.report.html").read_text() == "mine"
+
+
 def test_a_large_result_gives_a_small_report_quickly(tmp_path):
     """100,000 rows: histograms over all, galleries sampled. Bound: under 3 MB and 60 s here."""
     from visbatch.core.outputs import write_parquet

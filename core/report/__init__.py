@@ -83,7 +83,7 @@ def header(run: Run) -> dict:
         "task": meta.get("task"),
         "path": run.path,
         "command": " ".join(meta.get("command_line") or []) or "-",
-        "model": model.get("spec") if isinstance(model, dict) else str(model),
+        "model": (model.get("spec") or model.get("note") or "-") if isinstance(model, dict) else str(model),
         "checksum": (model.get("checksum") or "")[:16] if isinstance(model, dict) else "",
         "device": meta.get("device", "-"),
         "precision": meta.get("precision", "-"),

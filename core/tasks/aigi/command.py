@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from visbatch.core.engines import EngineOptions
 from visbatch.core.errors import UsageError
-from visbatch.core.files import utc_now
 from visbatch.core.jobs import JobOutput, check_job_outputs, run_job
 from visbatch.core.models import DeviceOnly, load_model
 from visbatch.core.models.devices import PRECISIONS
@@ -252,7 +251,6 @@ def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list
         "root": os.path.abspath(request.root),
         "threshold": loaded.threshold,
         "normalize_format": request.normalize_format,
-        "finished_at": utc_now(),
     }
     geometry = policy_geometry(loaded.policy, loaded.size, loaded.tiles)
 

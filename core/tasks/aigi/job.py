@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from visbatch.core.errors import Interrupted, UsageError
+from visbatch.core.files import utc_now
 from visbatch.core.images import Geometry
 from visbatch.core.outputs import read_run_metadata, row_key, write_parquet
 from visbatch.core.pipeline import RunConfig, json_safe, run_pipeline
@@ -189,6 +190,11 @@ def evaluate_job(
     p_fake = detector.probability(vectors)
     rows = evaluate([data.labels[i] for i in keep], [data.generators[i] for i in keep], p_fake, detector.threshold)
     rows = json_safe(rows)  # an AP without fakes is undefined: null, not NaN
+    # The run's own facts (command, backbone, device, precision, engine, times) are the feature
+    # stage's: the report's header shows them as for any other output.
+    run = read_run_metadata(config.output)
+    facts = ("command_line", "model", "device", "precision", "engine", "started_at", "visbatch_version")
+    metadata = {**{k: run[k] for k in facts if k in run}, **metadata, "finished_at": utc_now()}
     figures = eval_figures(
         [data.items[i] for i in keep],
         [data.labels[i] for i in keep],

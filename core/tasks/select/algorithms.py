@@ -124,7 +124,7 @@ def semantic_duplicates(
     block: int = 4096,
     flipped: torch.Tensor | None = None,
     second: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SemDeDup's rule: drop any image more similar than ``threshold`` to a higher-priority image of
     its cluster, kept or not (Abbas et al., "SemDeDup: Data-efficient learning at web-scale through
     semantic deduplication", 2023).
