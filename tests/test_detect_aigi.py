@@ -348,6 +348,15 @@ def test_format_confound_warning_and_bad_detector(tmp_path, upsampled_root):
     )
     assert result.exit_code == 0 and "can learn the file format" in result.stderr
     assert "--normalize-format" in result.stderr
+    # eval warns the same, and records it for the report
+    evaluation = tmp_path / "e.parquet"
+    r = runner.invoke(
+        app,
+        ["detect-aigi", "eval", str(root), "--detector", str(tmp_path / "d.safetensors"), "-o", str(evaluation)],
+    )
+    assert r.exit_code == 0 and "can learn the file format" in r.stderr
+    meta = json.loads(pq.read_schema(evaluation).metadata[b"visbatch"])
+    assert any("can learn the file format" in w for w in meta["confound_warnings"])
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"junk")
     r = runner.invoke(app, ["detect-aigi", "eval", str(root), "--detector", str(bad), "-o", str(tmp_path / "e.pq")])

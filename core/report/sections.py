@@ -379,6 +379,8 @@ def detect_aigi_eval(run: Run) -> list[Section]:
             plots.bars([r["generator"] for r in named], [r["ap"] for r in named], "AP", "average precision")
         )
     s.notes.append(f"threshold {run.metadata.get('threshold')}; detector {run.metadata.get('detector')}")
+    for warning in run.metadata.get("confound_warnings") or []:
+        s.notes.append(f"confound: {warning}")
     figures = run.metadata.get("figures") or {}
     curves = figures.get("curves") or {}
     if curves:

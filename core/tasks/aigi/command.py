@@ -240,12 +240,14 @@ def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list
     check_job_outputs(outputs, protected, request.overwrite)
     loaded = Detector.load(request.detector)
     config = features_config(features_path, run, request.resume, protected, quiet=True)
-    for warning in format_confounds(data):
+    confounds = format_confounds(data)
+    for warning in confounds:
         warn(warning)
     backbone = backbone_for(loaded, request.model, request.pretrained, run)
     host = backbone or DeviceOnly(run.device)
     extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
     metadata = {
+        "confound_warnings": list(confounds),
         "task": "detect-aigi-eval",
         "detector": os.path.abspath(request.detector),
         "root": os.path.abspath(request.root),
