@@ -135,6 +135,7 @@ def quantize(
         from visbatch.core.pipeline import json_safe
 
         figures = {k: v for k, v in report.items() if k not in ("layers", "kept")}
+        printed = {k: v for k, v in figures.items() if k not in ("unreadable_examples", "engine")}
         if as_json:
             print(json.dumps(json_safe(figures), allow_nan=False))
         if not quiet:
@@ -149,7 +150,7 @@ def quantize(
                 f"visbatch quantize: {method} int{bits} g{options.group_size or 'channel'}: "
                 f"{report['quantized_layers']} layers quantized, {report['kept_layers']} kept"
             )
-            lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in figures.items()]
+            lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in printed.items()]
             lines += [f"  file: {output}", f"  report: {report_path}"]
             print("\n".join(lines), file=sys.stderr)
         if html:

@@ -95,6 +95,9 @@ class Task(Protocol):
     # committed batch (only those columns), from which ``summary()`` counts; the
     # same on every engine (Ray's actors send those columns back), and a batch
     # that never reached the output is never counted.
+    # Optional: ``counters() -> dict[str, int]`` and ``add_counters(delta)``: work a
+    # task counts inside itself (texts encoded through its cache), which a
+    # remote worker's copy sends back as deltas to the driver's.
     # Optional: ``reduce(table) -> table``, the reduce stage over everything
     # gathered (all rows of the run, resumed ones included), run once after
     # the map stage; it keeps one row per input and may fill columns that

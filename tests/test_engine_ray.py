@@ -210,6 +210,14 @@ def test_classify_summary_on_ray_equals_local(cluster, corpus, tmp_path):
     a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (local, on_ray))
     assert a["most_common_top1"]  # not empty: the test compares something
     assert a["most_common_top1"] == b["most_common_top1"]
+    # clip-score: the scores' figures from the rows, the texts encoded from the actors' counters
+    clip = ["clip-score", corpus, *TINY_CLIP, "--prompt", "a photo", "--json"]
+    local = invoke_cli(*clip, "-o", tmp_path / "cl.parquet")
+    on_ray = invoke_cli(*clip, *RAY, "-o", tmp_path / "cr.parquet")
+    assert local.exit_code == 0 and on_ray.exit_code == 0, on_ray.stderr
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (local, on_ray))
+    assert a["texts_encoded"] == b["texts_encoded"] == 1 and a["scored"] == b["scored"] == 8
+    assert abs(a["clip_score_mean"] - b["clip_score_mean"]) < 1e-5
 
 
 @pytest.fixture

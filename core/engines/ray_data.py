@@ -275,6 +275,11 @@ class DecodeStage:
         }
 
 
+def _deltas(task, before: dict[str, int]) -> dict[str, int]:
+    now = task.counters() if hasattr(task, "counters") else {}
+    return {k: v - before.get(k, 0) for k, v in now.items()}
+
+
 class ModelStage:
     """Actor stage: one model per actor; task.map, the batch's files, its part."""
 
@@ -307,6 +312,7 @@ class ModelStage:
         decoded = collate(_decoded_batch(batch))
         s = self.settings
         drawn = self.overlay_sink.written if self.overlay_sink is not None else 0
+        counted = self.task.counters() if hasattr(self.task, "counters") else {}
         pending = _process_batch(
             self.task, self.model, decoded, self.overlay_sink, self.map_sink, s["config"], s["multi_root"]
         )
@@ -322,6 +328,7 @@ class ModelStage:
             "overlays": np.array([drawn]),
             # The columns the task's summary counts go back to the driver's task (a few per row).
             "observed": np.array([pickle.dumps(summary_rows(self.task, rows))], dtype=object),
+            "counted": np.array([json.dumps(_deltas(self.task, counted))]),
         }
 
 
@@ -432,10 +439,17 @@ class RayRunner:
             try:
                 with _without_ray_logs():
                     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                        for ok, failed, errors, drawn, observed in zip(
-                            batch["ok"], batch["failed"], batch["errors"], batch["overlays"], batch["observed"]
+                        for ok, failed, errors, drawn, observed, counted in zip(
+                            batch["ok"],
+                            batch["failed"],
+                            batch["errors"],
+                            batch["overlays"],
+                            batch["observed"],
+                            batch["counted"],
                         ):
                             observe(self.task, pickle.loads(observed))
+                            if hasattr(self.task, "add_counters"):
+                                self.task.add_counters(json.loads(counted))
                             yield int(ok), int(failed), json.loads(errors), int(drawn)
             except (FatalError, UsageError):
                 raise

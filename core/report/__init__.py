@@ -65,6 +65,9 @@ def read_run(path: str, thumbs_left: int, per_gallery: int) -> Run:
     return Run(path, parquet.read(), metadata, Thumbnails(metadata, thumbs_left), per_gallery)
 
 
+TABLE_UNITS = {"quantize": "layers", "detect-aigi-eval": "generators"}  # outputs whose rows are not images
+
+
 def header(run: Run) -> dict:
     meta = run.metadata
     status = run.column("status")
@@ -87,7 +90,11 @@ def header(run: Run) -> dict:
         "checksum": (model.get("checksum") or "")[:16] if isinstance(model, dict) else "",
         "device": meta.get("device", "-"),
         "precision": meta.get("precision", "-"),
-        "engine": (engine.get("engine") or "local") + "".join(f", {k} {v}" for k, v in engine.items() if k != "engine"),
+        # An output written before engines were recorded says nothing of where it ran.
+        "engine": (engine.get("engine") or "-") + "".join(f", {k} {v}" for k, v in engine.items() if k != "engine"),
+        # Rows of images carry a status; a layer table (quantize) or a generator table (eval) does not.
+        "per_image": bool(status),
+        "unit": "rows" if status else TABLE_UNITS.get(meta.get("task"), "rows"),
         "rows": run.table.num_rows,
         "ok": counts.get("ok", run.table.num_rows if not status else 0),
         "failed": sum(n for s, n in counts.items() if s != "ok"),

@@ -430,7 +430,7 @@ def detect_aigi_eval(run: Run) -> list[Section]:
         ("worst_errors", "worst errors"),
     ):
         examples = (figures.get(key) or [])[: run.per_gallery]
-        if key in figures:
+        if examples:
             s.galleries.append(
                 _gallery(
                     title,
@@ -457,7 +457,7 @@ def quantize(run: Run) -> list[Section]:
     s.tables.append(
         {
             "head": ["figure", "value"],
-            "rows": [[k, _f(v, 6) if isinstance(v, float) else v] for k, v in figures.items()],
+            "rows": [[k, f"{v:.6g}" if isinstance(v, float) else v] for k, v in figures.items()],
         }
     )
     layers = [r for r in rows if r.get("output_error") is not None]
@@ -479,7 +479,7 @@ def quantize(run: Run) -> list[Section]:
                 [
                     r.get("layer"),
                     r.get("kind"),
-                    r.get("method"),
+                    r.get("method") or "-",
                     _f(r.get("weight_error"), 5),
                     _f(r.get("output_error"), 5),
                 ]

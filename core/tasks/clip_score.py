@@ -167,6 +167,7 @@ class ClipScoreTask:
         self.annotate = read_sidecar_caption if options.sidecar else None
         self._scores: list[float] = []
         self._truncated = 0
+        self._encoded_elsewhere = 0  # texts the engine's workers encoded (--engine ray)
 
     def _embedding_dim(self) -> int:
         with torch.inference_mode():
@@ -353,5 +354,12 @@ class ClipScoreTask:
                 if table.duplicates and name == "captions":
                     out[f"{name}_repeated_paths"] = table.duplicates
         if self.text is not None:
-            out["texts_encoded"] = self.text.encoded
+            out["texts_encoded"] = self.text.encoded + self._encoded_elsewhere
         return out
+
+    def counters(self) -> dict[str, int]:
+        """Work counted inside the task, not in its rows: a worker sends these back (as deltas)."""
+        return {"texts_encoded": self.text.encoded if self.text is not None else 0}
+
+    def add_counters(self, delta: dict[str, int]) -> None:
+        self._encoded_elsewhere += delta.get("texts_encoded", 0)

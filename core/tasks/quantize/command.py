@@ -171,8 +171,16 @@ def quantize_command(r: QuantizeRequest, warn: Callable[[str], None]) -> Quantiz
             "the method saw; give more --calib images or a separate --eval-images"
         )
 
+    if loaded.is_random:
+        warn(f"{loaded.spec} has random weights: the quantized file and its figures mean nothing")
+
     def body() -> dict:
         report = run_quantize(loaded, calibration, held_out, output, options, config)
+        for example in report["unreadable_examples"]:
+            warn(f"not used: {example}")
+        if report["unreadable_images"] > len(report["unreadable_examples"]):
+            warn(f"... and {report['unreadable_images'] - len(report['unreadable_examples'])} more images not used")
+        report["engine"] = {"engine": "ray"} if r.engine is not None and not r.engine.is_local else {"engine": "local"}
         write_report(report_path, report)
         return report
 

@@ -44,8 +44,11 @@ class QuantizeOptions:
     texts: list[str] = field(default_factory=list)  # calibration texts for a CLIP text tower
 
 
-def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, what: str) -> list[torch.Tensor]:
-    """The decodable images of ``items`` as uint8 batches; none at all is a usage error naming why."""
+def _batches(
+    items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, what: str, unused: list[str] | None = None
+) -> list[torch.Tensor]:
+    """The decodable images of ``items`` as uint8 batches (the others' reasons appended to
+    ``unused``); none at all is a usage error naming why."""
     batches, errors = [], []
     if config.engine is not None and not config.engine.is_local:
         from visbatch.core.engines import ray_data
@@ -61,7 +64,13 @@ def _batches(items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, 
         raise UsageError(
             f"none of the {len(items)} {what} images could be decoded" + (f" (first: {errors[0]})" if errors else "")
         )
+    if unused is not None:
+        unused += [f"{what}: {error}" for error in errors]
     return batches
+
+
+def _count(batches: list[torch.Tensor] | None) -> int:
+    return sum(int(b.shape[0]) for b in batches or [])
 
 
 @contextlib.contextmanager
@@ -266,9 +275,10 @@ def run_quantize(
     if options.method == "auto":
         calib, validation_items = split_validation(calib)
         texts, validation_texts = split_validation(texts) if texts else ([], [])
-    calib_batches = _batches(calib, model, config, "calibration")
-    validation_batches = _batches(validation_items, model, config, "validation") if validation_items else None
-    eval_batches = _batches(held_out, model, config, "held-out")
+    unused: list[str] = []  # files that could not be decoded: counted nowhere, reported
+    calib_batches = _batches(calib, model, config, "calibration", unused)
+    validation_batches = _batches(validation_items, model, config, "validation", unused) if validation_items else None
+    eval_batches = _batches(held_out, model, config, "held-out", unused)
     layers, overrides = quantize_targets(
         model, targets, calib_batches, texts, options, validation_batches, validation_texts
     )
@@ -285,8 +295,10 @@ def run_quantize(
         "quantized_layers": len(layers),
         "kept_layers": len(kept),
         "layers_by_method": {m: sum(layer.method == m for layer in layers) for m in methods},
-        "calibration_images": len(calib),
-        "validation_images": len(validation_items),
+        "calibration_images": _count(calib_batches),
+        "validation_images": _count(validation_batches),
+        "unreadable_images": len(unused),
+        "unreadable_examples": unused[:5],
         "eval_images": int(before.shape[0]),
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),
@@ -305,7 +317,11 @@ def run_quantize(
     else:
         report["worse_than_rtn"] = False
     report["bytes_before"] = int(sum(t.numel() * t.element_size() for t in model.module.state_dict().values()))
-    calibration = {"images": len(calib), "validation_images": len(validation_items), "texts": len(texts)}
+    calibration = {
+        "images": _count(calib_batches),
+        "validation_images": _count(validation_batches),
+        "texts": len(texts),
+    }
     file_config = {
         "method": options.method,
         "act_order": options.act_order,

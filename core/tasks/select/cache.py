@@ -118,6 +118,8 @@ def embedding_views(column: pa.ChunkedArray) -> list[np.ndarray | None]:
 
 def embedding_array(vectors: Sequence, dim: int) -> pa.Array:
     """A fixed_size_list<float16>[dim] column from fp16 vectors (None: a null), built in one matrix."""
+    if dim == 0:  # nothing embedded (every image unreadable): a column of nulls
+        return pa.nulls(len(vectors), pa.list_(pa.float16(), 0))
     matrix = np.zeros((len(vectors), dim), dtype=np.float16)
     nulls = np.zeros(len(vectors), dtype=bool)
     for i, vector in enumerate(vectors):
