@@ -107,7 +107,7 @@ def describe_differences(previous: dict, current: dict) -> list[str]:
         elif key == "model" and isinstance(old, dict) and isinstance(new, dict):
             if (old.get("spec"), old.get("checksum")) != (new.get("spec"), new.get("checksum")):
                 diffs.append(f"model: {old.get('spec')} -> {new.get('spec')}")
-        elif key == "schema" and isinstance(old, list) and isinstance(new, list):
+        elif key == "schema" and old != new and isinstance(old, list) and isinstance(new, list):
             # Name the columns that differ, not the first 60 characters of two long lists.
             gone, added = [c for c in old if c not in new], [c for c in new if c not in old]
             diffs.append(

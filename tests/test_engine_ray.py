@@ -255,7 +255,7 @@ def test_pool_jobs_on_ray_equal_local(cluster, labelled_root, corpus, tmp_path):
             detector,
             *extra,
             "-o",
-            tmp_path / f"{name}-eval.parquet",
+            tmp_path / f"e-{name}.parquet",
         )
         assert result.exit_code == 0, result.stderr
     features = {name: _rows(tmp_path / f"{name}.features.parquet") for name in ("local", "ray")}

@@ -347,3 +347,33 @@ def test_sigterm_mid_run_is_exit_130_and_quiet_with_q(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and stderr == "" and stdout == ""
     assert sys.platform != "win32"
+
+
+def test_a_pool_of_only_unreadable_files_gives_error_rows_not_a_crash(tmp_path):
+    """select-data over nothing embeddable: every image an error row (exit 0), as classify gives."""
+    pool = tmp_path / "broken"
+    pool.mkdir()
+    (pool / "a.png").write_bytes(b"x")
+    (pool / "b.jpg").write_bytes(b"")
+    (pool / "c.gif").write_bytes(b"GIF89a")
+    out = tmp_path / "m.parquet"
+    result = invoke_cli("select-data", pool, *TINY_CNN, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [r["reason"] for r in rows] == ["error"] * 3 and all(r["error"] for r in rows)
+    assert not any(r["selected"] for r in rows)
+
+
+def test_quantize_counts_only_the_images_it_decoded(tmp_path):
+    calib = tmp_path / "calib"
+    for n in range(6):
+        write_image(calib / f"{n}.png", seed=n)
+    (calib / "bad.png").write_bytes(b"not an image")
+    (calib / "empty.jpg").write_bytes(b"")
+    result = invoke_cli(
+        "quantize", "--calib", calib, *TINY_CNN, "--method", "rtn", "-o", tmp_path / "q.safetensors", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["unreadable_images"] == 2 and "not used:" in result.stderr
+    assert figures["calibration_images"] + figures["eval_images"] == 6  # the 6 decodable images, nothing more
