@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--strategy", default="cluster-balanced")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--storage", choices=["fp16", "fp32"], default="fp16", help="how the pool is held (select-data holds fp16)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -54,6 +57,8 @@ def main() -> None:
         x, sources = make_pool(n)
         planted = len(sources)
         x = x.to(args.device)
+        if args.storage == "fp16":
+            x = x.half()
         start = time.perf_counter()
         result = select(
             x,

@@ -205,8 +205,8 @@ def test_quantize_stops_with_130_silently_with_q(tmp_path, fixture_images):
     from PIL import Image
 
     photo = Image.open(fixture_images / "chelsea.jpg")
-    for i in range(24):
-        photo.rotate(i * 15).save(calib / f"{i}.jpg")
+    for i in range(96):  # enough work that the signal at 6 s lands before the file is written, on any machine
+        photo.rotate(i * 3.75).save(calib / f"{i}.jpg")
     out = tmp_path / "q.safetensors"
     proc = subprocess.Popen(
         [

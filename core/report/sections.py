@@ -217,6 +217,12 @@ def saliency_side_by_side(runs: list[Run]) -> Section:
             ]
         )
     s.tables.append(table)
+    images = [set(p for p, st in zip(run.column("path"), run.column("status")) if st == "ok") for run in runs]
+    if any(paths != images[0] for paths in images[1:]):
+        s.notes.append(
+            "the runs cover different images (" + ", ".join(str(len(p)) for p in images) + " ok): "
+            "their means are not over the same images"
+        )
     for column, title in (("deletion_curve", "mean deletion curve"), ("insertion_curve", "mean insertion curve")):
         series = {}
         for n, run in enumerate(runs):
