@@ -345,6 +345,19 @@ def _decoded_batch(batch: dict):
     return [(tensors[i], records[i]) for i in order]
 
 
+def _batches_of(dataset) -> Iterator[dict]:
+    """A dataset's batches, Ray's logs quiet while it runs, its failures one-line FatalErrors."""
+    try:
+        with _without_ray_logs():
+            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+    except (FatalError, UsageError):
+        raise
+    except Exception as exc:
+        if "KeyboardInterrupt" in type(exc).__name__:
+            raise KeyboardInterrupt from exc
+        raise FatalError(f"the Ray job failed: {_first_line(exc)}") from exc
+
+
 def decode_batches(items: Sequence[ImageItem], geometry, config) -> Iterator:
     """The decode stage alone on the cluster (CPU tasks), its batches collated on the driver in
     item order: for the jobs whose reduce needs the decoded images themselves (quantize's
@@ -358,16 +371,8 @@ def decode_batches(items: Sequence[ImageItem], geometry, config) -> Iterator:
         stage, batch_size=config.batch_size, batch_format="numpy", num_cpus=1
     )
     decoded = []
-    try:
-        with _without_ray_logs():
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                decoded += _decoded_batch(batch)
-    except (FatalError, UsageError):
-        raise
-    except Exception as exc:
-        if "KeyboardInterrupt" in type(exc).__name__:
-            raise KeyboardInterrupt from exc
-        raise FatalError(f"the Ray job failed: {_first_line(exc)}") from exc
+    for batch in _batches_of(dataset):
+        decoded += _decoded_batch(batch)
     decoded.sort(key=lambda pair: pair[1].index)  # blocks may come back in any order
     for start in range(0, len(decoded), config.batch_size):
         yield collate(decoded[start : start + config.batch_size])
@@ -436,24 +441,16 @@ class RayRunner:
                 num_gpus=self.gpus,
                 num_cpus=0 if self.gpus > 0 else 1,
             )
-            try:
-                with _without_ray_logs():
-                    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                        for ok, failed, errors, drawn, observed, counted in zip(
-                            batch["ok"],
-                            batch["failed"],
-                            batch["errors"],
-                            batch["overlays"],
-                            batch["observed"],
-                            batch["counted"],
-                        ):
-                            observe(self.task, pickle.loads(observed))
-                            if hasattr(self.task, "add_counters"):
-                                self.task.add_counters(json.loads(counted))
-                            yield int(ok), int(failed), json.loads(errors), int(drawn)
-            except (FatalError, UsageError):
-                raise
-            except Exception as exc:
-                if "KeyboardInterrupt" in type(exc).__name__:
-                    raise KeyboardInterrupt from exc
-                raise FatalError(f"the Ray job failed: {_first_line(exc)}") from exc
+            for batch in _batches_of(dataset):
+                for ok, failed, errors, drawn, observed, counted in zip(
+                    batch["ok"],
+                    batch["failed"],
+                    batch["errors"],
+                    batch["overlays"],
+                    batch["observed"],
+                    batch["counted"],
+                ):
+                    observe(self.task, pickle.loads(observed))
+                    if hasattr(self.task, "add_counters"):
+                        self.task.add_counters(json.loads(counted))
+                    yield int(ok), int(failed), json.loads(errors), int(drawn)
