@@ -10,6 +10,7 @@ stderr and an exit code (:data:`EXIT_*`).
 
 import functools
 import inspect
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from visbatch.core.errors import UsageError, VisbatchError
 
@@ -57,6 +59,7 @@ class CommonOptions:
     concurrency: Optional[str] = None
     report: bool = False
     warnings: list = field(default_factory=list)  # what the inputs' reading skipped, for the summary
+    reads: Optional[object] = None  # the InputSet of what the inputs read (find_inputs fills it)
 
 
 # --engine and its settings: shared by CommonOptions and the jobs whose result is a file.
@@ -381,7 +384,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
     ]
 
 
-COMMON_NAMES = [f for f in CommonOptions.__dataclass_fields__ if f != "warnings"]
+COMMON_NAMES = [f for f in CommonOptions.__dataclass_fields__ if f not in ("warnings", "reads")]
 
 
 def job_command(default_model: str, default_pretrained: Optional[str] = None) -> Callable:
@@ -410,6 +413,26 @@ def job_command(default_model: str, default_pretrained: Optional[str] = None) ->
         return wrapper
 
     return decorate
+
+
+class CheckedCommand(TyperCommand):
+    """A subcommand whose number options are finite: ``--weight nan`` or ``--alpha inf`` is a usage
+    error (exit 2) before anything runs, whatever option it is (click accepts both)."""
+
+    def parse_args(self, ctx, args):
+        rest = super().parse_args(ctx, args)
+        for param in self.params:
+            value = ctx.params.get(param.name or "")
+            values = value if isinstance(value, (list, tuple)) else [value]
+            bad = next((v for v in values if isinstance(v, float) and not math.isfinite(v)), None)
+            if bad is not None:
+                try:  # typer >= 0.20 carries its own click
+                    from typer._click.exceptions import BadParameter
+                except ImportError:  # pragma: no cover
+                    from click import BadParameter
+
+                raise BadParameter(f"must be a finite number, got {bad}", ctx=ctx, param=param)
+        return rest
 
 
 def fail(message: str, code: int) -> "typer.Exit":
@@ -465,13 +488,20 @@ def find_inputs(common: CommonOptions, caption_column: Optional[str] = None, str
     INPUT tables. ``stream``: an ItemStream whose tar shards are listed as the run reaches
     them (the per-image subcommands); otherwise a list of every item (the pool jobs)."""
     from visbatch.core.images import InputError
+    from visbatch.core.plan import InputSet
     from visbatch.core.sources import find_image_stream, find_images
 
     if not common.inputs and not common.manifest:
         raise UsageError("no input: give image folders or files, - for stdin, or --manifest FILE")
     options = source_options(common, caption_column)
-    find = find_image_stream if stream else find_images
-    items = find(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
+    if stream:
+        items = find_image_stream(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
+        common.reads = items.reads
+    else:
+        common.reads = InputSet()
+        items = find_images(
+            common.inputs, options, manifest=common.manifest, warnings=common.warnings, reads=common.reads
+        )
     listed = items.head if stream else items
     if (common.image_column or common.keep_columns) and not any(hasattr(it.ref, "column") for it in listed):
         raise UsageError("--image-column and --keep-columns apply to Parquet/Arrow INPUT tables; none was given")
@@ -521,45 +551,28 @@ def log_interval() -> float:
     return value
 
 
-def protected_inputs(common: CommonOptions, items, *files):
-    """The inputs no output of this run may touch: the items' roots, the manifest, the model's
-    files and any other file the command reads (caption tables, label files)."""
-    from visbatch.core.protect import ProtectedInputs
+def run_plan(common: CommonOptions, items, files=()):
+    """The run plan's inputs: what the items' sources read (folders walked, files named, the files
+    a manifest or table names, shards), the manifest, the model's files and any other file the
+    command reads (caption tables, label files, references)."""
+    from visbatch.core.plan import InputSet, RunPlan
 
-    named = [common.manifest, common.pretrained, common.model, *files]
-    listed = getattr(items, "head", items)  # of a stream, what is listed before the run
-    named += [item.path for item in listed if not _has_image_suffix(item.relpath)]
-    return ProtectedInputs.for_items(items, [f for f in named if f and os.path.isfile(f)])
-
-
-def _has_image_suffix(name: str) -> bool:
-    from visbatch.core.images import has_image_extension
-
-    return has_image_extension(name)
+    plan = RunPlan(InputSet())
+    reads = getattr(items, "reads", None) or common.reads
+    if reads is not None:
+        plan.inputs.merge(reads)
+    for path in (common.manifest, common.pretrained, common.model, *files):
+        plan.inputs.add_path(path)
+    return plan
 
 
 def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(), **overlay):
-    """The run configuration; ``items`` and ``files`` are what the outputs are checked against."""
+    """The run configuration and its plan's inputs (``items`` and ``files`` are what every output
+    is checked against, in core, before anything is created)."""
     from visbatch.core.pipeline import RunConfig, default_batch_size, default_workers
-    from visbatch.core.sinks import RemoteOutputs
-    from visbatch.core.sources import is_url, parse_shard
+    from visbatch.core.sources import parse_shard
 
-    protected = protected_inputs(common, items, *files)
     output = common.output or f"{task_name}.parquet"
-    # URL outputs are checked against the inputs here, before they are staged; check_outputs
-    # checks the local paths the run writes (a staged file is never an input).
-    if is_url(output):
-        protected.check_file(output, "output")
-    for key, what in (("overlays", "--overlays folder"), ("save_maps", "--save-maps folder")):
-        if overlay.get(key) and is_url(overlay[key]):
-            protected.check_folder(overlay[key], what)
-    if common.report:
-        check_report_output(common, output, protected)
-    remote = RemoteOutputs()
-    output = remote.stage_file(output, common.resume, common.overwrite)
-    for key in ("overlays", "save_maps"):
-        if overlay.get(key):
-            overlay[key] = remote.stage_folder(overlay[key])
     return RunConfig(
         output=output,
         batch_size=common.batch_size or default_batch_size(model.device),
@@ -569,8 +582,8 @@ def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(
         max_pixels=common.max_pixels or None,
         quiet=common.quiet,
         log_interval=log_interval(),
-        protected=protected,
-        remote=remote,
+        plan=run_plan(common, items, files),
+        report=report_output(common, output),
         shard=parse_shard(common.shard) if common.shard else None,
         selection={"globs": list(common.glob), "limit": common.limit, "recursive": common.recursive},
         engine=engine_options(common),
@@ -593,40 +606,33 @@ def report_path_for(output: str) -> str:
     return os.path.splitext(output)[0] + ".html"
 
 
-def check_report_output(common: CommonOptions, output: str, protected) -> None:
-    """--report: OUTPUT.html beside a local output, refused before anything is created."""
+def report_output(common: CommonOptions, output: str):
+    """--report: OUTPUT.html beside the output (a path or a URL), refused before anything is
+    created if it exists without --overwrite or --resume; None without --report."""
+    from visbatch.core.plan import local_path_of
     from visbatch.core.report import check_report_extra
-    from visbatch.core.sources import is_url
 
+    if not common.report:
+        return None
     check_report_extra()
-    if is_url(output):
-        raise UsageError("--report writes OUTPUT.html beside a local -o; run `visbatch report` on the output")
     path = report_path_for(output)
-    protected.check_file(path, "report")
-    if os.path.exists(path) and not (common.overwrite or common.resume):
-        raise UsageError(f"report {path} exists; pass --overwrite to replace it")
-
-
-def check_job_report(result: str, overwrite: bool, inputs: list) -> str:
-    """--report of a job whose table is a side output (detect-aigi eval, quantize): RESULT.html,
-    refused before anything is created if it exists without --overwrite or is one of the inputs."""
-    from visbatch.core.report import check_report_extra
-
-    check_report_extra()
-    path = report_path_for(result)
-    if any(i and os.path.exists(i) and os.path.realpath(i) == os.path.realpath(path) for i in inputs):
-        raise UsageError(f"report {path} is one of the inputs; choose another -o")
-    if os.path.exists(path) and not overwrite:
+    local = local_path_of(path)
+    if local is not None and os.path.exists(local) and not (common.overwrite or common.resume):
         raise UsageError(f"report {path} exists; pass --overwrite to replace it")
     return path
 
 
-def write_job_report(result: str, path: str, quiet: bool) -> None:
-    from visbatch.core.report import build_report
+def check_job_report(result: str, overwrite: bool) -> str:
+    """--report of a job whose table is a side output (detect-aigi eval, quantize): RESULT.html,
+    refused before anything is created if it exists without --overwrite (the run plan refuses
+    it if it is one of the inputs)."""
+    from visbatch.core.report import check_report_extra
 
-    build_report([result], path)
-    if not quiet:
-        print(f"  report: {path}", file=sys.stderr)
+    check_report_extra()
+    path = report_path_for(result)
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"report {path} exists; pass --overwrite to replace it")
+    return path
 
 
 ReportOpt = Annotated[
@@ -644,15 +650,9 @@ def finish(summary, common: CommonOptions) -> int:
     from visbatch.core.pipeline import print_summary
 
     summary.warnings[:0] = common.warnings
-    report = None
-    if common.report and not summary.interrupted and summary.output:
-        from visbatch.core.report import build_report
-
-        report = report_path_for(summary.output)
-        build_report([summary.output], report)
     print_summary(summary, common.json, common.quiet)
-    if report and not common.quiet:
-        print(f"  report: {report}", file=sys.stderr)
+    if summary.report and not common.quiet:
+        print(f"  report: {summary.report}", file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
     if summary.failed and common.fail_on_error:

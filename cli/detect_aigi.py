@@ -11,6 +11,7 @@ from visbatch.cli.common import (
     EXIT_SOME_FAILED,
     AlphaOpt,
     BatchSizeOpt,
+    CheckedCommand,
     ColormapOpt,
     ConcurrencyOpt,
     DeviceOpt,
@@ -33,7 +34,6 @@ from visbatch.cli.common import (
     overlay_settings,
     parse_engine,
     pipeline_config,
-    write_job_report,
 )
 
 NormalizeFormatOpt = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95.")
@@ -84,7 +84,7 @@ def fold_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command("train")
+@app.command("train", cls=CheckedCommand)
 def train(
     root: Optional[str] = typer.Argument(None, help="Labelled root: 0_real/ and 1_fake/ (optionally per generator)."),
     real: Optional[list[str]] = typer.Option(None, "--real", help="Folder of real images (repeatable)."),
@@ -242,7 +242,7 @@ def score(
     raise typer.Exit(guarded(job, common.quiet))
 
 
-@app.command("eval")
+@app.command("eval", cls=CheckedCommand)
 def evaluate_command(
     root: str = typer.Argument(..., help="Labelled root: 0_real/ and 1_fake/, optionally per generator."),
     detector: str = typer.Option(..., "--detector"),
@@ -269,7 +269,7 @@ def evaluate_command(
     from visbatch.core.tasks.aigi.command import EvalRequest, RunSettings, evaluate_command
 
     def job() -> int:
-        html = check_job_report(output, overwrite, [root, detector]) if report else None
+        html = check_job_report(output, overwrite) if report else None
         request = EvalRequest(
             root=root,
             detector=detector,
@@ -288,6 +288,7 @@ def evaluate_command(
                 parse_engine(engine, ray_address, gpus_per_worker, concurrency),
             ),
             min_ap=min_ap,
+            html=html,
         )
         rows, errors = evaluate_command(request, lambda text: _say(quiet, f"visbatch: warning: {text}"))
         overall = rows[-1]
@@ -308,8 +309,8 @@ def evaluate_command(
                 )
             for error in errors[:5]:
                 print(f"visbatch: warning: not scored: {error}", file=sys.stderr)
-        if html:
-            write_job_report(output, html, quiet)
+        if html and not quiet:
+            print(f"  report: {html}", file=sys.stderr)
         if min_ap is not None and not (overall["ap"] is not None and overall["ap"] >= min_ap):
             _say(quiet, f"visbatch: AP {_f(overall['ap'], 5)} is below --min-ap {min_ap}")
             return EXIT_SOME_FAILED
@@ -318,4 +319,4 @@ def evaluate_command(
     raise typer.Exit(guarded(job, quiet))
 
 
-app.command("score")(score)
+app.command("score", cls=CheckedCommand)(score)

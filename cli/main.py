@@ -14,6 +14,7 @@ except ImportError:  # pragma: no cover
 from visbatch.cli import detect_aigi
 from visbatch.cli.classify import classify
 from visbatch.cli.clip_score import clip_score
+from visbatch.cli.common import CheckedCommand
 from visbatch.cli.quantize import quantize
 from visbatch.cli.saliency import saliency
 from visbatch.cli.select_data import select_data
@@ -55,11 +56,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("classify")(classify)
-app.command("clip-score")(clip_score)
-app.command("saliency")(saliency)
-app.command("select-data")(select_data)
-app.command("quantize")(quantize)
+app.command("classify", cls=CheckedCommand)(classify)
+app.command("clip-score", cls=CheckedCommand)(clip_score)
+app.command("saliency", cls=CheckedCommand)(saliency)
+app.command("select-data", cls=CheckedCommand)(select_data)
+app.command("quantize", cls=CheckedCommand)(quantize)
 app.add_typer(detect_aigi.app, name="detect-aigi")
 
 
@@ -125,7 +126,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
             print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
 
 
-@app.command("merge")
+@app.command("merge", cls=CheckedCommand)
 def merge(
     parts: list[str] = typer.Argument(..., help="Parquet outputs of the same job's --shard I/N runs."),
     output: str = typer.Option(..., "--output", "-o", help="The merged Parquet file."),
@@ -137,15 +138,22 @@ def merge(
 ):
     """Merge the outputs of --shard runs of one job into one file, in sorted path order."""
     from visbatch.cli.common import EXIT_OK, guarded
-    from visbatch.core.files import OutputLock
+    from visbatch.core.jobs import JobOutput, run_job
     from visbatch.core.merge import merge_outputs
-    from visbatch.core.protect import ProtectedInputs
+    from visbatch.core.plan import RunPlan
 
     def job() -> int:
-        ProtectedInputs(files=parts).check_file(output, "merge output")
+        plan = RunPlan()
+        for part in parts:
+            plan.inputs.add_path(part)
         warnings: list[str] = []
-        with OutputLock(output):
-            rows = merge_outputs(parts, output, overwrite, allow_partial, warnings)
+        outputs = [JobOutput(output, "merge output")]
+        rows = run_job(
+            plan,
+            outputs,
+            overwrite,
+            lambda: merge_outputs(parts, outputs[0].target, True, allow_partial, warnings),
+        )
         if not quiet:
             for warning in warnings:
                 print(f"visbatch: warning: {warning}", file=sys.stderr)
@@ -155,7 +163,7 @@ def merge(
     raise typer.Exit(guarded(job, quiet))
 
 
-@app.command("report")
+@app.command("report", cls=CheckedCommand)
 def report(
     results: list[str] = typer.Argument(..., help="visbatch outputs (several saliency runs: methods side by side)."),
     output: str = typer.Option("report.html", "--output", "-o", help="The HTML file (self-contained)."),
@@ -166,7 +174,7 @@ def report(
     """One self-contained HTML page of a run: its figures, galleries and errors."""
     from visbatch.cli.common import EXIT_OK, UsageError, guarded
     from visbatch.core.jobs import JobOutput, run_job
-    from visbatch.core.protect import ProtectedInputs
+    from visbatch.core.plan import RunPlan
 
     def job() -> int:
         if not output.lower().endswith((".html", ".htm")):
@@ -174,12 +182,11 @@ def report(
         from visbatch.core.report import build_report, check_report_extra
 
         check_report_extra()
-        made = run_job(
-            [JobOutput(output, "report")],
-            ProtectedInputs(files=results),
-            overwrite,
-            lambda: build_report(results, output, max_images),
-        )
+        plan = RunPlan()
+        for result in results:
+            plan.inputs.add_path(result)
+        outputs = [JobOutput(output, "report")]
+        made = run_job(plan, outputs, overwrite, lambda: build_report(results, outputs[0].target, max_images))
         if not quiet:
             print(
                 f"visbatch report: {made['images']} images, {made['bytes'] / 1e6:.2f} MB: {output}",

@@ -24,7 +24,6 @@ from visbatch.cli.common import (
     check_job_report,
     guarded,
     parse_engine,
-    write_job_report,
 )
 
 
@@ -127,8 +126,7 @@ def quantize(
             from visbatch.core.tasks.quantize.command import check_request, report_path_for
 
             check_request(request)  # the file's own options first: the report sits beside it
-            inputs = [calib, calib_prompts, calib_captions, eval_images]
-            html = check_job_report(report_path_for(output), overwrite, inputs)
+            html = request.html = check_job_report(report_path_for(output), overwrite)
         warn = (lambda text: None) if quiet else (lambda text: print(f"visbatch: warning: {text}", file=sys.stderr))
         result = quantize_command(request, warn)
         report, report_path, options = result.report, result.report_path, result.options
@@ -153,8 +151,8 @@ def quantize(
             lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in printed.items()]
             lines += [f"  file: {output}", f"  report: {report_path}"]
             print("\n".join(lines), file=sys.stderr)
-        if html:
-            write_job_report(report_path, html, quiet)
+        if html and not quiet:
+            print(f"  report: {html}", file=sys.stderr)
         if min_cosine is not None and not report["cosine_min"] >= min_cosine:
             if not quiet:
                 print(

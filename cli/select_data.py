@@ -63,7 +63,8 @@ def select_data(
 ):
     """Drop exact and near duplicates and off-caption images, then fill a budget; the manifest says why."""
     from visbatch.core.images import display_path
-    from visbatch.core.pipeline import check_creatable, json_safe, publish
+    from visbatch.core.pipeline import check_creatable, check_folder_path, json_safe
+    from visbatch.core.plan import InputSet
     from visbatch.core.sources import SourceOptions, find_images, is_url
     from visbatch.core.tasks.select import (
         STRATEGIES,
@@ -73,7 +74,7 @@ def select_data(
         plan_materialize,
         run_select,
     )
-    from visbatch.core.tasks.select.reshard import plan_shards
+    from visbatch.core.tasks.select.reshard import check_shard_folder, plan_shards
     from visbatch.core.tasks.select.reshard import write_shards as write_shards_to
     from visbatch.core.texts import TextTable
 
@@ -94,22 +95,40 @@ def select_data(
             raise UsageError("--print-selected and --json both write to stdout; choose one")
         if common.resume:
             raise UsageError("select-data reuses its embedding cache instead of --resume; run it again")
+        for target, option in ((copy_to, "--copy-to"), (link_to, "--link-to"), (write_shards, "--write-shards")):
+            if target and is_url(target):
+                raise UsageError(f"{option} needs a local folder (upload the files with your storage's tools)")
         budget_value = parse_budget(budget)
         items = find_inputs(common, caption_column)
         roots = sorted({it.root for it in items})
-        reference_items = find_images([reference], SourceOptions(recursive=common.recursive)) if reference else []
+        reference_reads = InputSet()
+        reference_items = (
+            find_images([reference], SourceOptions(recursive=common.recursive), reads=reference_reads)
+            if reference
+            else []
+        )
         if reference and not reference_items:
             raise UsageError(f"no images in --reference {reference}")
         model = load_model_for(common)
         config = pipeline_config(common, "select-data", model, items, files=[captions])
-        protected = config.protected.add(roots=[it.root for it in reference_items])
-        config.protected = protected
-        if write_shards and is_url(write_shards):
-            raise UsageError("--write-shards needs a local folder (upload the shards with your storage's tools)")
+        config.plan.inputs.merge(reference_reads)
+        # Every destination in the plan; the checks that can refuse them run after the plan's own
+        # check and before anything is embedded: a refused run leaves nothing behind.
+        everything = [True] * len(items)
         for target, option in ((copy_to, "--copy-to"), (link_to, "--link-to"), (write_shards, "--write-shards")):
-            protected.check_folder(target, f"{option} folder")
-            if target:
-                check_creatable(target, f"{option} folder")
+            config.plan.write_folder(target, f"{option} folder")
+
+        def destinations_free() -> None:
+            for target, mode, option in ((copy_to, "copy", "--copy-to"), (link_to, link, "--link-to")):
+                if target:
+                    check_folder_path(target, f"{option} folder")
+                    plan_materialize(items, everything, target, mode, common.overwrite)
+                    check_creatable(target, f"{option} folder")
+            if write_shards:
+                check_folder_path(write_shards, "--write-shards folder")
+                check_shard_folder(write_shards, shard_size, common.overwrite)
+                check_creatable(write_shards, "--write-shards folder")
+
         options = SelectOptions(
             budget=budget_value,
             strategy=strategy,
@@ -127,27 +146,35 @@ def select_data(
             reference=reference_items,
             cache=cache,
         )
-        plans = []
         resharded: dict = {}
 
-        def check_destinations(selection) -> None:
-            # Every destination is checked before the manifest or any copy is written.
-            selected = selection.rank >= 0
-            for target, mode in ((copy_to, "copy"), (link_to, link)):
-                if target:
-                    plans.append(plan_materialize(items, selected, target, mode, protected, common.overwrite))
+        def shards_before_the_manifest(selection):
             if not write_shards:
                 return None
-            plan = plan_shards(items, selected, write_shards, shard_size, protected, common.overwrite)
+            plan = plan_shards(items, selection.rank >= 0, write_shards, shard_size, common.overwrite)
             written = write_shards_to(plan)
             placed = written.pop("placed")
             resharded.update(written)
             where = [placed.get(item.relpath, (None, None)) for item in items]
             return {"written_shard": [w[0] for w in where], "written_key": [w[1] for w in where]}
 
-        summary, selection = run_select(items, model, options, config, before_write=check_destinations)
-        for plan in plans:
-            summary.task_summary[f"materialized_{plan.mode}"] = materialize(plan)
+        def copies_after_the_manifest(selection):
+            done = {}
+            for target, mode in ((copy_to, "copy"), (link_to, link)):
+                if target:
+                    planned = plan_materialize(items, selection.rank >= 0, target, mode, common.overwrite)
+                    done[f"materialized_{planned.mode}"] = materialize(planned)
+            return done
+
+        summary, selection = run_select(
+            items,
+            model,
+            options,
+            config,
+            before_write=shards_before_the_manifest,
+            after_write=copies_after_the_manifest,
+            checks=destinations_free,
+        )
         if resharded:
             summary.task_summary["write_shards"] = {"folder": write_shards, **resharded}
             if resharded["unreadable_count"]:
@@ -160,7 +187,6 @@ def select_data(
                     f"--write-shards {write_shards} also holds older .tar files visbatch did not write this run "
                     f"(e.g. {resharded['other_tar_files_in_folder'][0]}); they were left as they are"
                 )
-        publish(config, summary)
         if print_selected:
             order = sorted((int(selection.rank[i]), item) for i, item in enumerate(items) if selection.rank[i] >= 0)
             for _, item in order:

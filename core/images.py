@@ -118,6 +118,8 @@ def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
                 )
             img.seek(0)  # first frame of animations
             img.load()
+            if img.format == "PNG":
+                _check_png_data(data)
             return _to_rgb(ImageOps.exif_transpose(img))
     except ImageDecodeError:
         raise
@@ -132,6 +134,55 @@ def decode_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
         raise ImageDecodeError(f"cannot decode image: {text}")
     except Exception as exc:  # a decoder bug must still become an error row
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}")
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _check_png_data(data: bytes) -> None:
+    """Refuse a PNG whose image data stops short of its last row. PIL fills the missing rows with
+    zeros and says nothing when the compressed stream itself is complete (a writer that stopped
+    early, a file cut and re-wrapped), so the data's length is counted here: an inflate pass
+    without keeping the pixels."""
+    import struct
+    import zlib
+
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    channels = _PNG_CHANNELS.get(colour)
+    if channels is None:
+        return
+    bits = channels * depth
+    passes = [(0, 0, 1, 1)] if interlace == 0 else _ADAM7
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        columns = (width - x0 + dx - 1) // dx if width > x0 else 0
+        rows = (height - y0 + dy - 1) // dy if height > y0 else 0
+        if columns and rows:
+            expected += rows * (1 + (columns * bits + 7) // 8)
+    inflater = zlib.decompressobj()
+    got, at = 0, 8
+    try:
+        while at + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[at : at + 8])
+            if kind == b"IDAT":
+                got += len(inflater.decompress(data[at + 8 : at + 8 + length], max(0, expected - got) + 1))
+                while inflater.unconsumed_tail and got <= expected:
+                    got += len(inflater.decompress(inflater.unconsumed_tail, max(0, expected - got) + 1))
+            elif kind == b"IEND" or got > expected:
+                break
+            at += 12 + length
+    except zlib.error:
+        return  # PIL decoded it; a stream it accepts but zlib does not is not ours to judge
+    if got < expected:
+        if interlace == 0:
+            raise ImageDecodeError(
+                f"truncated or corrupt image: PNG image data covers {got // max(1, expected // height)} "
+                f"of {height} rows"
+            )
+        raise ImageDecodeError(f"truncated or corrupt image: PNG image data holds {got} of {expected} bytes")
 
 
 # ----------------------------------------------------------------------------

@@ -1,18 +1,19 @@
 """One runner for the jobs whose result is a file of their own, not a pipeline table.
 
-``quantize`` (a quantized model file and its report) and ``detect-aigi train`` /
-``eval`` (a detector file, an evaluation table) run a map stage through the
-pipeline and a reduce on the driver (their ``command`` modules in
-``core/tasks``). What they share is the order of the checks, which this module
-keeps in one place:
+``quantize`` (a quantized model file and its report), ``detect-aigi train`` /
+``eval`` (a detector file, an evaluation table), ``merge`` and ``report`` run
+through :func:`run_job`, which keeps the order of the checks in one place:
 
-1. every output is named, checked against the inputs and for an existing file
-   (``--overwrite``), and its folder checked writable, **before** anything is
-   created (a refused run leaves nothing behind);
-2. the main output is locked for the whole job (a second run on it is told who
+1. every output is declared in the run plan with what the job reads, and the
+   plan is checked (no output equals, contains or lies inside an input, and no
+   two outputs collide); each output is checked for an existing file
+   (``--overwrite``) and a writable folder; all **before** anything is created
+   (a refused run leaves nothing behind);
+2. URL outputs get their local stand-ins (:mod:`visbatch.core.sinks`);
+3. the main output is locked for the whole job (a second run on it is told who
    holds it);
-3. the job runs; what it writes goes through :mod:`visbatch.core.files`
-   (atomic, umask-honouring).
+4. the job runs inside the active plan, so every file it writes is admitted;
+   URL outputs are uploaded whole when it has finished.
 
 The CLI builds a request from its options, calls the command, and prints what
 the command returns: it holds no orchestration of its own.
@@ -27,35 +28,68 @@ from typing import TypeVar
 
 from visbatch.core.errors import UsageError
 from visbatch.core.files import OutputLock
-from visbatch.core.pipeline import check_creatable
-from visbatch.core.protect import ProtectedInputs
+from visbatch.core.pipeline import check_creatable, check_output_name
+from visbatch.core.plan import RunPlan, local_path_of
+from visbatch.core.sinks import RemoteOutputs, check_url_output
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobOutput:
-    """A file the job writes: its path and how messages name it (``output``, ``report``)."""
+    """A file the job writes: its path (or URL), how messages name it (``output``, ``report``),
+    whether it is replaced without ``--overwrite`` (``replace``: a side file that goes with the
+    main output), and ``target``, the local path the job writes it to (its staging copy for a URL)."""
 
     path: str
     what: str = "output"
+    replace: bool = False
+    local: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.local or local_path_of(self.path) or self.path
 
 
-def check_job_outputs(outputs: Sequence[JobOutput], protected: ProtectedInputs, overwrite: bool) -> None:
+def check_job_outputs(outputs: Sequence[JobOutput], overwrite: bool) -> None:
     """Refuse (before anything is created) an output that exists without ``--overwrite``, that is
-    or would replace an input, or whose folder cannot be written."""
+    a folder, or whose folder cannot be written."""
     for output in outputs:
-        if os.path.isdir(output.path):
+        local = local_path_of(output.path)
+        if local is None:
+            check_url_output(output.path, output.what)
+            continue
+        if local.endswith(os.sep) or os.path.isdir(local):
             raise UsageError(f"{output.what} {output.path} is a folder; give a file path")
-        if os.path.exists(output.path) and not overwrite:
+        if os.path.exists(local) and not (overwrite or output.replace):
             raise UsageError(f"{output.what} {output.path} exists; pass --overwrite to replace it")
-        protected.check_file(output.path, output.what)
+        check_creatable(local, output.what)
+
+
+def plan_job(plan: RunPlan, outputs: Sequence[JobOutput], overwrite: bool) -> RunPlan:
+    """Declare the outputs (the first one locked) and check the plan and the outputs."""
     for output in outputs:
-        check_creatable(output.path, output.what)
+        check_output_name(output.path, output.what)
+    if not plan.checked:
+        plan.write_locked_file(outputs[0].path, outputs[0].what)
+        for output in outputs[1:]:
+            plan.write_file(output.path, output.what)
+        plan.check()
+    check_job_outputs(outputs, overwrite)
+    return plan
 
 
-def run_job(outputs: Sequence[JobOutput], protected: ProtectedInputs, overwrite: bool, body: Callable[[], T]) -> T:
-    """Check every output, then run ``body`` holding the lock of the first (the main output)."""
-    check_job_outputs(outputs, protected, overwrite)
-    with OutputLock(outputs[0].path):
-        return body()
+def run_job(plan: RunPlan, outputs: Sequence[JobOutput], overwrite: bool, body: Callable[[], T]) -> T:
+    """Check the plan and every output, then run ``body`` inside the plan, holding the lock of the
+    first output (the main one); ``body`` writes each output to its ``target``."""
+    plan_job(plan, outputs, overwrite)
+    with plan.activated():
+        remote = RemoteOutputs()
+        for output in outputs:
+            if local_path_of(output.path) is None:
+                output.local = remote.stage_file(output.path, overwrite=overwrite or output.replace)
+        with OutputLock(outputs[0].target):
+            result = body()
+        if remote:
+            remote.publish()
+    return result

@@ -20,6 +20,14 @@ from visbatch.core.files import utc_now
 from visbatch.core.outputs import ROOT_FIELD, OutputError, describe_differences, read_run_metadata, write_parquet
 
 
+def _with_root(table: pa.Table, root: str) -> pa.Table:
+    """``table`` with a ``root`` column (its place in every multi-root output: after the base columns)."""
+    if "root" in table.column_names:
+        return table
+    column = pa.array([root] * table.num_rows, type=pa.string())
+    return table.add_column(table.schema.get_field_index("path_bytes") + 1, ROOT_FIELD, column)
+
+
 def merge_outputs(
     parts: list[str],
     output: str,
@@ -48,16 +56,23 @@ def merge_outputs(
             raise OutputError(f"{part} was not written by visbatch")
         metas.append(meta)
     _check_one_job(parts, metas, allow_partial, warnings)
-    schemas = {t.schema.remove_metadata() for t in tables}
+    tables = [t.replace_schema_metadata(None) for t in tables]
+    part_roots = [(meta.get("roots") or [""])[0] for meta in metas]
+    if any("root" in t.column_names for t in tables) or len(set(part_roots)) > 1:
+        # One shard may have read a single root where its siblings read several (and so have
+        # no root column): each row's root is its part's, so the parts merge as one job.
+        tables = [_with_root(t, root) for t, root in zip(tables, part_roots)]
+    schemas = {t.schema for t in tables}
     if len(schemas) > 1:
-        raise OutputError("the parts have different columns")
+        names = [set(t.schema.names) for t in tables]
+        differ = sorted(set.union(*names) - set.intersection(*names))
+        raise OutputError(
+            "the parts have different columns"
+            + (f" ({', '.join(differ[:4])})" if differ else "")
+            + "; were they written by different versions or commands?"
+        )
     roots = sorted({r for meta in metas for r in meta.get("roots", [])})
-    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    if "root" not in table.column_names:
-        part_roots = [(meta.get("roots") or [""])[0] for meta in metas]
-        if len(set(part_roots)) > 1:
-            root_column = pa.array([r for r, t in zip(part_roots, tables) for _ in range(t.num_rows)])
-            table = table.add_column(table.schema.get_field_index("path") + 1, ROOT_FIELD, root_column)
+    table = pa.concat_tables(tables)
     keys = ["root", "path", "path_bytes"] if "root" in table.column_names else ["path", "path_bytes"]
     keys = [k for k in keys if k in table.column_names]
     table = table.sort_by([(k, "ascending") for k in keys if k != "path_bytes"])

@@ -16,9 +16,9 @@ output is locked (``OUTPUT.lock``) for the whole run.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +29,15 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from visbatch.core.errors import FatalError, UsageError
-from visbatch.core.files import OutputLock, atomic_path, atomic_write_bytes, describe_os_error, utc_now
+from visbatch.core.files import (
+    OutputLock,
+    atomic_path,
+    atomic_write_bytes,
+    describe_os_error,
+    remove_owned_folder,
+    remove_quietly,
+    utc_now,
+)
 from visbatch.core.images import ImageItem, display_path, path_bytes
 from visbatch.core.sources import item_columns
 
@@ -52,7 +60,17 @@ ROOT_FIELD = pa.field("root", pa.string(), nullable=False)
 ROW_GROUP_SIZE = 8192
 METADATA_KEY = b"visbatch"
 # What a resumed run must share with the run it continues; task_options are compared key by key.
-RESUME_KEYS = ("task", "model", "schema", "task_options", "preprocessing", "precision", "max_pixels")
+RESUME_KEYS = (
+    "task",
+    "model",
+    "roots",
+    "shard",
+    "schema",
+    "task_options",
+    "preprocessing",
+    "precision",
+    "max_pixels",
+)
 
 
 class OutputError(UsageError):
@@ -60,9 +78,49 @@ class OutputError(UsageError):
     I/O failures while writing are :class:`~visbatch.core.errors.FatalError` (exit 3)."""
 
 
+class ResumeMismatch(OutputError):
+    """``--resume`` of a run made with other options (exit 2)."""
+
+
 def parts_dir_for(output: str | os.PathLike) -> Path:
     output = Path(output)
     return output.with_name(output.name + ".parts")
+
+
+# What a results writer puts in its parts folder (and so what it may remove there): parts,
+# the run's options, and the temp files of both while they are written.
+_PARTS_FOLDER_NAMES = ("part-*.arrow", "run.json", ".part-*.tmp", ".run.json.*.tmp")
+
+
+def foreign_entries(parts_dir: str | os.PathLike) -> list[str]:
+    """Entries of a parts folder that no results writer made (sorted); [] when it does not exist."""
+    try:
+        names = os.listdir(parts_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise FatalError(f"cannot read {describe_os_error(exc, parts_dir)}") from exc
+    foreign = []
+    for name in names:
+        path = os.path.join(parts_dir, name)
+        if not any(fnmatch.fnmatchcase(name, p) for p in _PARTS_FOLDER_NAMES) or not os.path.isfile(path):
+            foreign.append(name)
+        elif os.path.islink(path):
+            foreign.append(name)
+    return sorted(foreign)
+
+
+def check_parts_folder(parts_dir: str | os.PathLike) -> None:
+    """Refuse a parts folder holding anything a results writer did not make: visbatch removes the
+    parts folder's own files when the run ends and would never remove those."""
+    if os.path.lexists(parts_dir) and (os.path.islink(parts_dir) or not os.path.isdir(parts_dir)):
+        raise OutputError(f"{parts_dir} exists and is not a folder visbatch made; move it or choose another -o")
+    foreign = foreign_entries(parts_dir)
+    if foreign:
+        raise OutputError(
+            f"{parts_dir} holds {len(foreign)} entries visbatch did not write (e.g. {foreign[0]}); "
+            "move them or choose another -o"
+        )
 
 
 def row_key(row: dict, default_root: str) -> tuple[str, str]:
@@ -95,6 +153,25 @@ def base_row(
     return row
 
 
+def output_schema(task_fields: Sequence[pa.Field], multi_root: bool, source_fields: Sequence[pa.Field]) -> pa.Schema:
+    """The output's columns: the base ones, ``root`` with several roots, the sources' (``shard``,
+    ``--keep-columns``), then the task's. A column passed through with ``--keep-columns`` that
+    visbatch writes itself is refused, naming the clash."""
+    fixed = list(BASE_FIELDS) + ([ROOT_FIELD] if multi_root else []) + [pa.field("shard", pa.string())]
+    own = {f.name for f in fixed} | {f.name for f in task_fields}
+    for f in source_fields:
+        if f.name in own and f.name != "shard":
+            raise OutputError(
+                f"--keep-columns {f.name!r}: visbatch writes a column of that name; "
+                "rename it in the table or leave it out"
+            )
+    fields = list(BASE_FIELDS) + ([ROOT_FIELD] if multi_root else []) + list(source_fields) + list(task_fields)
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate column names in output schema: {names}")
+    return pa.schema(fields)
+
+
 def describe_differences(previous: dict, current: dict) -> list[str]:
     """``name: old -> new`` for each resume key (and each task option) that differs."""
     diffs = []
@@ -107,6 +184,17 @@ def describe_differences(previous: dict, current: dict) -> list[str]:
         elif key == "model" and isinstance(old, dict) and isinstance(new, dict):
             if (old.get("spec"), old.get("checksum")) != (new.get("spec"), new.get("checksum")):
                 diffs.append(f"model: {old.get('spec')} -> {new.get('spec')}")
+        elif key == "roots" and old != new and isinstance(old, list) and isinstance(new, list):
+            added, gone = [r for r in new if r not in old], [r for r in old if r not in new]
+            diffs.append(
+                "input roots: "
+                + ", ".join([*(f"added {r}" for r in added[:2]), *(f"without {r}" for r in gone[:2])] or ["reordered"])
+            )
+        elif key == "shard" and old != new:
+            shown = lambda s: f"{s[0]}/{s[1]}" if isinstance(s, list) and len(s) == 2 else "none"  # noqa: E731
+            diffs.append(f"--shard: {shown(old)} -> {shown(new)}")
+        elif key == "schema" and any(d.startswith("input roots") for d in diffs):
+            continue  # the root column comes and goes with the roots: said above
         elif key == "schema" and old != new and isinstance(old, list) and isinstance(new, list):
             # Name the columns that differ, not the first 60 characters of two long lists.
             gone, added = [c for c in old if c not in new], [c for c in new if c not in old]
@@ -146,11 +234,7 @@ class ResultsWriter:
     ):
         self.output = Path(output)
         self.parts_dir = parts_dir_for(self.output)
-        fields = list(BASE_FIELDS) + ([ROOT_FIELD] if multi_root else []) + list(source_fields) + list(task_fields)
-        names = [f.name for f in fields]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate column names in output schema: {names}")
-        self.schema = pa.schema(fields)
+        self.schema = output_schema(task_fields, multi_root, source_fields)
         self.metadata = metadata
         self.multi_root = multi_root
         self._part_counter = 0
@@ -168,11 +252,12 @@ class ResultsWriter:
     def _prepare(self, resume: bool, overwrite: bool) -> None:
         if self.output.is_dir():
             raise OutputError(f"output {self.output} is a folder; give a .parquet file path")
+        check_parts_folder(self.parts_dir)
         try:
             if overwrite:
-                if self.parts_dir.exists():
-                    shutil.rmtree(self.parts_dir)
-                # The old output stays until the new one replaces it atomically.
+                # An earlier run's parts go (only the files a writer makes; check_parts_folder
+                # refused anything else). The old output stays until the new one replaces it.
+                self._remove_parts_files()
             elif resume:
                 if self.output.exists():
                     self._adopt_finished_output()
@@ -207,7 +292,7 @@ class ResultsWriter:
     def _check_compatible(self, previous: dict) -> None:
         diffs = describe_differences(previous, self._compat_keys(self.metadata))
         if diffs:
-            raise OutputError(
+            raise ResumeMismatch(
                 "--resume: the earlier run differs ("
                 + "; ".join(diffs[:4])
                 + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
@@ -234,8 +319,25 @@ class ResultsWriter:
         ``--resume``; a parts folder this run created and wrote no part into is removed, so a run
         that failed before its first batch leaves nothing behind."""
         if self._created_parts_dir and self.parts_dir.exists() and not self._part_paths():
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self._remove_parts_files()
+            remove_owned_folder(self.parts_dir)
         self._lock.release()
+
+    def _remove_parts_files(self) -> None:
+        """Remove the files a results writer makes in the parts folder (parts, run.json, their temp
+        files), never anything else, never through a link."""
+        if not self.parts_dir.is_dir() or self.parts_dir.is_symlink():
+            return
+        for name in os.listdir(self.parts_dir):
+            path = self.parts_dir / name
+            if any(fnmatch.fnmatchcase(name, p) for p in _PARTS_FOLDER_NAMES) and path.is_file():
+                if not path.is_symlink():
+                    remove_quietly(path)
+
+    def _remove_parts_folder(self) -> None:
+        """After the merge: the parts folder's own files, then the folder if nothing else is there."""
+        self._remove_parts_files()
+        remove_owned_folder(self.parts_dir)
 
     # -- parts ----------------------------------------------------------------------
 
@@ -307,7 +409,7 @@ class ResultsWriter:
             meta["finished_at"] = utc_now()
             meta["rows"] = order.num_rows
             write_parquet(self.output, order, meta)
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self._remove_parts_folder()
         finally:
             self._lock.release()
         return order.num_rows
@@ -333,7 +435,7 @@ class ResultsWriter:
                     writer.write_table(pa.concat_tables(pending))
                 elif rows == 0:
                     writer.write_table(schema.empty_table())
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self._remove_parts_folder()
         return rows
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from visbatch.core.errors import FatalError, UsageError
 from visbatch.core.files import atomic_write_bytes
 from visbatch.core.images import ImageItem
+from visbatch.core.plan import admit
 
 # Anchor colours of perceptual colormaps (from their published definitions),
 # interpolated into 256-entry lookup tables.
@@ -176,7 +177,8 @@ class FolderSink:
     exception (a :class:`SinkWriteError`) is the failure of that input's row.
     Device-level failures (no space, quota, read-only, I/O error) raise
     :class:`~visbatch.core.errors.FatalError` from the future instead.
-    ``guard(path)`` is called before each write (the inputs' protection).
+    Every file is admitted by the run plan as a write inside ``folder`` (a link in the folder
+    that leads out of it, or a name landing on another planned output, is that row's error).
     """
 
     def __init__(
@@ -188,14 +190,13 @@ class FolderSink:
         max_pending: int = 64,
         suffix: str = ".png",
         encode: Callable[[np.ndarray], bytes] | None = None,
-        guard: Callable[[str], None] | None = None,
     ):
         self.kind, self.suffix = kind, suffix
         self.encode = encode or png_bytes
         self.folder = Path(folder)
-        self.guard = guard
         self._root_names = root_folder_names(sorted(set(roots))) if len(set(roots)) > 1 else {}
         try:
+            admit(self.folder)
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FatalError(f"cannot create {kind} folder {folder}: {exc.strerror or exc}") from exc
@@ -231,10 +232,9 @@ class FolderSink:
 
     def _write(self, target: Path, picture: np.ndarray) -> Path:
         try:
-            if self.guard is not None:
-                self.guard(str(target))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(target, self.encode(picture))
+            atomic_write_bytes(target, self.encode(picture), within=self.folder)
+        except UsageError as exc:  # the plan refused this one file (a link leading out of the folder)
+            raise SinkWriteError(f"{self.kind} not written: {exc}") from exc
         except FatalError as exc:
             cause = exc.__cause__
             if isinstance(cause, OSError) and cause.errno in DEVICE_ERRNOS:

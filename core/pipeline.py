@@ -50,10 +50,18 @@ from visbatch.core.errors import FatalError
 from visbatch.core.files import utc_now
 from visbatch.core.images import DEFAULT_MAX_PIXELS, Batch, ImageDataset, ImageItem, Record, collate, crop_box
 from visbatch.core.models import LoadedModel, dtype_name
-from visbatch.core.outputs import BASE_COLUMNS, OutputError, ResultsWriter, base_row, parts_dir_for
+from visbatch.core.outputs import (
+    BASE_COLUMNS,
+    OutputError,
+    ResultsWriter,
+    base_row,
+    check_parts_folder,
+    output_schema,
+    parts_dir_for,
+)
 from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render_overlay
-from visbatch.core.protect import ProtectedInputs
-from visbatch.core.sinks import RemoteOutputs
+from visbatch.core.plan import RunPlan, active_plan, local_path_of
+from visbatch.core.sinks import RemoteOutputs, check_url_output
 from visbatch.core.sources import ItemStream, files_unchanged, is_url, items_unchanged
 
 log = logging.getLogger("visbatch")
@@ -139,7 +147,10 @@ class RunConfig:
     command_line: list[str] = field(default_factory=lambda: list(sys.argv))
     roots: list[str] = field(default_factory=list)
     save_maps: str | None = None  # folder for the task's raw maps (.npy)
-    protected: ProtectedInputs | None = None  # the inputs no output may touch (checked before anything)
+    # The run plan: what the run reads (its inputs) and may write, checked before anything is
+    # created; None: made from the items (and a sub-run of a planned job uses its parent's).
+    plan: RunPlan | None = None
+    report: str | None = None  # the HTML report written after the run (--report), a path or a URL
     shard: tuple[int, int] | None = None  # recorded in the metadata for `visbatch merge`
     selection: dict | None = None  # how the inputs were chosen (globs, limit), recorded in the metadata
     remote: RemoteOutputs | None = None  # URL outputs staged locally, uploaded when the run completes
@@ -160,6 +171,7 @@ class Summary:
     overlays: str | None = None
     overlays_written: int = 0
     interrupted: bool = False
+    report: str | None = None  # the HTML report written with --report
     changed: int = 0  # resumed rows whose file changed since: redone
     removed: int = 0  # resumed rows whose file is gone (or changed and not in this run): dropped
     error_examples: list[str] = field(default_factory=list)
@@ -354,20 +366,56 @@ def _join(a, b, n_a: int, n_b: int):
     return (a or [None] * n_a) + (b or [None] * n_b)
 
 
+def declare_writes(config: RunConfig, plan: RunPlan) -> None:
+    """Every path a pipeline run may write, into its plan: the results (file, parts, lock), the
+    overlay and map folders, the report."""
+    plan.write_results(config.output)
+    plan.write_folder(config.overlays, "--overlays folder")
+    plan.write_folder(config.save_maps, "--save-maps folder")
+    plan.write_file(config.report, "report")
+
+
+def plan_of(config: RunConfig, stream: ItemStream | None = None) -> RunPlan:
+    """The run's plan, checked: the config's (the CLI's, holding the named files), the active one
+    of a job this run is part of, or a new one reading ``stream``'s inputs. Declares this
+    run's writes into a plan not yet checked, then checks the outputs and the plan."""
+    plan = config.plan or active_plan()
+    if plan is None:
+        plan = RunPlan()
+        if stream is not None:
+            if stream.reads is not None:
+                plan.inputs.merge(stream.reads)
+            else:
+                plan.inputs.add_items(stream.head)
+                for location in stream.locations:
+                    plan.inputs.add_file(location)
+    check_output_name(config.output)
+    if not plan.checked:
+        declare_writes(config, plan)
+        plan.check()
+    check_outputs(config)
+    config.plan = plan
+    return plan
+
+
+def check_output_name(output: str, what: str = "output") -> None:
+    """An output names a file: not a folder, not a path or URL ending in '/' (checked first: the
+    plan would otherwise speak of the parts folder inside it)."""
+    local = local_path_of(os.fspath(output))
+    if local is None:
+        check_url_output(output, what)
+    elif local.endswith(os.sep) or os.path.isdir(local):
+        raise OutputError(f"{what} {output} is a folder; give a file path")
+
+
 def check_outputs(config: RunConfig) -> None:
-    """Everything that would refuse the run, checked before anything is created."""
-    protected = config.protected
-    if protected is not None:
-        protected.check_file(config.output, "output")
-        protected.check_file(parts_dir_for(config.output), "output parts folder")
-        protected.check_folder(config.overlays, "--overlays folder")
-        protected.check_folder(config.save_maps, "--save-maps folder")
-        for folder in (config.overlays, config.save_maps):
-            if folder and os.path.abspath(folder) == os.path.abspath(parts_dir_for(config.output)):
-                raise OutputError(f"{folder} is the output's parts folder")
+    """The output checks the plan leaves (exists without --overwrite, a folder, writable),
+    before anything is created."""
     output = os.fspath(config.output)
-    if os.path.isdir(output):
-        raise OutputError(f"output {output} is a folder; give a .parquet file path")
+    check_output_name(output)
+    if local_path_of(output) is None:
+        return  # a URL output: its object is checked when it is staged
+    output = local_path_of(output) or output
     if not config.overwrite:
         if not config.resume and os.path.exists(output):
             raise OutputError(f"output {output} exists; pass --overwrite to replace it or --resume to add to it")
@@ -376,13 +424,34 @@ def check_outputs(config: RunConfig) -> None:
                 f"an interrupted run left {parts_dir_for(output)}; pass --resume to finish it "
                 "or --overwrite to start over"
             )
+    check_parts_folder(parts_dir_for(output))
     for path, what in (
         (output, "output"),
         (config.overlays, "--overlays folder"),
         (config.save_maps, "--save-maps folder"),
     ):
-        if path:
-            check_creatable(path, what)
+        if path and local_path_of(path) is not None:
+            if what != "output":
+                check_folder_path(local_path_of(path) or path, what)
+            check_creatable(local_path_of(path) or path, what)
+
+
+def check_folder_path(path: str, what: str) -> None:
+    """A folder option names a folder, or a path where one can be made (not an existing file)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise OutputError(f"{what} {path} exists and is not a folder")
+
+
+def stage_outputs(config: RunConfig) -> None:
+    """URL outputs get their local stand-ins (uploaded whole by :func:`publish`); ``file://``
+    ones are their paths. Runs inside the plan, after its check."""
+    remote = config.remote or RemoteOutputs()
+    config.output = remote.stage_file(config.output, config.resume, config.overwrite) or config.output
+    config.overlays = remote.stage_folder(config.overlays)
+    config.save_maps = remote.stage_folder(config.save_maps)
+    if config.report:
+        config.report = remote.stage_file(config.report, overwrite=True)
+    config.remote = remote if remote else None
 
 
 def publish(config: RunConfig, summary: Summary) -> None:
@@ -391,6 +460,7 @@ def publish(config: RunConfig, summary: Summary) -> None:
         config.remote.publish()
         summary.output = config.remote.url_of(summary.output)
         summary.overlays = config.remote.url_of(summary.overlays)
+        summary.report = config.remote.url_of(summary.report)
 
 
 def check_creatable(path: str | os.PathLike, what: str) -> None:
@@ -411,13 +481,31 @@ def check_creatable(path: str | os.PathLike, what: str) -> None:
 
 def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | ItemStream, config: RunConfig) -> Summary:
     """Run ``task`` over ``items`` (a list, or a stream listed chunk by chunk) and write the
-    output. See the module docstring."""
+    output. See the module docstring. Nothing is created before the run plan (what the run
+    reads and may write) has been checked, and every write is admitted by it."""
     stream = items if isinstance(items, ItemStream) else ItemStream(items)
     fields = task.fields()
-    roots = config.roots or stream.roots
+    # The roots the inputs name, before --glob/--shard: every shard of one job has the same columns.
+    roots = config.roots or stream.all_roots or stream.roots
     config.roots = roots
     multi_root = len(roots) > 1
-    check_outputs(config)
+    output_schema(fields, multi_root, stream.fields())  # a --keep-columns clash, before anything
+    plan = plan_of(config, stream)
+    with plan.activated():
+        stage_outputs(config)
+        summary = _run(task, model, stream, config, fields, multi_root)
+        if config.report and not summary.interrupted:
+            from visbatch.core.report import build_report
+
+            build_report([summary.output or config.output], config.report)
+            summary.report = config.report
+        if not summary.interrupted:
+            publish(config, summary)
+    return summary
+
+
+def _run(task: Task, model: LoadedModel, stream: ItemStream, config: RunConfig, fields, multi_root: bool) -> Summary:
+    roots = config.roots
     summary = Summary(task=task.name, inputs=0, output=str(config.output), overlays=config.overlays)
     if model.is_random:
         summary.warnings.append(f"{model.spec} has random weights: its outputs mean nothing")
@@ -441,12 +529,9 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
     try:
         done = writer.done_rows() if config.resume else None
         seen: set[tuple[str, str]] = set()  # the done keys listed by this run
-        guard = config.protected.check_write if config.protected is not None else None
-        overlay_sink = FolderSink(config.overlays, "overlay", roots, guard=guard) if config.overlays else None
+        overlay_sink = FolderSink(config.overlays, "overlay", roots) if config.overlays else None
         map_sink = (
-            FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes, guard=guard)
-            if config.save_maps
-            else None
+            FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes) if config.save_maps else None
         )
         sinks = [s for s in (overlay_sink, map_sink) if s is not None]
         runner = None
@@ -467,14 +552,21 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
                     if not todo:
                         continue
                     if runner is not None:
+                        committed = 0
                         for ok, failed, errors, drawn in runner.run(todo, offset):
                             count_batch(ok, failed, errors, summary, progress)
+                            committed += ok + failed
                             drawn_on_ray += drawn
                             if stop:
                                 break
                         if stop:
                             summary.interrupted = True
                             break
+                        if committed < len(todo):  # more is a batch Ray ran again (its part replaced)
+                            raise FatalError(
+                                f"the Ray workers committed {committed} rows for the {len(todo)} images handed "
+                                "to them; the output is not finished (rerun with --resume)"
+                            )
                         continue
                     loader = make_loader(
                         todo,
@@ -514,8 +606,6 @@ def run_pipeline(task: Task, model: LoadedModel, items: Sequence[ImageItem] | It
             summary.ok, summary.failed = _count_status(config.output)
     finally:
         writer.close()
-    if not summary.interrupted:
-        publish(config, summary)
     return summary
 
 

@@ -6,34 +6,79 @@ is staged in a local folder (``VISBATCH_STAGING``, default ``~/.cache/visbatch/s
 one subfolder per URL so an interrupted run resumes from it) and uploaded by one PUT per
 file when the run completes: a reader sees the old object or the whole new one. A
 ``--resume`` with no local staging downloads the finished output first. ``file://`` URLs
-are plain local paths (the atomic local writer serves them).
+are plain local paths (the atomic local writer serves them). A staging folder carries a
+marker file (``.visbatch-staging``): visbatch removes only folders it marked, and refuses
+to stage into a folder it did not make.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass, field
 
-from visbatch.core.errors import UsageError
+from visbatch.core.errors import FatalError, UsageError
+from visbatch.core.files import atomic_path, atomic_write_bytes, remove_owned_folder, remove_quietly
+from visbatch.core.plan import canonical, local_path_of
 from visbatch.core.sources.remote import filesystem, is_url, storage_error, with_retries
+
+STAGING_MARKER = ".visbatch-staging"  # written in every staging folder visbatch makes: its record of it
 
 
 def local_or_url(target: str | None) -> str | None:
     """``file://`` URLs as local paths; anything else unchanged."""
-    if target and target.startswith("file://"):
-        return target[len("file://") :]
-    return target
+    if target is None:
+        return None
+    local = local_path_of(target)
+    return local if local is not None else target
 
 
 def staging_root() -> str:
     return os.environ.get("VISBATCH_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "visbatch", "staging")
 
 
-def _staging_folder(url: str) -> str:
-    digest = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
+def staging_folder(url: str) -> str:
+    """The local folder a URL output is written in before its upload (one per URL, so an
+    interrupted run resumes from it)."""
+    digest = hashlib.blake2b(canonical(url).text.encode(), digest_size=8).hexdigest()
     return os.path.join(staging_root(), digest)
+
+
+def _make_staging(folder: str) -> None:
+    """Create ``folder`` with its marker, or accept one visbatch made earlier (it has the marker)."""
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        if not os.path.isfile(os.path.join(folder, STAGING_MARKER)):
+            raise UsageError(
+                f"staging folder {folder} exists and was not made by visbatch; "
+                "set VISBATCH_STAGING to a folder of visbatch's own"
+            )
+        return
+    if os.path.lexists(folder):
+        raise UsageError(f"staging folder {folder} exists and is not a folder; set VISBATCH_STAGING elsewhere")
+    atomic_write_bytes(os.path.join(folder, STAGING_MARKER), b"visbatch staging folder\n")
+
+
+def _remove_staging(folder: str) -> None:
+    """Remove a staging folder visbatch made (its marker says so), files and all; no other folder."""
+    if not os.path.isfile(os.path.join(folder, STAGING_MARKER)) or os.path.islink(folder):
+        return
+    for directory, subdirs, names in os.walk(folder, topdown=False):
+        for name in names:
+            remove_quietly(os.path.join(directory, name))
+        for name in subdirs:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                remove_quietly(path)
+            else:
+                remove_owned_folder(path)
+    remove_owned_folder(folder)
+
+
+def check_url_output(url: str, what: str = "-o") -> None:
+    """A URL output names an object, not a prefix (``s3://bkt/newprefix/`` would write an object
+    named ``newprefix``)."""
+    if url.endswith("/"):
+        raise UsageError(f"{what} {url} ends with '/': name a file (for example {url}results.parquet)")
 
 
 @dataclass
@@ -49,6 +94,7 @@ class RemoteOutputs:
         url = local_or_url(url)
         if not url or not is_url(url):
             return url
+        check_url_output(url)
         fs, path = filesystem(url)
         try:
             exists = with_retries(lambda: fs.exists(path), url)
@@ -56,15 +102,15 @@ class RemoteOutputs:
             raise storage_error(exc, url)
         if exists and not (resume or overwrite):
             raise UsageError(f"output {url} exists; pass --overwrite to replace it or --resume to add to it")
-        local = os.path.join(_staging_folder(url), os.path.basename(path) or "output")
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        if overwrite and not resume:
-            shutil.rmtree(os.path.dirname(local), ignore_errors=True)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
+        folder = staging_folder(url)
+        _make_staging(folder)
+        local = os.path.join(folder, os.path.basename(path) or "output")
         if resume and exists and not os.path.exists(local) and not os.path.exists(local + ".parts"):
             try:
-                with_retries(lambda: fs.get_file(path, local + ".download"), url)
-                os.replace(local + ".download", local)
+                with atomic_path(local) as tmp:
+                    with_retries(lambda: fs.get_file(path, tmp), url)
+            except FatalError:
+                raise
             except Exception as exc:
                 raise storage_error(exc, url)
         self.files.append((local, url))
@@ -75,7 +121,9 @@ class RemoteOutputs:
         if not url or not is_url(url):
             return url
         filesystem(url)  # a missing backend fails now, before any work
-        local = os.path.join(_staging_folder(url), "folder")
+        folder = staging_folder(url)
+        _make_staging(folder)
+        local = os.path.join(folder, "folder")
         os.makedirs(local, exist_ok=True)
         self.folders.append((local, url))
         return local
@@ -108,7 +156,7 @@ class RemoteOutputs:
             except Exception as exc:
                 raise storage_error(exc, url)
         for local, _ in self.files + self.folders:
-            shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+            _remove_staging(os.path.dirname(local))
 
     def __bool__(self) -> bool:
         return bool(self.files or self.folders)

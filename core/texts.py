@@ -124,14 +124,14 @@ def read_sidecar_caption(item: ImageItem) -> dict:
     try:
         text = read_sidecar(item, ".txt")
         if text is not None:
-            return {"caption": text.decode("utf-8").strip()}
+            return {"caption": text.decode("utf-8-sig").strip()}
     except (OSError, UnicodeDecodeError) as exc:
         return {"caption_error": f"cannot read caption file {name}.txt: {exc}"}
     try:
         raw = read_sidecar(item, ".json")
         if raw is None:
             return {}
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))
     except (OSError, ValueError) as exc:
         return {"caption_error": f"cannot read {name}.json: {exc}"}
     caption = data.get("caption") if isinstance(data, dict) else None

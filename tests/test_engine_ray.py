@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_sources import TINY_CLIP, TINY_CNN, by_key, pool, same_values  # noqa: F401  (pool is a fixture)
 
-from conftest import VISBATCH, assert_one_line_error, invoke_cli, snapshot, write_image
+from conftest import VISBATCH, assert_one_line_error, invoke_cli, run_cli, snapshot, write_image
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -70,6 +70,22 @@ def _same_rows(local: Path, on_ray: Path, columns: list[str]) -> None:
                 assert u == v, (x["path"], column, u, v)
     meta = json.loads(pq.read_schema(on_ray).metadata[b"visbatch"])
     assert meta["engine"]["engine"] == "ray" and meta["engine"]["cpus"] == 2
+
+
+def test_a_relative_output_from_another_folder_lands_where_the_driver_runs(cluster, corpus, tmp_path):
+    """The cluster runs in the test's folder; the driver in another: every path sent to the
+    actors is absolute, so the parts land beside the output, and all rows are there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli(
+        "classify", corpus, *TINY_CNN, *RAY, "--ray-address", cluster, "-o", "rel.parquet", "--overlays", "ov",
+        "--json", cwd=work,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(work / "rel.parquet").to_pylist()
+    assert len(table) == 11 and sum(r["status"] == "ok" for r in table) == 8
+    assert len(list((work / "ov").rglob("*.png"))) == 8
+    assert not Path("rel.parquet.parts").exists() and not Path("ov").exists()
 
 
 def test_classify_and_saliency_on_ray_equal_local(cluster, corpus, tmp_path):

@@ -143,7 +143,11 @@ def test_a_second_sigterm_while_shutting_down_keeps_exit_130(tmp_path):
     while time.monotonic() < deadline and len(list(parts.glob("part-*.arrow"))) < 2 and proc.poll() is None:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.8)  # the run has stopped and Python is shutting down
+    # The event: the run has released its output (the lock file goes last), so Python is
+    # shutting down; the second signal lands then, or finds the process gone.
+    lock = tmp_path / "o.parquet.lock"
+    while time.monotonic() < deadline and lock.exists() and proc.poll() is None:
+        time.sleep(0.01)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)

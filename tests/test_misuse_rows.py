@@ -244,10 +244,10 @@ def test_an_overlay_that_cannot_be_written_fails_its_row(awkward, tmp_path, monk
 
     real = overlays_module.atomic_write_bytes
 
-    def refuse_one(path, data):
+    def refuse_one(path, data, **kwargs):
         if "grey" in str(path):
             raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
-        real(path, data)
+        real(path, data, **kwargs)
 
     monkeypatch.setattr(overlays_module, "atomic_write_bytes", refuse_one)
     out = tmp_path / "o.parquet"
@@ -274,10 +274,10 @@ def test_a_full_disk_stops_the_run_resumably(awkward, tmp_path, monkeypatch):
 
     real = overlays_module.atomic_write_bytes
 
-    def disk_full(path, data):
+    def disk_full(path, data, **kwargs):
         if "ok.jpg" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+        real(path, data, **kwargs)
 
     monkeypatch.setattr(overlays_module, "atomic_write_bytes", disk_full)
     out = tmp_path / "o.parquet"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import FIXTURE_IMAGES, PHOTOS, assert_one_line_error, invoke_cli, run_cli, write_image
 
@@ -150,3 +152,95 @@ def test_missing_object_and_wrong_credentials_are_one_line(s3, tmp_path):
     denied = run_cli("classify", "s3://pool/shards/", *TINY_CNN, "-o", tmp_path / "d.parquet", env=wrong)
     assert_one_line_error(denied, 3, "access denied")
     assert not (tmp_path / "d.parquet").exists()
+
+
+def _objects(s3) -> dict:
+    """Every object of the bucket: key -> (ETag, size)."""
+    listed = s3["client"].list_objects_v2(Bucket="pool").get("Contents", [])
+    return {o["Key"]: (o["ETag"], o["Size"]) for o in listed}
+
+
+S3_ALIASES = [
+    "s3://pool/{}",
+    "s3a://pool/{}",
+    "s3n://pool/{}",
+    "s3a://POOL/{}",
+    "s3://pool//{}",
+    "s3a://pool/./x/../{}",
+]
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    alias=st.sampled_from(S3_ALIASES),
+    aim=st.sampled_from(["loose/img0.png", "loose/", "loose", "shards/00000.tar", "shards/"]),
+    role=st.sampled_from(["-o", "--overlays", "--report"]),
+    source=st.sampled_from(["s3://pool/loose/", "s3a://pool/loose", "s3://pool/shards/{00000..00001}.tar"]),
+)
+def test_s3_inputs_survive_every_alias_of_an_output(s3, tmp_path, alias, aim, role, source):
+    """The property on object storage: inputs named one way, outputs aimed at them another. (The
+    bucket is put back as it was after each example: an output over an object that is not this
+    run's input is allowed, and other tests read the bucket.)"""
+    client = s3["client"]
+    before = _objects(s3)
+    saved = {k: client.get_object(Bucket="pool", Key=k)["Body"].read() for k in before}
+    target = alias.format(aim)
+    out = str(tmp_path / "o.parquet")
+    extra: list[str] = []
+    if role == "-o":
+        out = target
+    elif role == "--overlays":
+        extra = ["--overlays", target]
+    else:
+        out = target.rstrip("/").rsplit(".", 1)[0] + ".parquet"
+        extra = ["--report"]
+    command = ["saliency", "--method", "gradient"] if role == "--overlays" else ["classify"]
+    try:
+        result = run_cli(*command, source, *TINY_CNN, *extra, "--overwrite", "-o", out, env=s3["env"])
+        assert result.returncode in (0, 2), result.stderr
+        after = _objects(s3)
+        prefix = "loose/" if "loose" in source else "shards/0000"
+        inputs = [k for k in before if k.startswith(prefix)]
+        assert {k: after.get(k) for k in inputs} == {k: before[k] for k in inputs}, (target, role, result.stderr)
+        assert not [k for k in after if k.startswith(prefix) and k not in before], (target, role, result.stderr)
+    finally:
+        for key in set(_objects(s3)) - set(before):
+            client.delete_object(Bucket="pool", Key=key)
+        for key, data in saved.items():
+            if _objects(s3).get(key) != before[key]:
+                client.put_object(Bucket="pool", Key=key, Body=data)
+
+
+def test_merge_and_report_write_to_urls(s3, tmp_path):
+    """Item 15: merge -o URL and report -o URL are staged and uploaded whole (they wrote a local
+    folder named 's3:' before)."""
+    pytest.importorskip("jinja2")
+    parts = []
+    for i in range(2):
+        part = tmp_path / f"p{i}.parquet"
+        assert invoke_cli("classify", s3["local"] / "loose", *TINY_CNN, "--shard", f"{i}/2", "-o", part).exit_code == 0
+        parts.append(part)
+    merged = run_cli("merge", *parts, "-o", "s3://pool/runs/merged.parquet", env=s3["env"], cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    assert pq.read_table(_get(s3, "runs/merged.parquet", tmp_path / "m.parquet")).num_rows == 3
+    report = run_cli("report", parts[0], "-o", "s3://pool/runs/r.html", env=s3["env"], cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert b"<html" in _get(s3, "runs/r.html", tmp_path / "r.html").read_bytes()
+    assert not (tmp_path / "s3:").exists()
+    again = run_cli("merge", *parts, "-o", "s3://pool/runs/merged.parquet", env=s3["env"], cwd=tmp_path)
+    assert_one_line_error(again, 2, "exists; pass --overwrite")
+
+
+def test_s3a_names_the_same_objects_as_s3(s3, tmp_path):
+    """Item 3: an output spelled s3a:// over an input read as s3:// (it overwrote the object)."""
+    before = _objects(s3)
+    onto = run_cli(
+        "classify", "s3://pool/loose/", *TINY_CNN, "-o", "s3a://pool/loose/img0.png", "--overwrite", env=s3["env"]
+    )
+    assert_one_line_error(onto, 2, "is an input")
+    into = run_cli(
+        "saliency", "s3://pool/loose/", *TINY_CNN, "--method", "gradient", "--overlays", "s3a://pool/loose/",
+        "-o", tmp_path / "s.parquet", env=s3["env"],
+    )  # fmt: skip
+    assert_one_line_error(into, 2, "input folder")
+    assert _objects(s3) == before and not (tmp_path / "s.parquet").exists()

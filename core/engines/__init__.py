@@ -34,13 +34,18 @@ class EngineOptions:
     ) -> EngineOptions:
         if name not in ENGINES:
             raise UsageError(f"--engine {name!r}: choose local or ray")
+        # The Ray settings are checked whatever the engine: a typo is said now, not when the
+        # same command line later runs on a cluster.
+        parsed = parse_concurrency(concurrency)
+        if gpus_per_worker is not None and not gpus_per_worker >= 0:
+            raise UsageError(f"--gpus-per-worker {gpus_per_worker}: give a number >= 0")
         if name == "local":
             return cls()
         if importlib.util.find_spec("ray") is None or importlib.util.find_spec("pandas") is None:
             raise UsageError("--engine ray needs Ray Data: pip install 'visbatch[ray]'")
         if not address.strip():
             raise UsageError("--ray-address is empty: give auto, local or HOST:PORT")
-        return cls(name, address.strip(), gpus_per_worker, parse_concurrency(concurrency))
+        return cls(name, address.strip(), gpus_per_worker, parsed)
 
 
 def parse_concurrency(text: str | None) -> tuple[int, int] | None:

@@ -296,13 +296,14 @@ class ModelStage:
         self.task = receive_task(payload, self.model)
         self.settings = settings
         config = settings["config"]
-        guard = config.protected.check_write if config.protected is not None else None
+        # The driver's plan, its writes only: the actor's files are admitted as the driver's are.
+        self._plan = config.plan.activated() if config.plan is not None else None
+        if self._plan is not None:
+            self._plan.__enter__()
         roots = config.roots
-        self.overlay_sink = FolderSink(config.overlays, "overlay", roots, guard=guard) if config.overlays else None
+        self.overlay_sink = FolderSink(config.overlays, "overlay", roots) if config.overlays else None
         self.map_sink = (
-            FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes, guard=guard)
-            if config.save_maps
-            else None
+            FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes) if config.save_maps else None
         )
 
     def __call__(self, batch: dict) -> dict:
@@ -404,17 +405,27 @@ class RayRunner:
             config.overlay_size if config.overlays else None,
             getattr(task, "annotate", None),
         )
-        # The actors run the same configuration, without what only the driver holds.
+        # The actors run the same configuration, without what only the driver holds; every path
+        # absolute (a worker's working folder is not the driver's).
         from dataclasses import replace
 
-        actor_config = replace(config, remote=None, engine=None, command_line=[])
+        actor_config = replace(
+            config,
+            remote=None,
+            engine=None,
+            command_line=[],
+            plan=config.plan.writes_only() if config.plan is not None else None,
+            output=os.path.abspath(config.output),
+            overlays=os.path.abspath(config.overlays) if config.overlays else None,
+            save_maps=os.path.abspath(config.save_maps) if config.save_maps else None,
+        )
         import ray
 
         settings = {
             "config": actor_config,
             "multi_root": multi_root,
             "schema": schema,
-            "parts_dir": str(parts_dir),
+            "parts_dir": os.path.abspath(parts_dir),
             "run_tag": f"{time.time_ns():020d}",
         }
         # Held by the driver for the whole run, so a restarted actor finds it.

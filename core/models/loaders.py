@@ -60,6 +60,44 @@ def _quiet_logging(level: int = logging.WARNING):
         logging.disable(logging.NOTSET)
 
 
+HUB_PROBE_SECONDS = 4.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the weights hub cannot be reached, or None when it answers: ``HF_HUB_OFFLINE`` set, or
+    no TCP connection to its host within a few seconds (checked before a download, so an
+    offline machine gets one line at once instead of a minute of the hub client's retries)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    reason: list[str] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+        except OSError as exc:
+            reason.append(f"cannot reach {host}: {exc.strerror or exc}")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution itself can hang
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS + 1)
+    if thread.is_alive():
+        return f"no answer from {host} within {HUB_PROBE_SECONDS + 1:.0f} s"
+    return reason[0] if reason else None
+
+
+def _offline_error(spec: str, reason: str) -> ModelError:
+    return ModelError(
+        f"cannot download weights for {spec}: {reason}; without network access, pass the weights file "
+        "with --pretrained PATH"
+    )
+
+
 def _seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -140,7 +178,9 @@ def _open_clip_model(
                 module = _seeded(lambda: open_clip.create_model(name, pretrained=None), seed)
         else:
             if name.startswith("hf-hub:") or pretrained:
-                with _quiet_logging(logging.ERROR):
+                if not _open_clip_cached(name, pretrained) and (offline := hub_unreachable()):
+                    raise _offline_error(f"{spec} (pretrained={pretrained})", offline)
+                with _quiet_logging(logging.CRITICAL):
                     module = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
             else:
                 with _quiet_logging():
@@ -216,6 +256,42 @@ def _load_tiny_clip(pretrained, device, dtype) -> LoadedModel:
         is_random=not pretrained,
         seed=None if pretrained else 0,
     )
+
+
+def _timm_cached(name: str) -> bool:
+    """Whether the hub cache already holds a timm model's default weights (then no network is needed)."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not repo:
+            return False
+        return any(
+            isinstance(try_to_load_from_cache(repo, filename), str)
+            for filename in ("model.safetensors", "pytorch_model.bin")
+        )
+    except Exception:
+        return False
+
+
+def _open_clip_cached(name: str, pretrained: str | None) -> bool:
+    """Whether open_clip would find the weights without a download (a tag already fetched)."""
+    try:
+        import open_clip
+        from huggingface_hub import try_to_load_from_cache
+
+        if name.startswith("hf-hub:"):
+            return isinstance(try_to_load_from_cache(name[len("hf-hub:") :], "open_clip_model.safetensors"), str)
+        cfg = open_clip.get_pretrained_cfg(name, pretrained or "")
+        repo = cfg.get("hf_hub", "").rstrip("/")
+        if repo:
+            filename = cfg.get("hf_hub_filename") or "open_clip_model.safetensors"
+            return isinstance(try_to_load_from_cache(repo, filename), str)
+    except Exception:
+        return False
+    return False
 
 
 def _timm_classifier(
@@ -327,8 +403,12 @@ def _load_timm(name: str, pretrained, device, dtype) -> LoadedModel:
         )
 
     def download():
+        if offline := hub_unreachable():
+            if not _timm_cached(name):
+                raise _offline_error(spec, offline)
         try:
-            return timm.create_model(name, pretrained=True)
+            with _quiet_logging(logging.CRITICAL):
+                return timm.create_model(name, pretrained=True)
         except Exception as exc:
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelError(

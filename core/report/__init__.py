@@ -57,6 +57,10 @@ def read_run(path: str, thumbs_left: int, per_gallery: int) -> Run:
         metadata = {}
     if not isinstance(metadata, dict) or not metadata.get("task"):
         raise UsageError(f"report: {path} was not written by visbatch (no visbatch metadata)")
+    if not isinstance(metadata["task"], str):
+        raise UsageError(
+            f"report: {path} has visbatch metadata whose task is not a name; it was not written by visbatch"
+        )
     if metadata["task"] not in BUILDERS:
         raise UsageError(f"report: {path} is a {metadata['task']!r} output, which this version cannot show")
     written = metadata.get("visbatch_version")
@@ -113,7 +117,8 @@ def build_report(paths: list[str], output: str, max_images: int = DEFAULT_MAX_IM
         raise UsageError("report: give at least one visbatch output")
     if max_images < 0:
         raise UsageError("--max-images must be >= 0")
-    per_gallery = max(1, min(12, max_images // max(1, 6 * len(paths))))
+    # --max-images 0: a page of figures and tables, no galleries at all.
+    per_gallery = 0 if max_images == 0 else max(1, min(12, max_images // max(1, 6 * len(paths))))
     share = max_images // len(paths)
     runs = [read_run(path, share, per_gallery) for path in paths]
     pages = []

@@ -295,7 +295,7 @@ def select_data(run: Run) -> list[Section]:
         below = sorted(
             (r for r in compared if r["nearest_similarity"] <= threshold), key=lambda r: -r["nearest_similarity"]
         )
-        pairs = max(1, run.per_gallery // 2)
+        pairs = max(1, run.per_gallery // 2) if run.per_gallery else 0
         for title, chosen, verdict in (
             ("pairs just above the threshold (dropped)", above[:pairs], "dropped"),
             ("pairs just below the threshold (both kept)", below[:pairs], "kept"),

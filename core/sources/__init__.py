@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from visbatch.core.plan import InputSet
 from visbatch.core.sources.base import (
     IMAGE_EXTENSIONS,
     SIDECAR_SUFFIXES,
@@ -96,23 +97,31 @@ __all__ = [
 
 
 class _Found:
-    """What the INPUT arguments resolve to before filtering: plain items and shards."""
+    """What the INPUT arguments resolve to before filtering: plain items and shards, and in
+    ``reads`` every folder and file the listing found (the run plan's inputs)."""
 
-    def __init__(self, options: SourceOptions, warnings: list[str] | None):
+    def __init__(self, options: SourceOptions, warnings: list[str] | None, reads: InputSet):
         self.options = options
         self.warnings = warnings
         self.items: set[ImageItem] = set()
         self.shards: list[tuple[str, str]] = []  # (root, shard name)
+        self.reads = reads
+        self.roots: set[str] = set()  # every root the inputs name, before --glob/--shard/--limit
+        self._walked: dict[str, str] = {}  # real path of each walked folder -> the INPUT that named it
 
     def add_table(self, location: str) -> None:
+        self.reads.add_file(location)
         o = self.options
         # A table's rows sort in row order, so rows past the first --limit can never be among
         # the first --limit overall: the listing stops there (not with --glob or --shard, which filter later).
         limit = o.limit if not o.globs and o.shard is None else None
-        self.items.update(list_table(location, o.image_column, o.caption_column, tuple(o.keep_columns), limit))
+        listed = list_table(location, o.image_column, o.caption_column, tuple(o.keep_columns), limit)
+        self.roots.update(item.root for item in listed[:1])
+        self.items.update(listed)
 
     def add_remote(self, url: str) -> None:
         root, entries = list_prefix(url)
+        self.roots.add(root)
         images = [(rel, info) for rel, info in entries if has_image_extension(rel)]
         single = len(entries) == 1 and root.rstrip("/") + "/" + entries[0][0] == url.rstrip("/")
         if single and is_shard_name(url):
@@ -123,21 +132,37 @@ class _Found:
             rel, info = entries[0]
             self.items.add(ImageItem(root, rel, RemoteFile(url, int(info.get("size") or 0), modification_time(info))))
         elif images:
+            self.reads.add_walked_folder(root)
             for rel, info in images:
                 ref = RemoteFile(f"{root}/{rel}", int(info.get("size") or 0), modification_time(info))
                 self.items.add(ImageItem(root, rel, ref))
         else:
+            self.reads.add_folder(root)
             self.shards += [(root, rel) for rel, _ in entries if is_shard_name(rel)]
 
     def add_local(self, entry: str, stdin) -> None:
         if entry == "-":
             stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
             for line in read_path_list(stream):
-                self.items.add(_item_for_file(line, os.getcwd()))
+                item = _item_for_file(line, os.getcwd())
+                self.roots.add(item.root)
+                self.items.add(item)
         elif os.path.isdir(entry):
             root = os.path.abspath(entry)
+            real = os.path.realpath(root)
+            if real in self._walked:
+                # `visbatch classify in inlink` (inlink -> in): one folder named twice is read once.
+                if self.warnings is not None:
+                    self.warnings.append(f"{entry} is the folder {self._walked[real]} again; its images are read once")
+                return
+            self._walked[real] = entry
+            self.roots.add(root)
             passed: list[str] = []
-            found = walk_folder(root, self.options.recursive, tars=passed)
+            links: list[str] = []
+            found = walk_folder(root, self.options.recursive, tars=passed, links=links)
+            self.reads.add_walked_folder(root)
+            for rel in links:  # what the folder's links lead to is read too
+                self.reads.add_path(os.path.join(root, rel))
             shards = [] if found else shards_in_folder(root, self.options.recursive)
             if found and passed:
                 if self.warnings is not None:
@@ -148,16 +173,26 @@ class _Found:
             self.items.update(ImageItem(root, rel) for rel in found)
             self.shards += [(root, name) for name in shards]
         elif os.path.isfile(entry) and is_shard_name(entry):
-            self.shards.append(split_location(entry))
+            self.add_shard(entry)
         elif os.path.isfile(entry) and is_table_name(entry):
             self.add_table(entry)
         elif os.path.isfile(entry) and entry.lower().endswith(".txt") and (listed := read_shard_list(entry)):
+            self.reads.add_file(entry)
             for location in listed:
                 self.add(location, None, from_list=True)
         elif os.path.exists(entry):
-            self.items.add(_item_for_file(entry))
+            item = _item_for_file(entry)
+            self.roots.add(item.root)
+            self.items.add(item)
+        elif os.path.islink(entry):
+            raise InputError(f"input not found: {entry} is a broken symbolic link (to {os.readlink(entry)})")
         else:
             raise InputError(f"input not found: {entry}")
+
+    def add_shard(self, location: str) -> None:
+        root, name = split_location(location)
+        self.roots.add(root)
+        self.shards.append((root, name))
 
     def add(self, entry: str, stdin, from_list: bool = False) -> None:
         if "{" in entry and not os.path.exists(entry):
@@ -172,7 +207,7 @@ class _Found:
         if from_list and is_shard_name(entry):
             # A shard named by a range or a list may be missing: its error row says so and
             # the others run (img2dataset leaves such gaps when a shard's download failed).
-            self.shards.append(split_location(entry))
+            self.add_shard(entry)
         elif is_url(entry):
             self.add_remote(entry)
         else:
@@ -185,24 +220,31 @@ def _resolve(
     manifest: str | None,
     stdin,
     warnings: list[str] | None,
-) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+    reads: InputSet,
+) -> tuple[list[ImageItem], list[tuple[str, str]], list[str]]:
     """(the listed items, filtered by --glob and --shard, sorted; the shards still to list,
-    filtered by --shard, sorted)."""
+    filtered by --shard, sorted; every root the inputs name, before any filter)."""
     for pattern in options.globs:
         check_glob(pattern)
-    found = _Found(options, warnings)
+    found = _Found(options, warnings, reads)
     if manifest:
-        found.items.update(read_manifest(manifest, warnings=warnings))
+        reads.add_file(manifest)
+        listed = read_manifest(manifest, warnings=warnings)
+        found.roots.update(item.root for item in listed)
+        found.items.update(listed)
     for entry in inputs:
         found.add(entry, stdin)
     shards = sorted(set(found.shards))
+    for root, name in shards:  # every shard, before --shard: the plan protects them all
+        reads.add_file(root.rstrip("/") + "/" + name if is_url(root) else os.path.join(root, name))
     selected = [it for it in found.items if not options.globs or glob_matches(it.relpath, options.globs)]
     if options.shard is not None:
         index, count = options.shard
         shards = [(root, name) for root, name in shards if shard_of(name, count) == index]
         selected = [it for it in selected if shard_of(it.relpath, count) == index]
     selected.sort(key=lambda it: (it.root, it.relpath))
-    return selected, shards
+    reads.add_items(selected)
+    return selected, shards, sorted(found.roots)
 
 
 def find_images(
@@ -211,6 +253,7 @@ def find_images(
     manifest: str | None = None,
     stdin=None,
     warnings: list[str] | None = None,
+    reads: InputSet | None = None,
 ) -> list[ImageItem]:
     """Resolve INPUT arguments into sorted, filtered, sharded, limited items, all listed.
 
@@ -220,14 +263,17 @@ def find_images(
     tar shards, image tables and URLs are read by their sources (module doc).
     ``--shard I/N`` partitions by shard (a whole tar is the unit) for shards, by key
     otherwise. Raises :class:`InputError` for inputs that do not exist and for bad
-    ``--glob`` patterns; what was skipped is appended to ``warnings``.
+    ``--glob`` patterns; what was skipped is appended to ``warnings``; every folder and file
+    the inputs read is added to ``reads`` (the run plan's inputs).
 
     The pool jobs (select-data, quantize, detect-aigi train) need every item at once;
     the per-image subcommands take :func:`find_image_stream`, which lists shards as
     the run reaches them.
     """
     options = options or SourceOptions()
-    selected, shards = _resolve(inputs, options, manifest, stdin, warnings)
+    selected, shards, _ = _resolve(
+        inputs, options, manifest, stdin, warnings, reads if reads is not None else InputSet()
+    )
     # --limit can stop listing shards early only when nothing else could sort before them.
     early_limit = options.limit if not selected and not options.globs else None
     from_shards = list_shards(shards, early_limit, warnings)
@@ -247,13 +293,19 @@ def find_image_stream(
 ) -> ItemStream:
     """The same items as :func:`find_images`, but tar shards are listed a chunk at a time as
     the run consumes them (a pool of 10,000 shards starts at once and never holds all
-    its items). Loose files, tables and manifests are listed up front, as before."""
+    its items). Loose files, tables and manifests are listed up front, as before. The stream's
+    ``reads`` holds every folder and file the inputs read, and ``all_roots`` every root the
+    inputs name before any filter (so every ``--shard`` of one job has the same columns)."""
     options = options or SourceOptions()
-    selected, shards = _resolve(inputs, options, manifest, stdin, warnings)
+    reads = InputSet()
+    selected, shards, roots = _resolve(inputs, options, manifest, stdin, warnings, reads)
     if shards and selected and options.limit is not None:
         # The first --limit keys may mix loose files and shard samples: list it all, as before.
-        return ItemStream(find_images(inputs, options, manifest, stdin, warnings))
-    return ItemStream(selected, shards, options.globs, options.limit, warnings)
+        stream = ItemStream(find_images(inputs, options, manifest, stdin, warnings))
+    else:
+        stream = ItemStream(selected, shards, options.globs, options.limit, warnings)
+    stream.reads, stream.all_roots = reads, roots
+    return stream
 
 
 def item_fields(items: Sequence[ImageItem]) -> list[pa.Field]:

@@ -58,6 +58,10 @@ def read_file(path: str) -> FileBytes:
             st = os.fstat(f.fileno())
             data = f.read()
     except OSError as exc:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ImageDecodeError(
+                f"cannot read file: a broken symbolic link (its target {os.readlink(path)} does not exist)"
+            )
         raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}")
     return FileBytes(data, st.st_size, st.st_mtime, content_hash(data))
 
@@ -80,6 +84,9 @@ class SampleRef(Protocol):
 
     def columns(self) -> dict:
         """Columns the source passes through to the output row (``--keep-columns``)."""
+
+    def inputs(self) -> tuple[str, ...]:
+        """Every file or URL reading this sample reads (the run plan protects them all)."""
 
 
 @dataclass(frozen=True, order=True, slots=True)

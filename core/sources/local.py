@@ -21,7 +21,9 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def walk_folder(root: str, recursive: bool = True, tars: list[str] | None = None) -> list[str]:
+def walk_folder(
+    root: str, recursive: bool = True, tars: list[str] | None = None, links: list[str] | None = None
+) -> list[str]:
     """Relative POSIX paths of the image files under ``root``, the same on every machine.
 
     Hidden files and folders are skipped. Symbolic links are followed, but a
@@ -30,7 +32,10 @@ def walk_folder(root: str, recursive: bool = True, tars: list[str] | None = None
     first), else under its first alias in sorted order; each real folder is
     entered once, so a link loop cannot hang the walk. The result does not
     depend on the order in which the file system lists a folder. The ``.tar`` files the
-    walk passes are appended to ``tars`` (so a caller need not walk again to find shards).
+    walk passes are appended to ``tars`` (so a caller need not walk again to find shards), and
+    the symbolic links it follows (relative paths) to ``links``: their targets, which may lie
+    outside the root, are inputs too. A broken link with an image name is listed (its row
+    says it is broken), never skipped in silence.
     """
     found: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
@@ -65,6 +70,8 @@ def walk_folder(root: str, recursive: bool = True, tars: list[str] | None = None
                     is_dir = entry.is_dir(follow_symlinks=True)
                 except OSError:
                     continue
+                if is_link and links is not None and (is_dir or has_image_extension(entry.name)):
+                    links.append(rel)
                 if is_dir:
                     if recursive:
                         (linked_dirs if is_link else subdirs).append(rel)
@@ -85,7 +92,10 @@ def walk_folder(root: str, recursive: bool = True, tars: list[str] | None = None
     listed = {file_identity(os.path.join(root, rel)) for rel in found}
     for rel in sorted(from_links, key=lambda r: (r.count("/"), r)) + sorted(linked_files):
         identity = file_identity(os.path.join(root, rel))
-        if identity is None or identity in listed:
+        if identity is None:  # a broken link: its row says so
+            found.append(rel)
+            continue
+        if identity in listed:
             continue
         listed.add(identity)
         found.append(rel)
@@ -197,16 +207,23 @@ def read_table_file(path: str) -> list[dict]:
             return pq.read_table(path).to_pylist()
         if suffix in (".jsonl", ".ndjson"):
             rows = []
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for line_no, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            row = json.loads(line)
                         except json.JSONDecodeError as exc:
                             raise InputError(f"{path}:{line_no}: not valid JSON ({exc.msg})")
+                        if not isinstance(row, dict):
+                            raise InputError(
+                                f"{path}:{line_no}: a JSON {type(row).__name__} where every line must be an "
+                                'object such as {"path": "a.jpg"}'
+                            )
+                        rows.append(row)
             return rows
         if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8", newline="") as f:
+            # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
+            with open(path, encoding="utf-8-sig", newline="") as f:
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}")

@@ -148,6 +148,9 @@ class RemoteFile:
     def shard(self) -> str | None:
         return None
 
+    def inputs(self) -> tuple[str, ...]:
+        return (self.url,)
+
     def read(self) -> FileBytes:
         try:
             data = read_range(self.url)

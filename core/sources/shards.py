@@ -115,6 +115,9 @@ class TarSample:
     def shard(self) -> str:
         return self.shard_name
 
+    def inputs(self) -> tuple[str, ...]:
+        return (self.location,)
+
     def _member_bytes(self, member: Member) -> bytes:
         try:
             data = read_range(self.location, member.offset, member.offset + member.size)
@@ -167,6 +170,9 @@ class BrokenShard:
     def shard(self) -> str:
         return self.shard_name
 
+    def inputs(self) -> tuple[str, ...]:
+        return ()  # the shard itself is among the run's named inputs
+
     def read(self) -> FileBytes:
         raise ImageDecodeError(self.reason)
 
@@ -196,15 +202,36 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def _pax(data: bytes) -> dict[str, str]:
+def _pax(data: bytes, offset: int) -> dict[str, str]:
+    """The records of a pax extended header (``LENGTH KEY=VALUE\n`` each). Every record must
+    advance: a length that is not a positive number, that runs past the header, or a record
+    without its space, ``=`` or closing newline is :class:`TarDamage`, never a loop."""
     records, i = {}, 0
     while i < len(data):
-        space = data.index(b" ", i)
-        length = int(data[i:space])
-        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
+        if data[i:].strip(b"\0") == b"":
+            break  # padding after the last record
+        space = data.find(b" ", i)
+        try:
+            length = int(data[i:space]) if space > i else 0
+        except ValueError:
+            length = 0
+        end = i + length
+        if length <= 0 or end > len(data) or data[end - 1 : end] != b"\n" or b"=" not in data[space + 1 : end]:
+            raise TarDamage(f"malformed pax record in the extended header at byte {offset}")
+        key, _, value = data[space + 1 : end - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        i += length
+        i = end
     return records
+
+
+def _pax_number(pax: dict[str, str], key: str, offset: int, kind=int):
+    try:
+        value = kind(pax[key])
+    except (ValueError, OverflowError):
+        raise TarDamage(f"pax record {key}={pax[key][:40]!r} is not a number (header at byte {offset})")
+    if kind is int and value < 0:
+        raise TarDamage(f"pax record {key}={value} is negative (header at byte {offset})")
+    return value
 
 
 def iter_members(handle, skipped: list[str] | None = None) -> Iterator[Member]:
@@ -242,7 +269,7 @@ def iter_members(handle, skipped: list[str] | None = None) -> Iterator[Member]:
             if kind == b"L":
                 long_name = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
             elif kind == b"x":
-                pax = _pax(data[:size])
+                pax = _pax(data[:size], offset)
             offset = data_offset + padded
             continue
         if long_name is not None or "path" in pax:
@@ -253,9 +280,14 @@ def iter_members(handle, skipped: list[str] | None = None) -> Iterator[Member]:
             if prefix:
                 name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         if "size" in pax:
-            size = int(pax["size"])
+            size = _pax_number(pax, "size", offset)
             padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        mtime = float(pax["mtime"]) if "mtime" in pax else float(_number(header[136:148]))
+        try:
+            mtime = _pax_number(pax, "mtime", offset, float) if "mtime" in pax else float(_number(header[136:148]))
+        except ValueError:
+            raise TarDamage(f"not a tar header at byte {offset}")
+        if mtime != mtime or mtime in (float("inf"), float("-inf")):
+            raise TarDamage(f"pax record mtime is not finite (header at byte {offset})")
         long_name, pax = None, {}
         if kind in _FILE_TYPES:
             yield Member(name, data_offset, size, mtime)

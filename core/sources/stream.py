@@ -17,8 +17,9 @@ sorts the output.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import pyarrow as pa
 
@@ -54,6 +55,8 @@ class ItemStream:
         self._primed: list[list[ImageItem]] = []
         self._source: Iterator[list[ImageItem]] | None = None
         self._stopped = False  # the consumer is gone: the listing thread stops between shards
+        self.reads = None  # the InputSet of what the inputs read (find_image_stream sets it)
+        self.all_roots: list[str] = []  # every root the inputs name, before --glob/--shard/--limit
 
     @property
     def roots(self) -> list[str]:
@@ -129,12 +132,11 @@ class ItemStream:
         if not self.shards or self._full():
             return
         # One listing ahead in a thread: the next shards' headers are read while this chunk runs.
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visbatch-listing")
+        ahead: Future | None = _in_background(self._list, 0)
         try:
-            ahead: Future | None = pool.submit(self._list, 0)
             while ahead is not None:
                 items, following = ahead.result()
-                ahead = pool.submit(self._list, following) if following < len(self.shards) else None
+                ahead = _in_background(self._list, following) if following < len(self.shards) else None
                 chunk = self._take(items)
                 if chunk:
                     yield chunk
@@ -142,4 +144,18 @@ class ItemStream:
                     return
         finally:
             self._stopped = True
-            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _in_background(function, *args) -> Future:
+    """``function(*args)`` in a daemon thread: a listing the run no longer waits for (a signal
+    stopped it) can never keep the process from exiting."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # the consumer re-raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="visbatch-listing", daemon=True).start()
+    return future

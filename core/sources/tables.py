@@ -89,10 +89,15 @@ class TableCell:
     caption: str | None
     kept: tuple[tuple[str, object], ...]
     kept_fields: tuple = ()  # pa.Field of each kept column, shared by every cell of the table
+    named: str | None = None  # the file or URL a path cell names (read, so an input of the run)
 
     @property
     def shard(self) -> str | None:
         return None
+
+    def inputs(self) -> tuple[str, ...]:
+        """What reading this cell reads: the table, and the file its path names."""
+        return (self.location, self.named) if self.named else (self.location,)
 
     def _cell_bytes(self) -> bytes:
         try:
@@ -108,8 +113,7 @@ class TableCell:
         if cell is None:
             raise ImageDecodeError(f"empty {self.column!r} cell")
         if isinstance(cell, str):
-            base = self.location.rsplit("/", 1)[0] if is_url(self.location) else os.path.dirname(self.location)
-            target = cell if is_url(cell) or os.path.isabs(cell) else join_url(base, cell)
+            target = resolve_cell_path(self.location, cell)
             try:
                 return read_range(target)
             except OSError as exc:
@@ -135,6 +139,32 @@ class TableCell:
 
     def columns(self) -> dict:
         return dict(self.kept)
+
+
+def resolve_cell_path(location: str, cell: str) -> str:
+    """The file or URL a path cell names: absolute as written, else relative to the table's folder."""
+    base = location.rsplit("/", 1)[0] if is_url(location) else os.path.dirname(location)
+    return cell if is_url(cell) or os.path.isabs(cell) else join_url(base, cell)
+
+
+def _named_paths(parquet, table, column: str, group: int, field) -> list | None:
+    """The paths the image column names in one row group (a string column, or the ``path`` of a
+    ``{bytes, path}`` struct, read without the bytes); None when it names none."""
+    import pyarrow as pa
+
+    if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+        name = column
+    elif pa.types.is_struct(field.type) and field.type.get_field_index("path") >= 0:
+        name = f"{column}.path"
+    else:
+        return None
+    if parquet is not None:
+        values = parquet.read_row_group(group, columns=[name]).column(0)
+    else:
+        values = table.column(column)
+    if name != column:
+        values = values.combine_chunks().field("path") if hasattr(values, "combine_chunks") else values.field("path")
+    return values.to_pylist()
 
 
 def list_table(
@@ -181,7 +211,8 @@ def list_table(
                 )
             if column in keep_columns:
                 raise InputError(f"--keep-columns cannot pass through the image column {column!r}")
-            reserved = {"path", "status", "error", "width", "height", "shard", "root"}
+            reserved = {"path", "status", "error", "width", "height", "shard", "root", "file_size", "file_mtime"}
+            reserved |= {"content_hash", "path_bytes"}
             clash = [c for c in keep_columns if c in reserved]
             if clash:
                 raise InputError(f"--keep-columns {clash[0]!r}: visbatch writes a column of that name")
@@ -197,6 +228,7 @@ def list_table(
                 else:
                     rows = table.num_rows
                     values = table.select(wanted).to_pydict() if wanted else {}
+                named = _named_paths(parquet, table, column, group, schema.field(column))
                 for i in range(rows):
                     caption = values[caption_column][i] if caption_column else None
                     kept = tuple((c, values[c][i]) for c in keep_columns)
@@ -210,6 +242,7 @@ def list_table(
                         None if caption is None else str(caption),
                         kept,
                         kept_fields,
+                        resolve_cell_path(location, named[i]) if named and named[i] else None,
                     )
                     items.append(ImageItem(root, f"{name}/{row_number:0{ROW_DIGITS}d}", cell))
                     row_number += 1

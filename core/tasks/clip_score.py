@@ -21,6 +21,7 @@ The texts themselves (captions, prompt templates, the cached text encoder) come 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -154,6 +155,8 @@ class ClipScoreTask:
             )
         if sum([options.prompt is not None, options.captions is not None, options.sidecar]) > 1:
             raise UsageError("choose one caption source: --prompt, --captions or --sidecar")
+        if not (math.isfinite(options.weight) and options.weight > 0):
+            raise UsageError(f"--weight {options.weight}: give a finite number > 0 (CLIPScore's w is 2.5)")
         if options.references is not None and not self.has_text:
             raise UsageError("--references needs candidate captions (--captions, --sidecar or --prompt)")
         self.model, self.config = model, options

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 from visbatch.core.engines import EngineOptions
 from visbatch.core.errors import UsageError
-from visbatch.core.jobs import JobOutput, check_job_outputs, run_job
+from visbatch.core.jobs import JobOutput, plan_job, run_job
 from visbatch.core.models import DeviceOnly, load_model
 from visbatch.core.models.devices import PRECISIONS
 from visbatch.core.pipeline import RunConfig, check_outputs
-from visbatch.core.protect import ProtectedInputs
+from visbatch.core.plan import InputSet, RunPlan, local_path_of
 from visbatch.core.tasks.aigi.detector import (
     ARTEFACT_GROUPS,
     BACKBONE_GROUPS,
@@ -56,8 +56,9 @@ class RunSettings:
             raise UsageError(f"unknown precision {self.precision!r} (use auto, fp32, bf16 or fp16)")
 
 
-def features_config(path: str, run: RunSettings, resume: bool, protected, quiet: bool) -> RunConfig:
-    """The feature map stage's run, into ``path`` (resumable with --resume), checked before anything."""
+def features_config(path: str, run: RunSettings, resume: bool, plan: RunPlan, quiet: bool) -> RunConfig:
+    """The feature map stage's run, into ``path`` (resumable with --resume), declared in the job's
+    plan (the features file, its parts and lock); the caller checks it with the plan."""
     config = RunConfig(
         output=path,
         batch_size=run.batch_size,
@@ -65,11 +66,21 @@ def features_config(path: str, run: RunSettings, resume: bool, protected, quiet:
         quiet=quiet,
         resume=resume,
         overwrite=not resume,
-        protected=protected,
+        plan=plan,
         engine=run.engine,
     )
-    check_outputs(config)
+    plan.write_results(path, "features file")
     return config
+
+
+def job_plan(reads: InputSet | None, *files: str | None) -> RunPlan:
+    """A job's plan reading what the labelled folders read plus the named files (model, detector)."""
+    plan = RunPlan(InputSet())
+    if reads is not None:
+        plan.inputs.merge(reads)
+    for path in files:
+        plan.inputs.add_path(path)
+    return plan
 
 
 def load_backbone(spec: str, pretrained: str | None, run: RunSettings):
@@ -136,6 +147,8 @@ def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
     output, run = request.output, request.run
     if not output.endswith(".safetensors"):
         raise UsageError("-o must name a .safetensors file")
+    if local_path_of(output) is None:
+        raise UsageError(f"-o {output}: detect-aigi train writes a local file (upload it with your storage's tools)")
     if os.path.exists(output) and not request.overwrite:
         raise UsageError(f"output {output} exists; pass --overwrite to replace it")
     groups = _groups(request)
@@ -152,15 +165,15 @@ def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
     if both:
         raise UsageError(f"--real and --fake name the same folder ({sorted(both)[0]}): an image has one label")
     if request.univfd_head:
-        protected = ProtectedInputs(files=[request.univfd_head, request.pretrained, request.model])
+        plan = job_plan(None, request.univfd_head, request.pretrained, request.model)
         outputs = [JobOutput(output)]
-        check_job_outputs(outputs, protected, request.overwrite)
+        plan_job(plan, outputs, request.overwrite)
         backbone = load_backbone(request.model, request.pretrained, run)
         run_job(
+            plan,
             outputs,
-            protected,
             request.overwrite,
-            lambda: univfd_detector(request.univfd_head, backbone).save(output),
+            lambda: univfd_detector(request.univfd_head, backbone).save(outputs[0].target),
         )
         return TrainResult(None, None, [])
     if request.root and (request.real or request.fake):
@@ -169,10 +182,11 @@ def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
         raise UsageError("give a labelled ROOT (0_real/, 1_fake/) or both --real and --fake")
     data = read_labelled_root(request.root) if request.root else read_labelled_folders(request.real, request.fake)
     features_path = features_path_for(output)
-    protected = ProtectedInputs.for_items(data.items, [request.pretrained, request.model])
+    plan = job_plan(data.reads, request.pretrained, request.model)
     outputs = [JobOutput(output)]
-    config = features_config(features_path, run, request.resume, protected, quiet=run.quiet)
-    check_job_outputs(outputs, protected, request.overwrite)
+    config = features_config(features_path, run, request.resume, plan, quiet=run.quiet)
+    plan_job(plan, outputs, request.overwrite)
+    check_outputs(config)
     for warning in format_confounds(data):
         warn(warning)
     if request.policy == "resize" and any(g in ARTEFACT_GROUPS for g in groups):
@@ -202,10 +216,10 @@ def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
 
     def body() -> dict:
         detector, report = train_job(data, extractor, geometry, host, backbone, settings, config)
-        detector.save(output)
+        detector.save(outputs[0].target)
         return report
 
-    report = run_job(outputs, protected, request.overwrite, body)
+    report = run_job(plan, outputs, request.overwrite, body)
     return TrainResult(report, features_path, settings.warnings)
 
 
@@ -221,6 +235,7 @@ class EvalRequest:
     resume: bool = False
     run: RunSettings = field(default_factory=RunSettings)
     min_ap: float | None = None  # checked here; the gate itself is the CLI's exit code
+    html: str | None = None  # --report: the evaluation's HTML report, written beside it
 
 
 def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list[str]]:
@@ -229,17 +244,20 @@ def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list
     output, run = request.output, request.run
     if request.min_ap is not None and not 0 <= request.min_ap <= 1:
         raise UsageError("--min-ap must be between 0 and 1")
+    if local_path_of(output) is None:
+        raise UsageError(f"-o {output}: detect-aigi eval writes a local file (upload it with your storage's tools)")
     if os.path.isdir(output):
         raise UsageError(f"output {output} is a folder; give a file path")
     if os.path.exists(output) and not request.overwrite:
         raise UsageError(f"output {output} exists; pass --overwrite to replace it")
     data = read_labelled_root(request.root)
     features_path = output + ".features.parquet"
-    protected = ProtectedInputs.for_items(data.items, [request.detector, request.pretrained, request.model])
-    outputs = [JobOutput(output)]
-    check_job_outputs(outputs, protected, request.overwrite)
+    plan = job_plan(data.reads, request.detector, request.pretrained, request.model)
+    outputs = [JobOutput(output)] + ([JobOutput(request.html, "report", replace=True)] if request.html else [])
+    config = features_config(features_path, run, request.resume, plan, quiet=True)
+    plan_job(plan, outputs, request.overwrite)
+    check_outputs(config)
     loaded = Detector.load(request.detector)
-    config = features_config(features_path, run, request.resume, protected, quiet=True)
     confounds = format_confounds(data)
     for warning in confounds:
         warn(warning)
@@ -258,9 +276,13 @@ def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list
 
     def body() -> tuple[list[dict], list[str]]:
         result = evaluate_job(
-            data, loaded, extractor, geometry, host, request.normalize_format, config, output, metadata
+            data, loaded, extractor, geometry, host, request.normalize_format, config, outputs[0].target, metadata
         )
         remove_features(features_path)
+        if request.html:
+            from visbatch.core.report import build_report
+
+            build_report([outputs[0].target], outputs[1].target)
         return result
 
-    return run_job(outputs, protected, request.overwrite, body)
+    return run_job(plan, outputs, request.overwrite, body)

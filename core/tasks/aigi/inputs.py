@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 from PIL import Image
 
 from visbatch.core.images import ImageItem, InputError
+from visbatch.core.plan import InputSet
 from visbatch.core.sources import SourceOptions, find_images
 
 
@@ -20,6 +21,7 @@ class LabelledItems:
     items: list[ImageItem]
     labels: list[int]  # 1 = fake
     generators: list[str]
+    reads: InputSet = field(default_factory=InputSet)  # every folder and file the listing read
 
 
 def read_labelled_root(root: str) -> LabelledItems:
@@ -28,7 +30,7 @@ def read_labelled_root(root: str) -> LabelledItems:
     if not os.path.isdir(root):
         raise InputError(f"input not found: {root}")
     out = LabelledItems([], [], [])
-    for item in find_images([root], SourceOptions()):
+    for item in find_images([root], SourceOptions(), reads=out.reads):
         parts = item.relpath.split("/")
         label_dirs = [i for i, p in enumerate(parts[:-1]) if p in ("0_real", "1_fake")]
         if not label_dirs:
@@ -46,7 +48,7 @@ def read_labelled_folders(real: Sequence[str], fake: Sequence[str]) -> LabelledI
     out = LabelledItems([], [], [])
     for label, folders in ((0, real), (1, fake)):
         for folder in folders:
-            found = find_images([folder], SourceOptions())
+            found = find_images([folder], SourceOptions(), reads=out.reads)
             if not found:
                 raise InputError(f"no images in {folder}")
             out.items += found

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 from visbatch.core.engines import EngineOptions
 from visbatch.core.errors import UsageError
-from visbatch.core.jobs import JobOutput, check_job_outputs, run_job
+from visbatch.core.jobs import JobOutput, plan_job, run_job
 from visbatch.core.models import load_model
 from visbatch.core.pipeline import RunConfig
-from visbatch.core.protect import ProtectedInputs
+from visbatch.core.plan import InputSet, RunPlan, local_path_of
 from visbatch.core.sources import SourceOptions, find_images, read_table_file
 from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize, write_report
 
@@ -60,6 +60,7 @@ class QuantizeRequest:
     batch_size: int = 16
     workers: int = 0
     engine: EngineOptions | None = None  # --engine ray: the images are decoded on the cluster
+    html: str | None = None  # --report: the HTML report, beside the report table
 
 
 @dataclass
@@ -91,6 +92,8 @@ def check_request(r: QuantizeRequest) -> None:
         raise UsageError("--calib DIR is required (calibration images)")
     if not r.output:
         raise UsageError("-o FILE.safetensors is required")
+    if local_path_of(r.output) is None:
+        raise UsageError(f"-o {r.output}: quantize writes a local file (upload it with your storage's tools)")
     if os.path.isdir(r.output):
         raise UsageError(f"-o {r.output} is a folder; give a .safetensors file path")
     if not r.output.endswith(".safetensors"):
@@ -120,21 +123,24 @@ def quantize_command(r: QuantizeRequest, warn: Callable[[str], None]) -> Quantiz
     check_request(r)
     assert r.calib is not None and r.output is not None  # checked above
     output = r.output
-    items = find_images([r.calib], SourceOptions())
+    plan = RunPlan(InputSet())
+    items = find_images([r.calib], SourceOptions(), reads=plan.inputs)
     if not items:
         raise UsageError(f"no images in --calib {r.calib}")
     report_path = report_path_for(output)
-    protected = ProtectedInputs.for_items(items, [r.calib_prompts, r.calib_captions, r.model, r.pretrained])
-    if r.eval_images:
-        folder = r.eval_images if os.path.isdir(r.eval_images) else os.path.dirname(os.path.abspath(r.eval_images))
-        protected = protected.add(roots=[folder])
-    outputs = [JobOutput(output), JobOutput(report_path, "report")]
+    for path in (r.calib_prompts, r.calib_captions, r.model, r.pretrained):
+        plan.inputs.add_path(path)
     # The report sits beside the file: --overwrite replaces both, and without it an old
     # report (of another run) is replaced only with the file it belongs to.
-    check_job_outputs(outputs[:1], protected, r.overwrite)
-    check_job_outputs(outputs[1:], protected, True)
+    outputs = [JobOutput(output), JobOutput(report_path, "report", replace=True)]
+    if r.html:
+        outputs.append(JobOutput(r.html, "report", replace=True))
+    held_out_reads = InputSet()
     if r.eval_images:
-        held_out = find_images([r.eval_images], SourceOptions())
+        held_out = find_images([r.eval_images], SourceOptions(), reads=held_out_reads)
+        plan.inputs.merge(held_out_reads)
+    plan_job(plan, outputs, r.overwrite)
+    if r.eval_images:
         if not held_out:
             raise UsageError(f"no images in --eval-images {r.eval_images}")
         calibration = items[: r.calib_limit]
@@ -182,7 +188,11 @@ def quantize_command(r: QuantizeRequest, warn: Callable[[str], None]) -> Quantiz
             warn(f"... and {report['unreadable_images'] - len(report['unreadable_examples'])} more images not used")
         report["engine"] = {"engine": "ray"} if r.engine is not None and not r.engine.is_local else {"engine": "local"}
         write_report(report_path, report)
+        if r.html:
+            from visbatch.core.report import build_report
+
+            build_report([report_path], r.html)
         return report
 
-    report = run_job(outputs[:1], protected, r.overwrite, body)
+    report = run_job(plan, outputs, r.overwrite, body)
     return QuantizeResult(report, report_path, options)

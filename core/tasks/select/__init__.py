@@ -15,10 +15,9 @@ the strategy registry), :mod:`.materialize` (copies and links), :mod:`.algorithm
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +32,27 @@ from visbatch.core.outputs import (
     ResultsWriter,
     base_row,
 )
-from visbatch.core.pipeline import RunConfig, Summary, check_outputs, run_metadata
+from visbatch.core.pipeline import (
+    RunConfig,
+    Summary,
+    check_output_name,
+    check_outputs,
+    declare_writes,
+    publish,
+    run_metadata,
+    stage_outputs,
+)
+from visbatch.core.plan import RunPlan
 from visbatch.core.sources import item_fields
 from visbatch.core.tasks.clip_score import clip_score
-from visbatch.core.tasks.select.cache import FLIPPED, embed_with_cache, read_cache  # noqa: F401
+from visbatch.core.tasks.select.cache import (  # noqa: F401
+    FLIPPED,
+    cache_write_path,
+    default_cache_path,
+    embed_with_cache,
+    pending_run_path,
+    read_cache,
+)
 from visbatch.core.tasks.select.materialize import Materialization, materialize, plan_materialize  # noqa: F401
 from visbatch.core.tasks.select.stages import (  # noqa: F401
     STRATEGIES,
@@ -98,26 +114,81 @@ class SelectTask:
 
 
 def run_select(
-    items: Sequence[ImageItem], model: LoadedModel, options: SelectOptions, config: RunConfig, before_write=None
+    items: Sequence[ImageItem],
+    model: LoadedModel,
+    options: SelectOptions,
+    config: RunConfig,
+    before_write=None,
+    after_write=None,
+    checks=None,
 ) -> tuple[Summary, Selection]:
     """Embed (through the cache), select, and write the manifest (one row per pool image).
 
-    ``before_write(selection)`` runs after the selection and before the manifest is written
-    (the CLI checks ``--copy-to`` destinations there, so a refusal writes nothing); it may
-    return ``{column: [value per item]}`` of string columns to add to the manifest
-    (``--write-shards`` records where each selected sample went).
+    Every path the run may write (the manifest, its parts and lock, the cache and the embedding
+    run beside it, the report, and whatever the caller declared in ``config.plan``: copies,
+    links, shards) is checked against every input before anything is created.
+    ``before_write(selection)`` runs after the selection and before the manifest is written; it
+    may return ``{column: [value per item]}`` of string columns to add to the manifest
+    (``--write-shards`` records where each selected sample went). ``after_write(selection)``
+    runs once the manifest is written (``--copy-to``); what it returns joins the summary.
+    ``checks()`` runs after the plan's check and before anything is created (the caller's own
+    refusals: destinations that exist).
     """
     start = time.monotonic()
     if options.dedup_threshold is None:
         options.dedup_threshold = default_dedup_threshold(model)
-    cache_path = options.cache or str(Path(config.output).with_suffix("")) + ".embeddings.parquet"
-    if os.path.abspath(cache_path) == os.path.abspath(config.output):
-        raise UsageError(f"--cache {cache_path} is the output (-o): the manifest would replace the cache")
-    if config.protected is not None:
-        config.protected.check_file(cache_path, "--cache")
+    cache_path = options.cache or default_cache_path(config.output)
+    cache_write = cache_write_path(cache_path, config.output)
+    check_output_name(config.output)
+    plan = config.plan or RunPlan()
+    if config.plan is None:
+        plan.inputs.add_items(items)
+    if not plan.checked:
+        if cache_write != cache_path:  # another command's output, read as a cache and never rewritten
+            plan.inputs.add_file(cache_path)
+        plan.inputs.add_items(options.reference)
+        plan.write_file(cache_write, "embedding cache" if options.cache is None else "--cache")
+        plan.write_results(pending_run_path(cache_write), "embedding run")
+        declare_writes(config, plan)
+        plan.check()
     check_outputs(config)
+    if checks is not None:
+        checks()
+    config.plan = plan
+    with plan.activated():
+        stage_outputs(config)
+        if cache_write != cache_path and not config.quiet:
+            print(
+                f"visbatch: note: {cache_path} is another command's output, read as a cache and left as it is; "
+                f"the updated cache goes to {cache_write}",
+                file=sys.stderr,
+            )
+        summary, selection = _select_and_write(items, model, options, config, cache_path, cache_write, before_write)
+        summary.elapsed_s = time.monotonic() - start
+        summary.images_per_s = len(items) / max(summary.elapsed_s, 1e-9)
+        if config.report:
+            from visbatch.core.report import build_report
+
+            build_report([summary.output or config.output], config.report)
+            summary.report = config.report
+        after = after_write(selection) if after_write is not None else None
+        if after:
+            summary.task_summary.update(after)
+        publish(config, summary)
+    return summary, selection
+
+
+def _select_and_write(
+    items: Sequence[ImageItem],
+    model: LoadedModel,
+    options: SelectOptions,
+    config: RunConfig,
+    cache_path: str,
+    cache_write: str,
+    before_write,
+) -> tuple[Summary, Selection]:
     mirror = options.mirror and options.dedup
-    rows, embedded = embed_with_cache(items, model, config, cache_path, mirror)
+    rows, embedded = embed_with_cache(items, model, config, cache_path, cache_write, mirror)
     ok = np.array([r.get("status") == "ok" and r.get("image_embedding") is not None for r in rows])
     embeddings = _matrix(rows, ok, "image_embedding", model.device)
     flipped = _matrix(rows, ok, FLIPPED, model.device) if mirror else None
@@ -125,7 +196,7 @@ def run_select(
     reference = None
     reference_embedded = 0
     if options.reference:
-        ref_rows, reference_embedded = embed_with_cache(options.reference, model, config, cache_path)
+        ref_rows, reference_embedded = embed_with_cache(options.reference, model, config, cache_write, cache_write)
         ref = [np.asarray(r["image_embedding"], dtype=np.float32) for r in ref_rows if r.get("status") == "ok"]
         if not ref:
             raise UsageError("no reference image could be embedded")
@@ -190,15 +261,12 @@ def run_select(
         writer.finalize()
     finally:
         writer.close()
-    elapsed = time.monotonic() - start
     summary = Summary(
         task="select-data",
         inputs=len(items),
         processed=len(items),
         ok=int(ok.sum()),
         failed=int((~ok).sum()),
-        elapsed_s=elapsed,
-        images_per_s=len(items) / max(elapsed, 1e-9),
         output=str(config.output),
     )
     if model.is_random:
@@ -210,7 +278,7 @@ def run_select(
         **selection.report,
         "embedded": embedded,
         "reference_embedded": reference_embedded,
-        "cache": cache_path,
+        "cache": cache_write,
         "dedup_threshold": options.dedup_threshold,
         "duplicate_group_examples": _group_examples(items, selection),
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,11 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visbatch.core.errors import UsageError
-from visbatch.core.files import utc_now
+from visbatch.core.errors import Interrupted, UsageError
+from visbatch.core.files import remove_quietly, utc_now
 from visbatch.core.images import ImageItem, display_path, path_bytes
 from visbatch.core.models import LoadedModel
 from visbatch.core.outputs import (
+    ResumeMismatch,
+    parts_dir_for,
     read_run_metadata,
     row_key,
     write_parquet,
@@ -131,7 +132,7 @@ def embedding_array(vectors: Sequence, dim: int) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(nulls))
 
 
-def cache_write_path(cache_path: str, config: RunConfig) -> str:
+def cache_write_path(cache_path: str, output: str) -> str:
     """Where the updated cache goes: ``cache_path``, unless that file is another command's output
     (a clip-score table read as a cache), which is never rewritten: then OUTPUT.embeddings.parquet."""
     if os.path.exists(cache_path):
@@ -140,28 +141,35 @@ def cache_write_path(cache_path: str, config: RunConfig) -> str:
         except Exception:
             task = None
         if task not in (None, "embedding-cache"):
-            default = str(Path(config.output).with_suffix("")) + ".embeddings.parquet"
-            if os.path.abspath(default) != os.path.abspath(cache_path):
-                if config.protected is not None:
-                    config.protected.check_file(default, "cache")
-                if not config.quiet:
-                    print(
-                        f"visbatch: note: {cache_path} is a {task} output, read as a cache and left as it is; "
-                        f"the updated cache goes to {default}",
-                        file=sys.stderr,
-                    )
-                return default
+            return default_cache_path(output)
     return cache_path
 
 
+def default_cache_path(output: str) -> str:
+    return str(Path(output).with_suffix("")) + ".embeddings.parquet"
+
+
+def pending_run_path(cache_write: str) -> str:
+    """The embedding run's own output beside the cache: its parts outlive an interrupted run, so
+    the next run with the same cache goes on from them."""
+    return cache_write + ".pending.parquet"
+
+
 def embed_with_cache(
-    items: Sequence[ImageItem], model: LoadedModel, config: RunConfig, cache_path: str, mirror: bool = False
+    items: Sequence[ImageItem],
+    model: LoadedModel,
+    config: RunConfig,
+    cache_path: str,
+    cache_write: str,
+    mirror: bool = False,
 ) -> tuple[list[dict], int]:
-    """One embedding row per item (cache hits, new embeddings for the rest); writes the cache.
+    """One embedding row per item (cache hits, new embeddings for the rest); writes the cache to
+    ``cache_write``.
 
     A cached row is reused only when its file still has the recorded size, time and content
     hash (and, with ``mirror``, the mirrored image's embedding). Returns (rows in item order,
-    number of images embedded in this run).
+    number of images embedded in this run). An interrupted embedding raises
+    :class:`~visbatch.core.errors.Interrupted` and keeps what it embedded for the next run.
     """
     cached = read_cache(cache_path, model)
     rows: dict[tuple[str, str], dict] = {}
@@ -187,27 +195,40 @@ def embed_with_cache(
             rows[_key(item.root, item.relpath)] = row
     todo = [item for item in items if _key(item.root, item.relpath) not in rows]
     if todo:
-        with tempfile.TemporaryDirectory(
-            prefix=".visbatch-embed-", dir=os.path.dirname(os.path.abspath(cache_path)) or "."
-        ) as tmp:
-            part = os.path.join(tmp, "embeddings.parquet")
-            task = ClipScoreTask(model, ClipScoreOptions(save_embeddings=True, save_flipped=mirror))
-            embed_config = RunConfig(
-                output=part,
-                batch_size=config.batch_size,
-                workers=config.workers,
-                max_pixels=config.max_pixels,
-                quiet=config.quiet,
-                log_interval=config.log_interval,
+        pending = pending_run_path(cache_write)
+        task = ClipScoreTask(model, ClipScoreOptions(save_embeddings=True, save_flipped=mirror))
+        resume = os.path.isdir(parts_dir_for(pending)) or os.path.isfile(pending)
+        try:
+            summary = run_pipeline(task, model, todo, _embed_config(pending, config, resume))
+        except ResumeMismatch:  # the kept embeddings were made with other options: start over
+            summary = run_pipeline(task, model, todo, _embed_config(pending, config, False))
+        if summary.interrupted:
+            raise Interrupted(
+                "interrupted while embedding; the embeddings made so far are kept: run the same command again to go on"
             )
-            run_pipeline(task, model, todo, embed_config)
-            new_meta = read_run_metadata(part)
-            roots = new_meta.get("roots") or [""]
-            for row in read_embedding_rows(part):
-                rows[row_key(row, roots[0])] = row
+        new_meta = read_run_metadata(pending)
+        roots = new_meta.get("roots") or [""]
+        for row in read_embedding_rows(pending):
+            rows[row_key(row, roots[0])] = row
+        remove_quietly(pending)  # this run's own file: merged into the cache below
     ordered = [rows[_key(it.root, it.relpath)] for it in items]
-    _write_cache(cache_write_path(cache_path, config), cached, ordered, items, model)
+    _write_cache(cache_write, cached, ordered, items, model)
     return ordered, len(todo)
+
+
+def _embed_config(pending: str, config: RunConfig, resume: bool) -> RunConfig:
+    return RunConfig(
+        output=pending,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        max_pixels=config.max_pixels,
+        quiet=config.quiet,
+        log_interval=config.log_interval,
+        resume=resume,
+        overwrite=not resume,
+        plan=config.plan,
+        engine=config.engine,
+    )
 
 
 def _write_cache(path: str, existing: dict, rows: list[dict], items: Sequence[ImageItem], model: LoadedModel) -> None:

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from visbatch.core.errors import FatalError, UsageError
-from visbatch.core.files import atomic_copy, atomic_write_bytes, files_identical
+from visbatch.core.files import atomic_copy, atomic_link, atomic_write_bytes, files_identical
 from visbatch.core.images import ImageItem, display_path
 from visbatch.core.overlays import root_folder_names
-from visbatch.core.protect import ProtectedInputs
 from visbatch.core.sources import ImageDecodeError, read_item
 
 
@@ -34,7 +33,6 @@ def plan_materialize(
     selected: np.ndarray,
     target: str,
     mode: str,
-    protected: ProtectedInputs,
     overwrite: bool = False,
 ) -> Materialization:
     """Check every destination before anything is written (see :func:`materialize`).
@@ -42,7 +40,9 @@ def plan_materialize(
     Keeps the inputs' relative paths (each input root in its own subfolder when there are
     several). A destination that already holds the same file (same bytes for a copy, a link
     to the same file for links) is skipped; any other existing destination is refused unless
-    ``overwrite``. A destination resolving into an input root is always refused.
+    ``overwrite``. (The run plan keeps the folder away from every input, and admits each
+    destination as it is written: one that resolves out of the folder is refused.) Called with
+    every pool image selected, it is the check made before anything is embedded.
     """
     if mode not in ("copy", "symlink", "hardlink"):
         raise UsageError(f"unknown link mode {mode!r} (symlink or hardlink)")
@@ -65,7 +65,6 @@ def plan_materialize(
             option = "--copy-to" if mode == "copy" else "--link-to"
             raise UsageError(f"{option}: {item.relpath!r} (a manifest path) would land outside {target}")
         destination = Path(target, subfolders.get(item.root, ""), item.relpath)
-        protected.check_write(destination)
         if os.path.lexists(destination):
             if item.ref is None and _holds_same_file(destination, item.path, mode):
                 same += 1
@@ -98,27 +97,13 @@ def materialize(plan: Materialization) -> int:
     """
     for item, destination in plan.writes:
         source = item.path
-        destination.parent.mkdir(parents=True, exist_ok=True)
         if plan.mode == "copy" and item.ref is not None:  # an object on storage: its bytes
             try:
-                atomic_write_bytes(destination, read_item(item).data)
+                atomic_write_bytes(destination, read_item(item).data, within=plan.target)
             except ImageDecodeError as exc:
                 raise FatalError(f"cannot copy {item.path}: {exc}") from exc
-            continue
-        if plan.mode == "copy":
-            atomic_copy(source, destination)
-            continue
-        temp = destination.with_name(f".{destination.name}.{os.getpid()}.link")
-        try:
-            if plan.mode == "symlink":
-                os.symlink(os.path.abspath(source), temp)
-            else:
-                os.link(source, temp)
-            os.replace(temp, destination)
-        except OSError as exc:
-            try:
-                os.remove(temp)
-            except OSError:
-                pass
-            raise FatalError(f"cannot {plan.mode} {destination}: {exc.strerror or exc}") from exc
+        elif plan.mode == "copy":
+            atomic_copy(source, destination, within=plan.target)
+        else:
+            atomic_link(source, destination, plan.mode, within=plan.target)
     return len(plan.writes) + plan.same

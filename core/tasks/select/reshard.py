@@ -24,7 +24,6 @@ import numpy as np
 from visbatch.core.errors import FatalError, UsageError
 from visbatch.core.files import atomic_path
 from visbatch.core.images import ImageItem
-from visbatch.core.protect import ProtectedInputs
 from visbatch.core.sources import SIDECAR_SUFFIXES, ImageDecodeError, read_item, read_sidecar
 from visbatch.core.sources.shards import TarSample
 
@@ -82,13 +81,10 @@ def plan_shards(
     selected: np.ndarray,
     target: str,
     shard_size: int,
-    protected: ProtectedInputs,
     overwrite: bool = False,
 ) -> ShardPlan:
     """Check the target and name every sample before anything is written."""
-    if shard_size < 1:
-        raise UsageError("--shard-size must be at least 1")
-    protected.check_folder(target, "--write-shards folder")
+    check_shard_folder(target, shard_size, overwrite)
     chosen = [item for item, keep in zip(items, selected) if keep]
     used: dict[str, int] = {}
     samples = []
@@ -99,14 +95,22 @@ def plan_shards(
             key = f"{key}_{used[key]}"
         used.setdefault(key, 0)
         samples.append((item, key))
-    plan = ShardPlan(target, shard_size, samples)
+    return ShardPlan(target, shard_size, samples)
+
+
+def check_shard_folder(target: str, shard_size: int, overwrite: bool) -> None:
+    """Refuse, before anything is created, a bad --shard-size or a --write-shards folder that
+    already holds shards (without --overwrite)."""
+    if shard_size < 1:
+        raise UsageError("--shard-size must be at least 1")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UsageError(f"--write-shards {target} exists and is not a folder")
     existing = sorted(p.name for p in Path(target).glob("*.tar")) if os.path.isdir(target) else []
     if existing and not overwrite:
         raise UsageError(
             f"--write-shards {target} already holds {len(existing)} .tar files (e.g. {existing[0]}); "
             "pass --overwrite to replace them, or choose an empty folder"
         )
-    return plan
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
@@ -120,14 +124,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
 def write_shards(plan: ShardPlan) -> dict:
     """Write the planned shards; returns what was written (and the samples that could not be read).
     A sample whose bytes can no longer be read is left out and counted, never a half sample."""
-    os.makedirs(plan.target, exist_ok=True)
     written, unreadable, now = 0, [], time.time()
     placed: dict[str, tuple[str, str]] = {}
     for index in range(plan.shard_count):
         name = plan.shard_name(index)
         part = plan.samples[index * plan.shard_size : (index + 1) * plan.shard_size]
         destination = os.path.join(plan.target, name)
-        with atomic_path(destination) as tmp:
+        with atomic_path(destination, within=plan.target) as tmp:
             try:
                 with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
                     for item, key in part:
