@@ -28,6 +28,10 @@ EXIT_USAGE = 2
 EXIT_FATAL = 3
 EXIT_INTERRUPTED = 130
 
+# Bounds that no machine reaches, so a typo is a usage error rather than a fork bomb or an overflow.
+MAX_BATCH_SIZE = 1 << 16
+MAX_WORKERS = 256
+
 
 @dataclass
 class CommonOptions:
@@ -202,6 +206,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
                     "--batch-size",
                     "-b",
                     min=1,
+                    max=MAX_BATCH_SIZE,
                     help="Images per batch (default: 64 on CUDA, 8 on CPU, where small batches stay in cache).",
                     envvar="VISBATCH_BATCH_SIZE",
                     show_default=False,
@@ -217,6 +222,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
                     "--workers",
                     "-j",
                     min=0,
+                    max=MAX_WORKERS,
                     help="Decode worker processes (0 decodes in the main process). Default: "
                     "CPU count (at most 8) on CUDA; a quarter of the cores on CPU, where the model needs them.",
                     envvar="VISBATCH_WORKERS",
@@ -416,23 +422,28 @@ def job_command(default_model: str, default_pretrained: Optional[str] = None) ->
 
 
 class CheckedCommand(TyperCommand):
-    """A subcommand whose number options are finite: ``--weight nan`` or ``--alpha inf`` is a usage
-    error (exit 2) before anything runs, whatever option it is (click accepts both)."""
+    """A subcommand whose number options are finite and fit 64 bits: ``--weight nan``, ``--alpha
+    inf`` or ``--masks 1e30`` is a usage error (exit 2) before anything runs, whatever option it
+    is (click accepts them all)."""
 
     def parse_args(self, ctx, args):
         rest = super().parse_args(ctx, args)
         for param in self.params:
             value = ctx.params.get(param.name or "")
-            values = value if isinstance(value, (list, tuple)) else [value]
-            bad = next((v for v in values if isinstance(v, float) and not math.isfinite(v)), None)
-            if bad is not None:
-                try:  # typer >= 0.20 carries its own click
-                    from typer._click.exceptions import BadParameter
-                except ImportError:  # pragma: no cover
-                    from click import BadParameter
-
-                raise BadParameter(f"must be a finite number, got {bad}", ctx=ctx, param=param)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise _bad_parameter(f"must be a finite number, got {v}", ctx, param)
+                if type(v) is int and abs(v) >= 1 << 63:
+                    raise _bad_parameter(f"{v} is beyond any meaningful value", ctx, param)
         return rest
+
+
+def _bad_parameter(message: str, ctx, param):
+    try:  # typer >= 0.20 carries its own click
+        from typer._click.exceptions import BadParameter
+    except ImportError:  # pragma: no cover
+        from click import BadParameter
+    return BadParameter(message, ctx=ctx, param=param)
 
 
 def fail(message: str, code: int) -> "typer.Exit":
@@ -697,8 +708,8 @@ PrecisionOpt = Annotated[
         "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.", envvar="VISBATCH_PRECISION"
     ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode worker processes.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH_SIZE, help="Images per batch.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, max=MAX_WORKERS, help="Decode worker processes.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 

@@ -235,7 +235,9 @@ def score(
         extractor = FeatureExtractor(backbone, loaded.groups, loaded.raw_embedding, tiling=loaded.tiling())
         task = ScoreTask(loaded, extractor, tta=tta, heatmaps=bool(heatmaps))
         settings = overlay_settings(heatmaps, overlay_size, colormap, alpha, overlay_style)
-        config = pipeline_config(common, "detect-aigi", host, items, files=[detector], **settings)
+        config = pipeline_config(
+            common, "detect-aigi", host, items, files=[detector], overlays_option="--heatmaps", **settings
+        )
         summary = run_pipeline(task, host, items, config)
         return finish(summary, common)
 

@@ -182,9 +182,13 @@ def report(
         from visbatch.core.report import build_report, check_report_extra
 
         check_report_extra()
+        from visbatch.core.report import report_inputs
+
         plan = RunPlan()
         for result in results:
             plan.inputs.add_path(result)
+            for folder in report_inputs(result):  # the thumbnails come from the run's inputs and overlays
+                plan.inputs.add_path(folder)
         outputs = [JobOutput(output, "report")]
         made = run_job(plan, outputs, overwrite, lambda: build_report(results, outputs[0].target, max_images))
         if not quiet:

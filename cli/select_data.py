@@ -49,10 +49,12 @@ def select_data(
     sidecar: bool = typer.Option(False, "--sidecar", help="Captions from image.txt / image.json ('caption')."),
     path_column: str = typer.Option("path", "--path-column"),
     caption_column: str = typer.Option("caption", "--caption-column"),
-    copy_to: Optional[str] = typer.Option(None, "--copy-to", help="Copy the selection here, keeping relative paths."),
-    link_to: Optional[str] = typer.Option(None, "--link-to", help="Link the selection here (see --link)."),
+    copy_to_option: Optional[str] = typer.Option(
+        None, "--copy-to", help="Copy the selection here, keeping relative paths."
+    ),
+    link_to_option: Optional[str] = typer.Option(None, "--link-to", help="Link the selection here (see --link)."),
     link: str = typer.Option("symlink", "--link", help="symlink or hardlink, for --link-to."),
-    write_shards: Optional[str] = typer.Option(
+    shards_option: Optional[str] = typer.Option(
         None,
         "--write-shards",
         help="Write the selected samples, with their .txt/.json sidecars, as WebDataset tar shards in this "
@@ -64,7 +66,7 @@ def select_data(
     """Drop exact and near duplicates and off-caption images, then fill a budget; the manifest says why."""
     from visbatch.core.images import display_path
     from visbatch.core.pipeline import check_creatable, check_folder_path, json_safe
-    from visbatch.core.plan import InputSet
+    from visbatch.core.plan import InputSet, as_local
     from visbatch.core.sources import SourceOptions, find_images, is_url
     from visbatch.core.tasks.select import (
         STRATEGIES,
@@ -95,6 +97,7 @@ def select_data(
             raise UsageError("--print-selected and --json both write to stdout; choose one")
         if common.resume:
             raise UsageError("select-data reuses its embedding cache instead of --resume; run it again")
+        copy_to, link_to, write_shards = as_local(copy_to_option), as_local(link_to_option), as_local(shards_option)
         for target, option in ((copy_to, "--copy-to"), (link_to, "--link-to"), (write_shards, "--write-shards")):
             if target and is_url(target):
                 raise UsageError(f"{option} needs a local folder (upload the files with your storage's tools)")

@@ -28,8 +28,9 @@ from typing import TypeVar
 
 from visbatch.core.errors import UsageError
 from visbatch.core.files import OutputLock
+from visbatch.core.outputs import output_task
 from visbatch.core.pipeline import check_creatable, check_output_name
-from visbatch.core.plan import RunPlan, local_path_of
+from visbatch.core.plan import RunPlan, as_local, local_path_of
 from visbatch.core.sinks import RemoteOutputs, check_url_output
 
 T = TypeVar("T")
@@ -38,12 +39,14 @@ T = TypeVar("T")
 @dataclass
 class JobOutput:
     """A file the job writes: its path (or URL), how messages name it (``output``, ``report``),
-    whether it is replaced without ``--overwrite`` (``replace``: a side file that goes with the
-    main output), and ``target``, the local path the job writes it to (its staging copy for a URL)."""
+    ``replaces``: the task of a visbatch output that may be replaced without ``--overwrite`` (a
+    side file that goes with the main output, such as quantize's report table; any other file
+    there is refused), and ``target``, the local path the job writes it to (its staging copy for
+    a URL)."""
 
     path: str
     what: str = "output"
-    replace: bool = False
+    replaces: str | None = None
     local: str | None = None
 
     @property
@@ -61,14 +64,16 @@ def check_job_outputs(outputs: Sequence[JobOutput], overwrite: bool) -> None:
             continue
         if local.endswith(os.sep) or os.path.isdir(local):
             raise UsageError(f"{output.what} {output.path} is a folder; give a file path")
-        if os.path.exists(local) and not (overwrite or output.replace):
-            raise UsageError(f"{output.what} {output.path} exists; pass --overwrite to replace it")
+        if os.path.exists(local) and not overwrite:
+            if output.replaces is None or output_task(local) != output.replaces:
+                raise UsageError(f"{output.what} {output.path} exists; pass --overwrite to replace it")
         check_creatable(local, output.what)
 
 
 def plan_job(plan: RunPlan, outputs: Sequence[JobOutput], overwrite: bool) -> RunPlan:
     """Declare the outputs (the first one locked) and check the plan and the outputs."""
     for output in outputs:
+        output.path = as_local(output.path) or output.path
         check_output_name(output.path, output.what)
     if not plan.checked:
         plan.write_locked_file(outputs[0].path, outputs[0].what)
@@ -87,7 +92,7 @@ def run_job(plan: RunPlan, outputs: Sequence[JobOutput], overwrite: bool, body: 
         remote = RemoteOutputs()
         for output in outputs:
             if local_path_of(output.path) is None:
-                output.local = remote.stage_file(output.path, overwrite=overwrite or output.replace)
+                output.local = remote.stage_file(output.path, overwrite=overwrite)
         with OutputLock(outputs[0].target):
             result = body()
         if remote:

@@ -17,15 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from visbatch.core.files import utc_now
-from visbatch.core.outputs import ROOT_FIELD, OutputError, describe_differences, read_run_metadata, write_parquet
-
-
-def _with_root(table: pa.Table, root: str) -> pa.Table:
-    """``table`` with a ``root`` column (its place in every multi-root output: after the base columns)."""
-    if "root" in table.column_names:
-        return table
-    column = pa.array([root] * table.num_rows, type=pa.string())
-    return table.add_column(table.schema.get_field_index("path_bytes") + 1, ROOT_FIELD, column)
+from visbatch.core.outputs import OutputError, describe_differences, read_run_metadata, write_parquet
 
 
 def merge_outputs(
@@ -56,12 +48,9 @@ def merge_outputs(
             raise OutputError(f"{part} was not written by visbatch")
         metas.append(meta)
     _check_one_job(parts, metas, allow_partial, warnings)
+    # Every shard of one job has the same columns: the root column is there whenever the job's
+    # inputs name several roots (_check_one_job refused parts of other inputs).
     tables = [t.replace_schema_metadata(None) for t in tables]
-    part_roots = [(meta.get("roots") or [""])[0] for meta in metas]
-    if any("root" in t.column_names for t in tables) or len(set(part_roots)) > 1:
-        # One shard may have read a single root where its siblings read several (and so have
-        # no root column): each row's root is its part's, so the parts merge as one job.
-        tables = [_with_root(t, root) for t, root in zip(tables, part_roots)]
     schemas = {t.schema for t in tables}
     if len(schemas) > 1:
         names = [set(t.schema.names) for t in tables]
@@ -102,6 +91,11 @@ def merge_outputs(
 def _check_one_job(parts: list[str], metas: list[dict], allow_partial: bool, warnings: list[str] | None) -> None:
     first = metas[0]
     for part, meta in zip(parts[1:], metas[1:]):
+        if sorted(meta.get("roots") or []) != sorted(first.get("roots") or []):
+            raise OutputError(
+                f"{part} read other inputs than {parts[0]} ({', '.join(meta.get('roots') or ['-'])} vs "
+                f"{', '.join(first.get('roots') or ['-'])}); only the shards of one job can be merged"
+            )
         for key in ("task", "schema"):
             if meta.get(key) != first.get(key):
                 raise OutputError(f"{part} differs from {parts[0]} in {key}; only parts of one job can be merged")

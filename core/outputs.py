@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -93,21 +94,38 @@ _PARTS_FOLDER_NAMES = ("part-*.arrow", "run.json", ".part-*.tmp", ".run.json.*.t
 
 
 def foreign_entries(parts_dir: str | os.PathLike) -> list[str]:
-    """Entries of a parts folder that no results writer made (sorted); [] when it does not exist."""
+    """Entries of a parts folder that no results writer made (sorted); [] when it does not exist.
+    Ours are plain files with no other hard link, under a writer's names, holding what a writer
+    writes (an Arrow file; run.json's options)."""
     try:
         names = os.listdir(parts_dir)
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
         raise FatalError(f"cannot read {describe_os_error(exc, parts_dir)}") from exc
-    foreign = []
-    for name in names:
-        path = os.path.join(parts_dir, name)
-        if not any(fnmatch.fnmatchcase(name, p) for p in _PARTS_FOLDER_NAMES) or not os.path.isfile(path):
-            foreign.append(name)
-        elif os.path.islink(path):
-            foreign.append(name)
-    return sorted(foreign)
+    return sorted(name for name in names if not _made_by_a_writer(os.path.join(parts_dir, name), name))
+
+
+def _made_by_a_writer(path: str, name: str) -> bool:
+    if not any(fnmatch.fnmatchcase(name, p) for p in _PARTS_FOLDER_NAMES):
+        return False
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    if name.startswith("."):  # a temp file a killed writer left (empty, or a part begun)
+        return not head or head.startswith(b"ARROW1") or head.startswith(b"{")
+    if name.endswith(".arrow"):
+        return head.startswith(b"ARROW1")
+    try:
+        options = json.loads(head)
+    except ValueError:
+        return False
+    return isinstance(options, dict) and "task" in options
 
 
 def check_parts_folder(parts_dir: str | os.PathLike) -> None:
@@ -330,9 +348,8 @@ class ResultsWriter:
             return
         for name in os.listdir(self.parts_dir):
             path = self.parts_dir / name
-            if any(fnmatch.fnmatchcase(name, p) for p in _PARTS_FOLDER_NAMES) and path.is_file():
-                if not path.is_symlink():
-                    remove_quietly(path)
+            if _made_by_a_writer(str(path), name):
+                remove_quietly(path)
 
     def _remove_parts_folder(self) -> None:
         """After the merge: the parts folder's own files, then the folder if nothing else is there."""
@@ -419,7 +436,8 @@ class ResultsWriter:
         meta = {**self.metadata, "finished_at": utc_now(), "rows": rows}
         schema = self.schema.remove_metadata().with_metadata({METADATA_KEY: json.dumps(meta).encode()})
         with atomic_path(self.output) as tmp:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            # A file object, not the path: pyarrow would read a path with a colon as a URI.
+            with pa.OSFile(tmp, "wb") as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
                 pending: list[pa.Table] = []
                 held = 0
                 for part in parts:
@@ -496,7 +514,8 @@ def write_parquet(path: str | os.PathLike, table: pa.Table, metadata: dict | Non
     if metadata is not None:
         schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
     with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        # A file object, not the path: pyarrow would read a path with a colon as a URI.
+        with pa.OSFile(tmp, "wb") as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
             for start in range(0, table.num_rows, ROW_GROUP_SIZE):
                 writer.write_table(table.slice(start, ROW_GROUP_SIZE).cast(schema))
             if table.num_rows == 0:
@@ -530,6 +549,15 @@ def _drop_repeated_keys(table: pa.Table, multi_root: bool) -> pa.Table:
     keep = np.ones(table.num_rows, dtype=bool)
     keep[:-1] = ~same
     return table.filter(pa.array(keep))
+
+
+def output_task(path: str | os.PathLike) -> str | None:
+    """The ``task`` a visbatch output records, None for any other file (or none)."""
+    try:
+        task = read_run_metadata(path).get("task")
+    except Exception:
+        return None
+    return task if isinstance(task, str) else None
 
 
 def read_run_metadata(path: str | os.PathLike) -> dict:

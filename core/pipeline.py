@@ -60,7 +60,7 @@ from visbatch.core.outputs import (
     parts_dir_for,
 )
 from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render_overlay
-from visbatch.core.plan import RunPlan, active_plan, local_path_of
+from visbatch.core.plan import RunPlan, active_plan, as_local, local_path_of
 from visbatch.core.sinks import RemoteOutputs, check_url_output
 from visbatch.core.sources import ItemStream, files_unchanged, is_url, items_unchanged
 
@@ -142,6 +142,7 @@ class RunConfig:
     overlay_alpha: float = 0.5
     overlay_style: str = "blend"
     overlay_signed: bool = False
+    overlays_option: str = "--overlays"  # how messages name the overlays folder (detect-aigi score: --heatmaps)
     quiet: bool = False
     log_interval: float = 30.0
     command_line: list[str] = field(default_factory=lambda: list(sys.argv))
@@ -370,7 +371,7 @@ def declare_writes(config: RunConfig, plan: RunPlan) -> None:
     """Every path a pipeline run may write, into its plan: the results (file, parts, lock), the
     overlay and map folders, the report."""
     plan.write_results(config.output)
-    plan.write_folder(config.overlays, "--overlays folder")
+    plan.write_folder(config.overlays, f"{config.overlays_option} folder")
     plan.write_folder(config.save_maps, "--save-maps folder")
     plan.write_file(config.report, "report")
 
@@ -379,6 +380,7 @@ def plan_of(config: RunConfig, stream: ItemStream | None = None) -> RunPlan:
     """The run's plan, checked: the config's (the CLI's, holding the named files), the active one
     of a job this run is part of, or a new one reading ``stream``'s inputs. Declares this
     run's writes into a plan not yet checked, then checks the outputs and the plan."""
+    normalize_outputs(config)
     plan = config.plan or active_plan()
     if plan is None:
         plan = RunPlan()
@@ -396,6 +398,16 @@ def plan_of(config: RunConfig, stream: ItemStream | None = None) -> RunPlan:
     check_outputs(config)
     config.plan = plan
     return plan
+
+
+def normalize_outputs(config: RunConfig) -> None:
+    """File URLs (``file:///abs/x``) as the paths they name, before anything else sees them."""
+    config.output = as_local(config.output) or config.output
+    config.overlays, config.save_maps, config.report = (
+        as_local(config.overlays),
+        as_local(config.save_maps),
+        as_local(config.report),
+    )
 
 
 def check_output_name(output: str, what: str = "output") -> None:
@@ -427,7 +439,7 @@ def check_outputs(config: RunConfig) -> None:
     check_parts_folder(parts_dir_for(output))
     for path, what in (
         (output, "output"),
-        (config.overlays, "--overlays folder"),
+        (config.overlays, f"{config.overlays_option} folder"),
         (config.save_maps, "--save-maps folder"),
     ):
         if path and local_path_of(path) is not None:

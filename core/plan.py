@@ -91,16 +91,28 @@ class Place:
 
 
 def local_path_of(location: str | os.PathLike) -> str | None:
-    """The local path a location names (``file://`` URLs included), None for other URLs."""
+    """The local path a location names, None for a URL of another scheme. ``file:///abs``,
+    ``file://localhost/abs`` and ``file:/abs`` (one slash, as ``Path`` prints a file URL) are the
+    path ``/abs``."""
     text = os.fspath(location)
-    if not _is_url(text):
-        return text
-    protocol, _, rest = text.partition("://")
-    if protocol.lower() != "file":
+    if text[:5].lower() == "file:":
+        rest = text[5:]
+        if rest.startswith("//"):
+            rest = rest[2:]
+            if rest.startswith("localhost/"):
+                rest = rest[len("localhost") :]
+        return rest
+    if _is_url(text):
         return None
-    if rest.startswith("localhost/"):
-        rest = rest[len("localhost") :]
-    return rest
+    return text
+
+
+def as_local(location: str | None) -> str | None:
+    """``location`` with a file URL written as its path (other URLs and paths unchanged)."""
+    if location is None:
+        return None
+    local = local_path_of(location)
+    return local if local is not None else os.fspath(location)
 
 
 def canonical(location: str | os.PathLike, resolve_last: bool = True) -> Place:

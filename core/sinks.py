@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from visbatch.core.errors import FatalError, UsageError
 from visbatch.core.files import atomic_path, atomic_write_bytes, remove_owned_folder, remove_quietly
-from visbatch.core.plan import canonical, local_path_of
+from visbatch.core.plan import as_local, canonical
 from visbatch.core.sources.remote import filesystem, is_url, storage_error, with_retries
 
 STAGING_MARKER = ".visbatch-staging"  # written in every staging folder visbatch makes: its record of it
@@ -27,10 +27,7 @@ STAGING_MARKER = ".visbatch-staging"  # written in every staging folder visbatch
 
 def local_or_url(target: str | None) -> str | None:
     """``file://`` URLs as local paths; anything else unchanged."""
-    if target is None:
-        return None
-    local = local_path_of(target)
-    return local if local is not None else target
+    return as_local(target)
 
 
 def staging_root() -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -134,26 +135,6 @@ def test_merge_takes_shards_of_two_roots_where_one_shard_holds_one_root(tmp_path
     result = invoke_cli("merge", *parts, "-o", merged, "--allow-partial")
     assert result.exit_code == 0, result.stderr
     assert pq.read_table(merged).num_rows == 7
-
-
-def test_merge_of_older_shards_with_and_without_a_root_column(tmp_path):
-    from visbatch.core.merge import merge_outputs
-    from visbatch.core.outputs import read_run_metadata, write_parquet
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    write_image(a / "x.jpg", seed=1)
-    write_image(b / "y.jpg", seed=2)
-    p0, p1 = tmp_path / "p0.parquet", tmp_path / "p1.parquet"
-    assert invoke_cli("classify", *TINY_CNN, a, b, "--shard", "0/2", "-o", p0).exit_code == 0
-    assert invoke_cli("classify", *TINY_CNN, a, b, "--shard", "1/2", "-o", p1).exit_code == 0
-    # An older visbatch wrote a one-root shard without the root column: merged all the same.
-    for part in (p0, p1):
-        table = pq.read_table(part)
-        meta = read_run_metadata(part)
-        if table.num_rows and len(set(table.column("root").to_pylist())) == 1:
-            meta["roots"] = [os.path.join(str(tmp_path), table.column("root")[0].as_py())]
-            write_parquet(part, table.drop_columns(["root"]), meta)
-    assert merge_outputs([str(p0), str(p1)], str(tmp_path / "m.parquet")) == 2
 
 
 # -- 11, 16, 21: select-data refuses first, stops with 130, creates its output's folder ---------
@@ -448,3 +429,182 @@ def test_a_signal_stops_a_listing_that_never_ends(tmp_path, sig):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+# -- found by the adversarial review of the run plan -------------------------------------------
+
+
+def _photo_folder(root: Path) -> Path:
+    root.mkdir(parents=True)
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (root / name).write_bytes((FIXTURE_IMAGES / name).read_bytes())
+    return root
+
+
+def test_a_file_url_with_one_slash_is_the_path_it_names(tmp_path):
+    photos = _photo_folder(tmp_path / "photos")
+    before = snapshot(photos)
+    result = invoke_cli("classify", *TINY_CNN, photos, "-o", f"file:{photos}/x.parquet")
+    assert_one_line_error(result, 2, "input folder")
+    assert snapshot(photos) == before and not Path("file:").exists()
+    ok = invoke_cli("classify", *TINY_CNN, photos, "-o", f"file:{tmp_path}/x.parquet")
+    assert ok.exit_code == 0, ok.stderr
+    assert pq.read_table(tmp_path / "x.parquet").num_rows == 2 and not Path("file:").exists()
+
+
+def test_a_table_cell_naming_a_file_url_is_read_and_protected(tmp_path):
+    images = _photo_folder(tmp_path / "m")
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": [f"file:{images}/chelsea.jpg", f"file://{images}/coffee.jpg"]}), table)
+    before = snapshot(images)
+    refused = invoke_cli("classify", *TINY_CNN, table, "-o", images / "chelsea.jpg", "--overwrite")
+    assert_one_line_error(refused, 2, "is the input file")
+    assert snapshot(images) == before
+    out = tmp_path / "o.parquet"
+    assert invoke_cli("classify", *TINY_CNN, table, "-o", out).exit_code == 0
+    assert [r["status"] for r in pq.read_table(out).to_pylist()] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["copy", "hardlink"])
+def test_a_link_inside_the_copy_folder_is_refused_before_anything(tmp_path, mode):
+    photos = _photo_folder(tmp_path / "photos")
+    write_image(photos / "space" / "rocket.jpg", seed=3)
+    dst, elsewhere = tmp_path / "dst", tmp_path / "elsewhere"
+    dst.mkdir()
+    elsewhere.mkdir()
+    (dst / "space").symlink_to(photos / "space" if mode == "hardlink" else elsewhere)
+    before, listing = snapshot(photos), sorted(tmp_path.rglob("*"))
+    option = ["--copy-to", dst] if mode == "copy" else ["--link-to", dst, "--link", "hardlink"]
+    result = invoke_cli("select-data", photos, *TINY_CLIP, "--budget", "3", *option, "-o", tmp_path / "s.parquet")
+    assert_one_line_error(result, 2, "a link in the folder")
+    assert snapshot(photos) == before and sorted(tmp_path.rglob("*")) == listing
+
+
+@pytest.mark.slow
+def test_a_clip_score_table_given_as_cache_is_never_rewritten(tmp_path):
+    photos = _photo_folder(tmp_path / "photos")
+    table = tmp_path / "X.embeddings.parquet"
+    made = invoke_cli("clip-score", photos, *TINY_CLIP, "--prompt", "a photo", "--save-embeddings", "-o", table)
+    assert made.exit_code == 0, made.stderr
+    before = snapshot(table)
+    result = invoke_cli("select-data", photos, *TINY_CLIP, "--cache", table, "-o", tmp_path / "X.parquet")
+    assert_one_line_error(result, 2, "is the input file")
+    assert snapshot(table) == before
+    ok = invoke_cli("select-data", photos, *TINY_CLIP, "--cache", table, "-o", tmp_path / "Y.parquet")
+    assert ok.exit_code == 0, ok.stderr
+    assert snapshot(table) == before and (tmp_path / "Y.embeddings.parquet").exists()
+
+
+@pytest.mark.slow
+def test_side_files_of_jobs_are_replaced_only_when_they_are_visbatch_s_own(tmp_path):
+    calib = _photo_folder(tmp_path / "calib")
+    (tmp_path / "q.report.parquet").write_text("mine")
+    args = ["quantize", "--calib", calib, *TINY_CNN[:4], "--method", "rtn", "-o", tmp_path / "q.safetensors"]
+    assert_one_line_error(invoke_cli(*args), 2, "q.report.parquet exists")
+    assert (tmp_path / "q.report.parquet").read_text() == "mine"
+    (tmp_path / "q.report.parquet").unlink()
+    assert invoke_cli(*args).exit_code == 0
+    assert invoke_cli(*args, "--overwrite").exit_code == 0  # its own report goes with the file
+    root = tmp_path / "root"
+    for label, seed in (("0_real", 0), ("1_fake", 20)):
+        for n in range(3):
+            write_image(root / label / f"{n}.png", seed=seed + n, size=(64, 64), fmt="PNG")
+    (tmp_path / "det.features.parquet").write_text("mine")
+    train = ["detect-aigi", "train", root, "--features", "npr", "--device", "cpu", "--holdout", "0.34"]
+    assert_one_line_error(invoke_cli(*train, "-o", tmp_path / "det.safetensors"), 2, "not a visbatch features table")
+    assert (tmp_path / "det.features.parquet").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_a_parts_folder_with_files_a_writer_did_not_make_is_refused(tmp_path, flag):
+    photos = _photo_folder(tmp_path / "photos")
+    parts = tmp_path / "out.parquet.parts"
+    parts.mkdir()
+    os.link(photos / "chelsea.jpg", parts / "part-000-0.arrow")  # a writer's name, not a writer's file
+    (parts / "run.json").write_text("not json")
+    before = snapshot(photos, parts)
+    result = invoke_cli("classify", *TINY_CNN, photos, "-o", tmp_path / "out.parquet", flag)
+    assert_one_line_error(result, 2, "did not write")
+    assert snapshot(photos, parts) == before
+
+
+def test_report_never_writes_over_the_images_it_reads(tmp_path):
+    pytest.importorskip("jinja2")
+    photos = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "out.parquet"
+    assert invoke_cli("classify", *TINY_CNN, photos, "-o", out).exit_code == 0
+    os.link(photos / "chelsea.jpg", tmp_path / "x.html")
+    (tmp_path / "y.html").symlink_to(photos / "coffee.jpg")
+    before = snapshot(photos)
+    for page in ("x.html", "y.html"):
+        result = invoke_cli("report", out, "-o", tmp_path / page, "--overwrite")
+        assert_one_line_error(result, 2, "input")
+    assert_one_line_error(invoke_cli("report", out, "-o", photos / "r.html"), 2, "input folder")
+    assert snapshot(photos) == before
+
+
+@pytest.mark.parametrize(
+    "args,stdin,fragment",
+    [
+        (["-b", "100000000000000000000"], None, "--batch-size"),
+        (["--workers", "99999"], None, "--workers"),
+        (["-"], "{photo}\0{photo}\n", "NUL byte"),
+    ],
+)
+def test_absurd_numbers_and_nul_bytes_are_usage_errors(tmp_path, args, stdin, fragment):
+    photo = str(FIXTURE_IMAGES / "coffee.jpg")
+    inputs = [] if args[0] == "-" else [photo]
+    result = invoke_cli(
+        "classify", *TINY_CNN[:4], *inputs, *args, "-o", tmp_path / "o.parquet",
+        input=stdin.format(photo=photo) if stdin else None,
+    )  # fmt: skip
+    assert_one_line_error(result, 2, fragment)
+    assert not list(tmp_path.iterdir())
+
+
+def test_merge_refuses_shards_of_different_inputs(tmp_path):
+    a, b = tmp_path / "photos", tmp_path / "photos2"
+    for n in range(8):  # enough names that each of 2 shards holds some
+        write_image(a / f"{n}.jpg", seed=n)
+    shutil.copytree(a, b)
+    parts = [tmp_path / "p0.parquet", tmp_path / "p1.parquet"]
+    assert invoke_cli("classify", *TINY_CNN, a, "--shard", "0/2", "-o", parts[0]).exit_code == 0
+    assert invoke_cli("classify", *TINY_CNN, b, "--shard", "1/2", "-o", parts[1]).exit_code == 0
+    assert_one_line_error(invoke_cli("merge", *parts, "-o", tmp_path / "m.parquet"), 2, "other inputs")
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_a_manifest_with_a_repeated_column_is_refused(tmp_path):
+    manifest = tmp_path / "dup.csv"
+    manifest.write_text(f"path,path\n{FIXTURE_IMAGES / 'coffee.jpg'},x\n")
+    result = invoke_cli("classify", *TINY_CNN, "--manifest", manifest, "-o", tmp_path / "o.parquet")
+    assert_one_line_error(result, 2, "'path' appears 2 times")
+
+
+def test_saliency_resume_with_another_batch_size_goes_on(tmp_path):
+    photos = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "s.parquet"
+    args = ["saliency", *TINY_CNN, photos, "--method", "smoothgrad", "-o", out]
+    assert invoke_cli(*args, "-b", "2", "--limit", "1").exit_code == 0
+    resumed = invoke_cli(*args, "-b", "8", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert pq.read_table(out).num_rows == 2
+
+
+@pytest.mark.slow
+def test_heatmaps_are_named_as_the_user_typed(tmp_path):
+    root = tmp_path / "root"
+    for label, seed in (("0_real", 0), ("1_fake", 20)):
+        for n in range(3):
+            write_image(root / label / f"{n}.png", seed=seed + n, size=(64, 64), fmt="PNG")
+    detector = tmp_path / "HM" / "det.safetensors"
+    trained = invoke_cli(
+        "detect-aigi", "train", root, "--features", "npr", "--device", "cpu", "--holdout", "0.34", "-o", detector
+    )
+    assert trained.exit_code == 0, trained.stderr
+    result = invoke_cli(
+        "detect-aigi", "score", root, "--detector", detector, "--heatmaps", detector.parent,
+        "--device", "cpu", "-o", tmp_path / "s.parquet",
+    )  # fmt: skip
+    assert_one_line_error(result, 2, "--heatmaps folder")

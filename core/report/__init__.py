@@ -109,6 +109,20 @@ def header(run: Run) -> dict:
     }
 
 
+def report_inputs(path: str) -> list[str]:
+    """What a report of ``path`` reads besides it: the run's input roots and its overlay and map
+    folders (thumbnails), as its metadata records them ([] for anything unreadable)."""
+    try:
+        meta = json.loads((pq.read_schema(path).metadata or {}).get(b"visbatch") or b"{}")
+    except Exception:
+        return []
+    if not isinstance(meta, dict):
+        return []
+    roots = meta.get("roots")
+    found = [*(roots if isinstance(roots, list) else []), meta.get("overlays"), meta.get("maps")]
+    return [p for p in found if isinstance(p, str) and p]
+
+
 def build_report(paths: list[str], output: str, max_images: int = DEFAULT_MAX_IMAGES) -> dict:
     """Write the report of ``paths`` to ``output`` (atomic); returns what it holds."""
     import jinja2

@@ -187,9 +187,14 @@ def read_path_list(stream) -> list[str]:
     a name that is not valid UTF-8 still names its file.
     """
     paths = []
-    for line in stream:
+    for number, line in enumerate(stream, 1):
         text = os.fsdecode(line) if isinstance(line, bytes) else line
         text = text.strip()
+        if "\0" in text:
+            raise InputError(
+                f"line {number} of the path list holds a NUL byte: give one path per line "
+                "(find -print0 lists need tr '\\0' '\\n')"
+            )
         if text:
             paths.append(text)
     return paths
@@ -224,7 +229,12 @@ def read_table_file(path: str) -> list[dict]:
         if suffix in (".csv", ".tsv"):
             # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
             with open(path, encoding="utf-8-sig", newline="") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                header = reader.fieldnames or []
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    raise InputError(f"{path}: the column {repeated[0]!r} appears {header.count(repeated[0])} times")
+                return list(reader)
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}")
     except InputError:
@@ -252,6 +262,8 @@ def read_manifest(path: str, path_column: str = "path", warnings: list[str] | No
             empty_rows.append(number)
             continue
         value = str(value).strip()
+        if "\0" in value:
+            raise InputError(f"{path}: row {number}'s path holds a NUL byte")
         full = value if os.path.isabs(value) else os.path.join(base, value)
         items.append(_item_for_file(full, base))
     if empty_rows and warnings is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from visbatch.core.plan import local_path_of
 from visbatch.core.sources.base import FileBytes, ImageDecodeError, ImageItem, InputError, content_hash
 from visbatch.core.sources.remote import (
     filesystem,
@@ -142,9 +143,15 @@ class TableCell:
 
 
 def resolve_cell_path(location: str, cell: str) -> str:
-    """The file or URL a path cell names: absolute as written, else relative to the table's folder."""
+    """The file or URL a path cell names: absolute as written (a file URL as its path), else
+    relative to the table's folder."""
+    local = local_path_of(cell)
+    if local is None:
+        return cell
+    if os.path.isabs(local):
+        return local
     base = location.rsplit("/", 1)[0] if is_url(location) else os.path.dirname(location)
-    return cell if is_url(cell) or os.path.isabs(cell) else join_url(base, cell)
+    return join_url(base, local)
 
 
 def _named_paths(parquet, table, column: str, group: int, field) -> list | None:

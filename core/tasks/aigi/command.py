@@ -19,8 +19,9 @@ from visbatch.core.errors import UsageError
 from visbatch.core.jobs import JobOutput, plan_job, run_job
 from visbatch.core.models import DeviceOnly, load_model
 from visbatch.core.models.devices import PRECISIONS
+from visbatch.core.outputs import output_task
 from visbatch.core.pipeline import RunConfig, check_outputs
-from visbatch.core.plan import InputSet, RunPlan, local_path_of
+from visbatch.core.plan import InputSet, RunPlan, as_local, local_path_of
 from visbatch.core.tasks.aigi.detector import (
     ARTEFACT_GROUPS,
     BACKBONE_GROUPS,
@@ -71,6 +72,17 @@ def features_config(path: str, run: RunSettings, resume: bool, plan: RunPlan, qu
     )
     plan.write_results(path, "features file")
     return config
+
+
+def check_features(config: RunConfig, overwrite: bool) -> None:
+    """After the plan's check: the features run's own checks; an existing file there is replaced
+    only when it is a features table of an earlier run (or with --overwrite)."""
+    path = config.output
+    if os.path.exists(path) and not (config.resume or overwrite) and output_task(path) != "detect-aigi-features":
+        raise UsageError(
+            f"{path} exists and is not a visbatch features table; move it, or pass --overwrite to replace it"
+        )
+    check_outputs(config)
 
 
 def job_plan(reads: InputSet | None, *files: str | None) -> RunPlan:
@@ -144,6 +156,7 @@ def _groups(request: TrainRequest) -> tuple[str, ...]:
 
 def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
     """Check, read the labelled folders, compute features (resumable), train, save the detector."""
+    request.output = as_local(request.output) or request.output
     output, run = request.output, request.run
     if not output.endswith(".safetensors"):
         raise UsageError("-o must name a .safetensors file")
@@ -186,7 +199,7 @@ def train_command(request: TrainRequest, warn: Warn) -> TrainResult:
     outputs = [JobOutput(output)]
     config = features_config(features_path, run, request.resume, plan, quiet=run.quiet)
     plan_job(plan, outputs, request.overwrite)
-    check_outputs(config)
+    check_features(config, request.overwrite)
     for warning in format_confounds(data):
         warn(warning)
     if request.policy == "resize" and any(g in ARTEFACT_GROUPS for g in groups):
@@ -241,6 +254,7 @@ class EvalRequest:
 def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list[str]]:
     """Per generator and overall figures of a detector on a labelled root, written to the output;
     returns (rows, one-line reasons for the images that could not be scored)."""
+    request.output = as_local(request.output) or request.output
     output, run = request.output, request.run
     if request.min_ap is not None and not 0 <= request.min_ap <= 1:
         raise UsageError("--min-ap must be between 0 and 1")
@@ -253,10 +267,10 @@ def evaluate_command(request: EvalRequest, warn: Warn) -> tuple[list[dict], list
     data = read_labelled_root(request.root)
     features_path = output + ".features.parquet"
     plan = job_plan(data.reads, request.detector, request.pretrained, request.model)
-    outputs = [JobOutput(output)] + ([JobOutput(request.html, "report", replace=True)] if request.html else [])
+    outputs = [JobOutput(output)] + ([JobOutput(request.html, "report")] if request.html else [])
     config = features_config(features_path, run, request.resume, plan, quiet=True)
     plan_job(plan, outputs, request.overwrite)
-    check_outputs(config)
+    check_features(config, request.overwrite)
     loaded = Detector.load(request.detector)
     confounds = format_confounds(data)
     for warning in confounds:

@@ -27,7 +27,7 @@ from visbatch.core.errors import UsageError
 from visbatch.core.jobs import JobOutput, plan_job, run_job
 from visbatch.core.models import load_model
 from visbatch.core.pipeline import RunConfig
-from visbatch.core.plan import InputSet, RunPlan, local_path_of
+from visbatch.core.plan import InputSet, RunPlan, as_local, local_path_of
 from visbatch.core.sources import SourceOptions, find_images, read_table_file
 from visbatch.core.tasks.quantize.job import QuantizeOptions, run_quantize, write_report
 
@@ -76,6 +76,7 @@ def report_path_for(output: str) -> str:
 
 def check_request(r: QuantizeRequest) -> None:
     """The options alone (before any file is read)."""
+    r.output, r.calib, r.eval_images = as_local(r.output), as_local(r.calib), as_local(r.eval_images)
     if r.bits not in (4, 8):
         raise UsageError("--bits must be 8 or 4")
     if r.method not in METHODS:
@@ -132,9 +133,9 @@ def quantize_command(r: QuantizeRequest, warn: Callable[[str], None]) -> Quantiz
         plan.inputs.add_path(path)
     # The report sits beside the file: --overwrite replaces both, and without it an old
     # report (of another run) is replaced only with the file it belongs to.
-    outputs = [JobOutput(output), JobOutput(report_path, "report", replace=True)]
+    outputs = [JobOutput(output), JobOutput(report_path, "report", replaces="quantize")]
     if r.html:
-        outputs.append(JobOutput(r.html, "report", replace=True))
+        outputs.append(JobOutput(r.html, "report"))
     held_out_reads = InputSet()
     if r.eval_images:
         held_out = find_images([r.eval_images], SourceOptions(), reads=held_out_reads)

@@ -234,7 +234,12 @@ class SaliencyTask:
 
     def options(self) -> dict:
         o = self.config
-        params = {k: v for k, v in self.method_params.items() if isinstance(v, (int, float, str, bool))}
+        # internal_batch_size only chunks the work (it follows --batch-size): not a result option.
+        params = {
+            k: v
+            for k, v in self.method_params.items()
+            if isinstance(v, (int, float, str, bool)) and k != "internal_batch_size"
+        }
         return {
             "method": o.method,
             "params": params,

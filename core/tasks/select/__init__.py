@@ -38,11 +38,12 @@ from visbatch.core.pipeline import (
     check_output_name,
     check_outputs,
     declare_writes,
+    normalize_outputs,
     publish,
     run_metadata,
     stage_outputs,
 )
-from visbatch.core.plan import RunPlan
+from visbatch.core.plan import RunPlan, as_local
 from visbatch.core.sources import item_fields
 from visbatch.core.tasks.clip_score import clip_score
 from visbatch.core.tasks.select.cache import (  # noqa: F401
@@ -50,6 +51,7 @@ from visbatch.core.tasks.select.cache import (  # noqa: F401
     cache_write_path,
     default_cache_path,
     embed_with_cache,
+    is_foreign_table,
     pending_run_path,
     read_cache,
 )
@@ -137,6 +139,8 @@ def run_select(
     start = time.monotonic()
     if options.dedup_threshold is None:
         options.dedup_threshold = default_dedup_threshold(model)
+    normalize_outputs(config)
+    options.cache = as_local(options.cache)
     cache_path = options.cache or default_cache_path(config.output)
     cache_write = cache_write_path(cache_path, config.output)
     check_output_name(config.output)
@@ -144,7 +148,7 @@ def run_select(
     if config.plan is None:
         plan.inputs.add_items(items)
     if not plan.checked:
-        if cache_write != cache_path:  # another command's output, read as a cache and never rewritten
+        if is_foreign_table(cache_path):  # another command's output, read as a cache and never rewritten
             plan.inputs.add_file(cache_path)
         plan.inputs.add_items(options.reference)
         plan.write_file(cache_write, "embedding cache" if options.cache is None else "--cache")
@@ -157,7 +161,7 @@ def run_select(
     config.plan = plan
     with plan.activated():
         stage_outputs(config)
-        if cache_write != cache_path and not config.quiet:
+        if is_foreign_table(cache_path) and not config.quiet:
             print(
                 f"visbatch: note: {cache_path} is another command's output, read as a cache and left as it is; "
                 f"the updated cache goes to {cache_write}",

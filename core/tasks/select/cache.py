@@ -134,15 +134,20 @@ def embedding_array(vectors: Sequence, dim: int) -> pa.Array:
 
 def cache_write_path(cache_path: str, output: str) -> str:
     """Where the updated cache goes: ``cache_path``, unless that file is another command's output
-    (a clip-score table read as a cache), which is never rewritten: then OUTPUT.embeddings.parquet."""
-    if os.path.exists(cache_path):
-        try:
-            task = read_run_metadata(cache_path).get("task")
-        except Exception:
-            task = None
-        if task not in (None, "embedding-cache"):
-            return default_cache_path(output)
-    return cache_path
+    (a clip-score table read as a cache), which is never rewritten: then OUTPUT.embeddings.parquet
+    (the run plan refuses the run when that is the same file)."""
+    return default_cache_path(output) if is_foreign_table(cache_path) else cache_path
+
+
+def is_foreign_table(path: str) -> bool:
+    """An existing visbatch output of another command (read as a cache, only read)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        task = read_run_metadata(path).get("task")
+    except Exception:
+        return False
+    return task not in (None, "embedding-cache")
 
 
 def default_cache_path(output: str) -> str:

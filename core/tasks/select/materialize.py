@@ -58,6 +58,8 @@ def plan_materialize(
     roots = sorted({item.root for item in items})
     subfolders = root_folder_names(roots) if len(roots) > 1 else {}
     writes, same, conflicts = [], 0, []
+    real_target = os.path.realpath(target)
+    real_folders: dict[str, str] = {}
     for item, keep in zip(items, selected):
         if not keep:
             continue
@@ -65,6 +67,16 @@ def plan_materialize(
             option = "--copy-to" if mode == "copy" else "--link-to"
             raise UsageError(f"{option}: {item.relpath!r} (a manifest path) would land outside {target}")
         destination = Path(target, subfolders.get(item.root, ""), item.relpath)
+        folder = str(destination.parent)
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder)
+        if not (real_folders[folder] + os.sep).startswith(real_target.rstrip(os.sep) + os.sep):
+            option = "--copy-to" if mode == "copy" else "--link-to"
+            raise UsageError(
+                f"{option} {target}: {display_path(str(destination))} resolves to "
+                f"{os.path.join(real_folders[folder], destination.name)}, outside {target} (a link in the folder); "
+                "remove the link or choose another folder"
+            )
         if os.path.lexists(destination):
             if item.ref is None and _holds_same_file(destination, item.path, mode):
                 same += 1
