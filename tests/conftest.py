@@ -140,3 +140,28 @@ def assert_one_line_error(result, code: int, fragment: str = "") -> None:
     assert len(errors) == 1, stderr
     assert fragment in errors[0], stderr
     assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_repository_stays_clean():
+    """No test's run may write into the working folder it was started from (the repository): a
+    run writes only the paths it planned (a file URL that once became a relative 'file:' folder
+    here is the case this catches)."""
+
+    def untracked() -> set[str]:
+        try:
+            out = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=all"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return set()
+        return {line[3:] for line in out.splitlines() if line.startswith("??")}
+
+    before = untracked()
+    yield
+    appeared = sorted(untracked() - before)
+    assert not appeared, f"the tests left files in the repository: {appeared[:5]}"
