@@ -8,6 +8,7 @@ chooses the exit code. :func:`guarded` turns every error into one line on
 stderr and an exit code (:data:`EXIT_*`).
 """
 
+import contextlib
 import functools
 import inspect
 import math
@@ -57,6 +58,7 @@ class CommonOptions:
     runtime: str = "speed"
     image_column: Optional[str] = None
     keep_columns: Optional[str] = None
+    hash: str = "blake2b"
     engine: str = "local"
     ray_address: str = "auto"
     gpus_per_worker: Optional[float] = None
@@ -352,11 +354,25 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
                 Optional[str],
                 typer.Option(
                     "--keep-columns",
-                    help="For INPUT tables: comma-separated columns copied to the output rows.",
+                    help="Comma-separated columns copied to the output rows: of INPUT tables (with their "
+                    "types), or fields of each WebDataset sample's .json (as text; url, uid, ...).",
                     envvar="VISBATCH_KEEP_COLUMNS",
                 ),
             ],
             None,
+        ),
+        opt(
+            "hash",
+            Annotated[
+                str,
+                typer.Option(
+                    "--hash",
+                    help="The content_hash column's algorithm: blake2b (128-bit, fast) or sha256 (as "
+                    "img2dataset's sha256 column).",
+                    envvar="VISBATCH_HASH",
+                ),
+            ],
+            "blake2b",
         ),
         opt("engine", EngineOpt, "local"),
         opt("ray_address", RayAddressOpt, "auto"),
@@ -393,6 +409,25 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
 COMMON_NAMES = [f for f in CommonOptions.__dataclass_fields__ if f not in ("warnings", "reads")]
 
 
+@contextlib.contextmanager
+def content_hash_algorithm(name: str):
+    """``--hash``: the algorithm of every content hash this run computes, through the
+    environment so decode workers and Ray workers compute the same (restored afterwards)."""
+    from visbatch.core.sources.base import HASH_ALGORITHMS, HASH_ENV
+
+    if name not in HASH_ALGORITHMS:
+        raise UsageError(f"--hash must be one of {', '.join(HASH_ALGORITHMS)}, got {name!r}")
+    before = os.environ.get(HASH_ENV)
+    os.environ[HASH_ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(HASH_ENV, None)
+        else:
+            os.environ[HASH_ENV] = before
+
+
 def job_command(default_model: str, default_pretrained: Optional[str] = None) -> Callable:
     """Decorator: give a command the common options and pass them as ``common``."""
 
@@ -408,7 +443,8 @@ def job_command(default_model: str, default_pretrained: Optional[str] = None) ->
             # The default weights go with the default model only.
             if common.pretrained is None and common.model == default_model:
                 common.pretrained = default_pretrained
-            return func(*args, common=common, **kwargs)
+            with content_hash_algorithm(common.hash):
+                return func(*args, common=common, **kwargs)
 
         params = _common_parameters(default_model, default_pretrained)
         positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
@@ -514,8 +550,17 @@ def find_inputs(common: CommonOptions, caption_column: Optional[str] = None, str
             common.inputs, options, manifest=common.manifest, warnings=common.warnings, reads=common.reads
         )
     listed = items.head if stream else items
-    if (common.image_column or common.keep_columns) and not any(hasattr(it.ref, "column") for it in listed):
-        raise UsageError("--image-column and --keep-columns apply to Parquet/Arrow INPUT tables; none was given")
+    tables = any(hasattr(it.ref, "column") for it in listed)
+    shards = bool(items.shards) if stream else any(it.shard is not None for it in listed)
+    if common.image_column and not tables:
+        raise UsageError("--image-column applies to Parquet/Arrow INPUT tables; none was given")
+    if common.keep_columns and not (tables or shards):
+        raise UsageError(
+            "--keep-columns passes through columns of Parquet/Arrow INPUT tables or fields of WebDataset "
+            "samples' .json; neither was given"
+        )
+    if common.keep_columns and shards and "key" in source_options(common).keep_columns:
+        raise UsageError("--keep-columns 'key': visbatch writes each shard sample's key as the column 'key'")
     if items.is_empty() if stream else not items:
         where = ", ".join(common.inputs + ([common.manifest] if common.manifest else []))
         raise InputError(

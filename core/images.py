@@ -348,6 +348,13 @@ class ImageDataset(torch.utils.data.Dataset):
             record.extra.update(self.annotate(item))
         try:
             file = read_item(item)
+        except ImageDecodeError as exc:
+            record.status, record.error = "error", str(exc)
+            return None, record
+        except Exception as exc:  # a storage client's own error (a dead endpoint): still one row
+            record.status, record.error = "error", f"cannot read image: {type(exc).__name__}: {exc}"
+            return None, record
+        try:
             record.fingerprint = file.fingerprint()
             img = decode_bytes(file.data, self.max_pixels)
             del file

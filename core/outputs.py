@@ -66,6 +66,7 @@ RESUME_KEYS = (
     "model",
     "roots",
     "shard",
+    "hash",
     "schema",
     "task_options",
     "preprocessing",
@@ -181,7 +182,7 @@ def output_schema(task_fields: Sequence[pa.Field], multi_root: bool, source_fiel
         if f.name in own and f.name != "shard":
             raise OutputError(
                 f"--keep-columns {f.name!r}: visbatch writes a column of that name; "
-                "rename it in the table or leave it out"
+                "rename it in the input or leave it out"
             )
     fields = list(BASE_FIELDS) + ([ROOT_FIELD] if multi_root else []) + list(source_fields) + list(task_fields)
     names = [f.name for f in fields]

@@ -63,6 +63,7 @@ from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render
 from visbatch.core.plan import RunPlan, active_plan, as_local, local_path_of
 from visbatch.core.sinks import RemoteOutputs, check_url_output
 from visbatch.core.sources import ItemStream, files_unchanged, is_url, items_unchanged
+from visbatch.core.sources.base import hash_algorithm
 
 log = logging.getLogger("visbatch")
 
@@ -173,6 +174,7 @@ class Summary:
     overlays_written: int = 0
     interrupted: bool = False
     report: str | None = None  # the HTML report written with --report
+    engine: str | None = None  # with --engine ray: which cluster ran it
     changed: int = 0  # resumed rows whose file changed since: redone
     removed: int = 0  # resumed rows whose file is gone (or changed and not in this run): dropped
     error_examples: list[str] = field(default_factory=list)
@@ -334,6 +336,8 @@ def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list
         "started_at": utc_now(),
         "max_pixels": config.max_pixels,
         "shard": list(config.shard) if config.shard else None,
+        # --hash sha256 (absent for the default BLAKE2b, so earlier outputs resume as before)
+        "hash": "sha256" if hash_algorithm() == "sha256" else None,
         "selection": config.selection,
         "random_weights": bool(model.is_random),
         "engine": {"engine": "local"},  # --engine ray replaces it with the cluster's size
@@ -527,6 +531,7 @@ def _run(task: Task, model: LoadedModel, stream: ItemStream, config: RunConfig, 
         from visbatch.core.engines import ray_data
 
         cluster = ray_data.connect(config.engine)
+        summary.engine = ray_data.describe_cluster(cluster)
     metadata = run_metadata(task, model, config, fields)
     writer = ResultsWriter(
         config.output,
@@ -828,6 +833,8 @@ def print_summary(summary: Summary, as_json: bool, quiet: bool) -> None:
     if summary.error_examples:
         lines.append("  first errors:")
         lines.extend(f"    {e}" for e in summary.error_examples)
+    if summary.engine:
+        lines.append(f"  engine: {summary.engine}")
     if summary.output and not summary.interrupted:
         lines.append(f"  results: {summary.output}")
     if summary.overlays:

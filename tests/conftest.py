@@ -7,6 +7,7 @@ import os
 
 # Tests never reach a hub: the download code paths run up to the network and fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets: its packaged loaders, never the hub
 import shutil
 import subprocess
 import sys

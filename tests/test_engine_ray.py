@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_s3 import s3  # noqa: F401  (a fixture)
 from test_sources import TINY_CLIP, TINY_CNN, by_key, pool, same_values  # noqa: F401  (pool is a fixture)
 
 from conftest import VISBATCH, assert_one_line_error, invoke_cli, run_cli, snapshot, write_image
@@ -295,3 +296,66 @@ def test_pool_jobs_on_ray_equal_local(cluster, labelled_root, corpus, tmp_path):
         assert result.exit_code == 0, result.stderr
     qa, qb = load_file(tmp_path / "q-local.safetensors"), load_file(tmp_path / "q-ray.safetensors")
     assert qa.keys() == qb.keys() and all(torch.equal(qa[k], qb[k]) for k in qa)
+
+
+def test_the_summary_and_metadata_say_which_cluster_ran_the_job(cluster, corpus, tmp_path):
+    """``--ray-address auto`` joins whatever cluster runs here: the summary and the output say which."""
+    out = tmp_path / "o.parquet"
+    result = run_cli("classify", corpus, *TINY_CNN, *RAY, "--ray-address", cluster, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert f"engine: Ray cluster at {cluster} (joined): 1 nodes, 2 CPUs" in result.stderr
+    meta = json.loads(pq.read_schema(out).metadata[b"visbatch"])
+    assert meta["engine"]["address"] == cluster and meta["engine"]["started_here"] is False
+
+
+def test_workers_get_the_drivers_storage_settings(cluster, s3, tmp_path):  # noqa: F811
+    """The cluster was started without the S3 endpoint; the driver has it: the workers read the
+    shards through it (the driver's storage variables travel in the job's runtime_env)."""
+    assert "FSSPEC_S3_ENDPOINT_URL" not in os.environ
+    out = tmp_path / "o.parquet"
+    result = run_cli(
+        "classify", "s3://pool/shards/{00000..00001}.tar", *TINY_CNN, *RAY, "--ray-address", cluster, "-o", out,
+        env=s3["env"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [r["status"] for r in _rows(out)] == ["ok"] * 4
+
+
+def test_only_storage_and_visbatch_settings_travel_to_the_workers():
+    from visbatch.core.engines.ray_data import forwarded_environment
+
+    env = {"AWS_ACCESS_KEY_ID": "k", "FSSPEC_S3_ENDPOINT_URL": "http://127.0.0.1:1", "PATH": "/bin", "HOME": "/h"}
+    assert forwarded_environment(env | {"VISBATCH_HASH": "sha256", "AWS_PROFILE": ""}) == {
+        "AWS_ACCESS_KEY_ID": "k",
+        "FSSPEC_S3_ENDPOINT_URL": "http://127.0.0.1:1",
+        "VISBATCH_HASH": "sha256",
+    }
+
+
+def test_a_worker_that_cannot_read_its_first_sample_stops_the_run():
+    from visbatch.core.engines.ray_data import DecodeStage
+    from visbatch.core.errors import FatalError
+    from visbatch.core.images import ImageItem, Record
+
+    def record(error):
+        return Record(index=0, item=ImageItem("/r", "a.jpg"), status="error" if error else "ok", error=error)
+
+    stage = DecodeStage(None, None, None, None)
+    with pytest.raises(FatalError, match="cannot read its first sample: cannot read image: EndpointConnectionError"):
+        stage._check_first_read(record("cannot read image: EndpointConnectionError: Could not connect"))
+    stage._check_first_read(record("not an image (cannot identify image file)"))  # the read worked
+    stage._check_first_read(record("cannot read image: EndpointConnectionError: later"))  # an error row now
+
+
+def test_a_join_refused_for_a_missing_token_says_so():
+    from visbatch.core.engines.ray_data import join_failure
+
+    logged = [
+        b"[2026-12-08 01:01:15,160 W 6989 6989] rpc_client.h:153: Failed to connect to GCS at 10.0.0.5:6379\n",
+        b"[2026-12-08 01:01:15,161 E 6989 6989] grpc_client.cc:88: AuthenticationError: Authentication token is"
+        b" missing\n",
+    ]
+    said = join_failure(ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"), logged)
+    assert said.startswith("grpc_client.cc:88: AuthenticationError: Authentication token is missing")
+    assert "RAY_AUTH_TOKEN" in said
+    assert join_failure(ConnectionError("Failed to connect"), logged[:1]) == "Failed to connect"

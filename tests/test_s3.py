@@ -244,3 +244,29 @@ def test_s3a_names_the_same_objects_as_s3(s3, tmp_path):
     )  # fmt: skip
     assert_one_line_error(into, 2, "input folder")
     assert _objects(s3) == before and not (tmp_path / "s.parquet").exists()
+
+
+def test_report_reads_a_url_output_and_report_lands_beside_a_url_output(s3, tmp_path):
+    """Item 11: `visbatch report s3://.../scores.parquet` said "no file"; `--report` beside a URL -o."""
+    pytest.importorskip("jinja2")
+    result = run_cli(
+        "classify", "s3://pool/shards/{00000..00001}.tar", *TINY_CNN, "-o", "s3://pool/runs/rep.parquet", "--report",
+        env=s3["env"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page = _get(s3, "runs/rep.html", tmp_path / "beside.html").read_text()
+    assert "<html" in page and page.count("data:image/jpeg") >= 4  # thumbnails read from the shards on S3
+    report = run_cli("report", "s3://pool/runs/rep.parquet", "-o", tmp_path / "r.html", env=s3["env"], cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "<html" in (tmp_path / "r.html").read_text()
+    missing = run_cli("report", "s3://pool/runs/none.parquet", "-o", tmp_path / "n.html", env=s3["env"])
+    assert_one_line_error(missing, 2, "no file s3://pool/runs/none.parquet")
+
+
+def test_a_dead_endpoint_is_one_line_on_every_kind_of_input(s3, tmp_path):
+    """Item 10: a brace range of shards on a dead endpoint was an internal error."""
+    dead = {**s3["env"], "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+    for source in ("s3://pool/shards/{00000..00001}.tar", "s3://pool/shards/"):
+        result = run_cli("classify", source, *TINY_CNN, "-o", tmp_path / "o.parquet", env=dead)
+        assert_one_line_error(result, 3, "cannot reach s3://pool/shards/")
+        assert not (tmp_path / "o.parquet").exists()

@@ -307,7 +307,7 @@ def test_table_misuse_is_one_line(pool, tmp_path):
     assert_one_line_error(
         invoke_cli("classify", table, *TINY_CNN, "--image-column", "picture", "--keep-columns", "nope", "-o", "o"),
         2,
-        "no column 'nope'",
+        "--keep-columns 'nope' names no column",
     )
     assert_one_line_error(
         invoke_cli("classify", folder, *TINY_CNN, "--image-column", "x", "-o", tmp_path / "o"), 2, "INPUT tables"

@@ -35,9 +35,9 @@ def listed_shards(monkeypatch):
     names: list[str] = []
     real = shard_module.list_shard
 
-    def counting(root, name, warnings=None):
+    def counting(root, name, warnings=None, kept=()):
         names.append(name)
-        return real(root, name, warnings)
+        return real(root, name, warnings, kept)
 
     monkeypatch.setattr(stream, "list_shard", counting)
     return names

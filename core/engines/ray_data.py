@@ -52,40 +52,115 @@ CHUNK_SIZE = 65536  # items per Ray dataset: each dataset starts its actors (and
 
 
 def connect(options: EngineOptions) -> dict:
-    """Join (or start) the cluster; returns its size for the output's metadata."""
+    """Join (or start) the cluster; returns which cluster and its size, for the summary and the
+    output's metadata."""
     import ray
 
     address = options.address
     if address not in ("auto", "local"):
         _check_reachable(address)
+    started_here = False
     if not ray.is_initialized():
-        with _without_ray_logs():
-            _init(ray, address)
+        dropped: list[bytes] = []
+        with _without_ray_logs(dropped):
+            started_here = _init(ray, address, dropped)
     _quiet_ray_data()
     resources = ray.cluster_resources()
     return {
+        "address": _gcs_address(ray),
+        "started_here": started_here,
         "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
         "cpus": float(resources.get("CPU", 0)),
         "gpus": float(resources.get("GPU", 0)),
     }
 
 
-def _init(ray, address: str) -> None:
-    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
-    # A cluster started here listens on the loopback interface only.
+def describe_cluster(cluster: dict) -> str:
+    """The summary's line on where the run ran: ``--ray-address auto`` joins whatever runs here."""
+    how = "started here for this run" if cluster.get("started_here") else "joined"
+    return (
+        f"Ray cluster at {cluster.get('address') or '?'} ({how}): {cluster.get('nodes', 0)} nodes, "
+        f"{cluster.get('cpus', 0):g} CPUs, {cluster.get('gpus', 0):g} GPUs"
+    )
+
+
+def _gcs_address(ray) -> str | None:
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:  # an older Ray without it: the size alone is said
+        return None
+
+
+# What the workers must see of the driver's environment to read the inputs and write the
+# outputs as the driver does: object-storage endpoints and credentials (AWS_*, FSSPEC_*, ...),
+# and visbatch's own settings (--hash, the staging folder).
+_FORWARDED_PREFIXES = (
+    "AWS_",
+    "FSSPEC_",
+    "S3_",
+    "GOOGLE_",
+    "GCS_",
+    "AZURE_",
+    "HF_",
+    "HUGGINGFACE_",
+    "VISBATCH_",
+)
+_FORWARDED_NAMES = ("GCE_METADATA_HOST", "NO_PROXY", "HTTPS_PROXY", "HTTP_PROXY", "no_proxy", "https_proxy")
+
+
+def forwarded_environment(environ=None) -> dict[str, str]:
+    """The storage and visbatch variables set in the driver, for the workers' ``runtime_env``
+    (a worker on another node sees none of the driver's environment otherwise)."""
+    environ = os.environ if environ is None else environ
+    return {
+        name: value
+        for name, value in environ.items()
+        if (name.startswith(_FORWARDED_PREFIXES) or name in _FORWARDED_NAMES) and value
+    }
+
+
+def _init(ray, address: str, dropped: list[bytes]) -> bool:
+    """ray.init for ``address``; True when this process started the cluster."""
+    quiet: dict[str, Any] = {
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "include_dashboard": False,
+        "runtime_env": {"env_vars": forwarded_environment()},
+    }
+    # Ask for 127.0.0.1 as the node's address. Ray (2.60) still binds its GCS and raylet on
+    # every interface: the README says so, and that Ray's token authentication guards them.
     local: dict[str, Any] = {**quiet, "_node_ip_address": "127.0.0.1"}
     if address == "local":
         ray.init(**local)
-    elif address == "auto":
+        return True
+    if address == "auto":
         try:
             ray.init(address="auto", **quiet)
+            return False
         except ConnectionError:
             ray.init(**local)
-    else:
-        try:
-            ray.init(address=address, **quiet)
-        except Exception as exc:
-            raise FatalError(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from exc
+            return True
+    try:
+        ray.init(address=address, **quiet)
+    except Exception as exc:
+        raise FatalError(f"cannot join the Ray cluster at {address}: {join_failure(exc, dropped)}") from exc
+    return False
+
+
+def join_failure(exc: BaseException, dropped: list[bytes]) -> str:
+    """Why joining failed, in one line: Ray's own cause when its log said it (an authentication
+    token missing or wrong is logged, while the exception only says it could not connect)."""
+    said = [line.decode("utf-8", "replace").strip() for line in dropped]
+    auth = next((line for line in said if "uthenticat" in line or "auth token" in line.lower()), None)
+    if auth is None and "uthenticat" in str(exc):
+        auth = _first_line(exc)
+    if auth is not None:
+        cause = _RAY_LOG_LINE.sub(b"", auth.encode()).decode()
+        return (
+            f"{cause[:240]} (the cluster uses Ray's token authentication: give its token in RAY_AUTH_TOKEN "
+            "or RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token; see `ray get-auth-token`)"
+        )
+    return _first_line(exc)
 
 
 def _check_reachable(address: str) -> None:
@@ -125,9 +200,10 @@ _RAY_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,]+ [A-Z] \d+ \d+\] ")
 
 
 @contextmanager
-def _without_ray_logs() -> Iterator[None]:
+def _without_ray_logs(dropped: list[bytes] | None = None) -> Iterator[None]:
     """stderr (the file descriptor, which Ray's C++ side writes to) with Ray's log lines
-    dropped, visbatch's own lines kept; everything with VISBATCH_VERBOSE set."""
+    dropped (the last hundred kept in ``dropped``, to say why a join failed), visbatch's own
+    lines kept; everything with VISBATCH_VERBOSE set."""
     if os.environ.get("VISBATCH_VERBOSE"):
         yield
         return
@@ -142,6 +218,9 @@ def _without_ray_logs() -> Iterator[None]:
             for line in lines:
                 if not _RAY_LOG_LINE.match(line):
                     os.write(saved, line)
+                elif dropped is not None:
+                    dropped.append(line)
+                    del dropped[:-100]
 
     thread = threading.Thread(target=pump, name="visbatch-stderr", daemon=True)
     thread.start()
@@ -251,6 +330,16 @@ class DecodeStage:
 
     def __init__(self, geometry, max_pixels, display_size, annotate):
         self.geometry, self.max_pixels, self.display_size, self.annotate = geometry, max_pixels, display_size, annotate
+        self.read_one = False  # whether this worker has read any sample yet
+
+    def _check_first_read(self, record) -> None:
+        """A worker whose first reads all fail on storage (an endpoint or credentials the
+        driver has and the worker lacks) stops the run with the cause, instead of an error row
+        per sample after a minute of retries each."""
+        if not is_storage_failure(record.error or ""):
+            self.read_one = True
+        elif not self.read_one:
+            raise FatalError(f"a Ray worker cannot read its first sample: {record.error}")
 
     def __call__(self, batch: dict) -> dict:
         items = [pickle.loads(raw) for raw in batch["item"]]
@@ -264,6 +353,7 @@ class DecodeStage:
 
                 tensor, record = None, Record(index=position, item=items[position], status="error", error=str(exc))
             record.index = int(index)
+            self._check_first_read(record)
             images.append(b"" if tensor is None else tensor.contiguous().numpy().tobytes())
             shapes.append(list(tensor.shape) if tensor is not None else [0, 0, 0])
             records.append(pickle.dumps(record))
@@ -273,6 +363,11 @@ class DecodeStage:
             "shape": np.asarray(shapes, dtype=np.int64).reshape(-1, 3),
             "record": np.array(records, dtype=object),
         }
+
+
+def is_storage_failure(error: str) -> bool:
+    """Whether an error row's reason is the storage's (unreachable, denied), not the file's."""
+    return error.startswith("cannot read image:") or "cannot reach " in error or "access denied" in error
 
 
 def _deltas(task, before: dict[str, int]) -> dict[str, int]:

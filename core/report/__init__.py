@@ -11,6 +11,7 @@ most ``max_images`` thumbnails in all.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -42,13 +43,31 @@ def _major_minor(version: str) -> tuple[int, int]:
     return (numbers + [0, 0])[0], (numbers + [0, 0])[1]
 
 
+def _open_output(path: str) -> pq.ParquetFile:
+    """A visbatch output, local or at a URL (``s3://runs/scores.parquet``, read whole: an
+    output's rows are small beside its images)."""
+    from visbatch.core.sources.remote import describe, is_url, read_range
+
+    if not is_url(path):
+        if not os.path.isfile(path):
+            raise UsageError(f"report: no file {path}")
+        return pq.ParquetFile(path)
+    try:
+        data = read_range(path)
+    except FileNotFoundError:
+        raise UsageError(f"report: no file {path}")
+    except Exception as exc:  # an unreachable endpoint, denied credentials: one line
+        raise UsageError(f"report: {describe(exc, path)}")
+    return pq.ParquetFile(io.BytesIO(data))
+
+
 def read_run(path: str, thumbs_left: int, per_gallery: int) -> Run:
     """The table and metadata of a visbatch output; UsageError for anything else."""
-    if not os.path.isfile(path):
-        raise UsageError(f"report: no file {path}")
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = _open_output(path)
         raw = (parquet.schema_arrow.metadata or {}).get(b"visbatch")
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"report: {path} is not a Parquet file ({str(exc).splitlines()[0]})")
     try:
@@ -113,7 +132,7 @@ def report_inputs(path: str) -> list[str]:
     """What a report of ``path`` reads besides it: the run's input roots and its overlay and map
     folders (thumbnails), as its metadata records them ([] for anything unreadable)."""
     try:
-        meta = json.loads((pq.read_schema(path).metadata or {}).get(b"visbatch") or b"{}")
+        meta = json.loads((_open_output(path).schema_arrow.metadata or {}).get(b"visbatch") or b"{}")
     except Exception:
         return []
     if not isinstance(meta, dict):

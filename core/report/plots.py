@@ -63,7 +63,14 @@ def histogram(values: Sequence[float], title: str, xlabel: str, marks: dict[str,
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
+    _integer_ticks(ax.yaxis)  # counts: never 0.2, 0.4, ...
     return _svg(fig)
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def bars(labels: Sequence[str], counts: Sequence[float], title: str, xlabel: str = "images") -> str:
@@ -75,6 +82,8 @@ def bars(labels: Sequence[str], counts: Sequence[float], title: str, xlabel: str
     ax.set_yticks(positions, [str(label)[:40] for label in labels])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    if all(float(c).is_integer() for c in counts):
+        _integer_ticks(ax.xaxis)
     return _svg(fig)
 
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 from visbatch.core.images import ImageItem, decode_bytes
 from visbatch.core.sources import is_url, read_item
 from visbatch.core.sources.remote import RemoteFile, join_url
+from visbatch.core.sources.tables import is_table_name
 
 THUMB_SIDE = 160
 PLACEHOLDER = (
@@ -48,8 +49,32 @@ def _shard_items(root: str, shard: str) -> dict[str, ImageItem]:
         return {}
 
 
+@lru_cache(maxsize=16)
+def _table_items(root: str, table: str, image_column: str | None) -> dict[str, ImageItem]:
+    from visbatch.core.sources.tables import list_table
+
+    location = join_url(root, table)
+    try:
+        listed = list_table(location, image_column, root=None if is_url(root) else root)
+    except Exception:
+        return {}
+    return {f"{table}/{item.relpath.rsplit('/', 1)[1]}": item for item in listed}
+
+
+def _option_value(command_line, name: str) -> str | None:
+    """The value a recorded command line gave ``name`` (``--image-column x`` or ``--image-column=x``)."""
+    words = [w for w in command_line if isinstance(w, str)] if isinstance(command_line, list) else []
+    for i, word in enumerate(words):
+        if word == name and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
 class Thumbnails:
     def __init__(self, metadata: dict, limit: int):
+        self.image_column = _option_value(metadata.get("command_line"), "--image-column")
         self.roots = metadata.get("roots") or []
         self.overlays = metadata.get("overlays")
         self.limit = limit
@@ -62,6 +87,9 @@ class Thumbnails:
             return None
         if row.get("shard"):
             return _shard_items(root, row["shard"]).get(path)
+        table, _, number = path.rpartition("/")
+        if number.isdigit() and is_table_name(table):  # a row of a Parquet/Arrow input table
+            return _table_items(root, table, self.image_column).get(path)
         if is_url(root):
             return ImageItem(root, path, RemoteFile(join_url(root, path), 0, 0.0))
         if not os.path.isfile(os.path.join(root, path)):

@@ -54,6 +54,7 @@ from visbatch.core.sources.local import (
 from visbatch.core.sources.reading import item_columns, item_unchanged, items_unchanged, read_item, read_sidecar
 from visbatch.core.sources.remote import RemoteFile, is_url, list_prefix, modification_time
 from visbatch.core.sources.shards import (
+    TarSample,
     expand_braces,
     is_shard_name,
     list_shards,
@@ -61,8 +62,8 @@ from visbatch.core.sources.shards import (
     shards_in_folder,
     split_location,
 )
-from visbatch.core.sources.stream import ItemStream
-from visbatch.core.sources.tables import is_table_name, list_table
+from visbatch.core.sources.stream import ItemStream, source_fields
+from visbatch.core.sources.tables import is_table_name, list_table, tables_in_folder
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -109,13 +110,13 @@ class _Found:
         self.roots: set[str] = set()  # every root the inputs name, before --glob/--shard/--limit
         self._walked: dict[str, str] = {}  # real path of each walked folder -> the INPUT that named it
 
-    def add_table(self, location: str) -> None:
+    def add_table(self, location: str, root: str | None = None) -> None:
         self.reads.add_file(location)
         o = self.options
         # A table's rows sort in row order, so rows past the first --limit can never be among
         # the first --limit overall: the listing stops there (not with --glob or --shard, which filter later).
         limit = o.limit if not o.globs and o.shard is None else None
-        listed = list_table(location, o.image_column, o.caption_column, tuple(o.keep_columns), limit)
+        listed = list_table(location, o.image_column, o.caption_column, tuple(o.keep_columns), limit, root=root)
         self.roots.update(item.root for item in listed[:1])
         self.items.update(listed)
 
@@ -164,6 +165,10 @@ class _Found:
             for rel in links:  # what the folder's links lead to is read too
                 self.reads.add_path(os.path.join(root, rel))
             shards = [] if found else shards_in_folder(root, self.options.recursive)
+            if not found and not shards:
+                # img2dataset's parquet output, a `datasets` save_to_disk folder: its tables are the input.
+                for name in tables_in_folder(root, self.options.recursive):
+                    self.add_table(os.path.join(root, name), root)
             if found and passed:
                 if self.warnings is not None:
                     self.warnings.append(
@@ -195,6 +200,11 @@ class _Found:
         self.shards.append((root, name))
 
     def add(self, entry: str, stdin, from_list: bool = False) -> None:
+        if entry.startswith("pipe:"):
+            raise InputError(
+                f"{entry[:60]}: pipe: inputs (WebDataset's shell-command URLs) are not supported: visbatch "
+                "never runs a command named by its input; give the shard's path or URL (s3://, gs://, https://)"
+            )
         if "{" in entry and not os.path.exists(entry):
             expanded_all = expand_braces(entry)
             local = [e for e in expanded_all if not is_url(e)]
@@ -276,7 +286,7 @@ def find_images(
     )
     # --limit can stop listing shards early only when nothing else could sort before them.
     early_limit = options.limit if not selected and not options.globs else None
-    from_shards = list_shards(shards, early_limit, warnings)
+    from_shards = list_shards(shards, early_limit, warnings, tuple(options.keep_columns))
     selected += [it for it in from_shards if not options.globs or glob_matches(it.relpath, options.globs)]
     selected.sort(key=lambda it: (it.root, it.relpath))
     if options.limit is not None:
@@ -301,18 +311,14 @@ def find_image_stream(
     selected, shards, roots = _resolve(inputs, options, manifest, stdin, warnings, reads)
     if shards and selected and options.limit is not None:
         # The first --limit keys may mix loose files and shard samples: list it all, as before.
-        stream = ItemStream(find_images(inputs, options, manifest, stdin, warnings))
+        stream = ItemStream(find_images(inputs, options, manifest, stdin, warnings), kept=options.keep_columns)
     else:
-        stream = ItemStream(selected, shards, options.globs, options.limit, warnings)
+        stream = ItemStream(selected, shards, options.globs, options.limit, warnings, kept=options.keep_columns)
     stream.reads, stream.all_roots = reads, roots
     return stream
 
 
 def item_fields(items: Sequence[ImageItem]) -> list[pa.Field]:
-    """The output columns the items' sources add: ``shard`` when any came from a shard, then the
-    ``--keep-columns`` pass-through columns (their types as in the source table)."""
-    fields = []
-    if any(item.shard is not None for item in items):
-        fields.append(pa.field("shard", pa.string()))
-    kept = next((item.ref.kept_fields for item in items if getattr(item.ref, "kept_fields", ())), ())
-    return fields + list(kept)
+    """The output columns the items' sources add (:func:`source_fields`)."""
+    kept = next((item.ref.kept for item in items if isinstance(item.ref, TarSample) and item.ref.kept), ())
+    return source_fields(items, any(item.shard is not None for item in items), kept)

@@ -46,8 +46,20 @@ class FileBytes:
         return {"file_size": self.size, "file_mtime": self.mtime, "content_hash": self.content_hash}
 
 
+HASH_ALGORITHMS = ("blake2b", "sha256")
+HASH_ENV = "VISBATCH_HASH"  # set by --hash for the whole run, decode and Ray workers included
+
+
+def hash_algorithm() -> str:
+    """The run's content-hash algorithm (``--hash``; BLAKE2b unless sha256 was asked for)."""
+    return "sha256" if os.environ.get(HASH_ENV) == "sha256" else "blake2b"
+
+
 def content_hash(data: bytes) -> str:
-    """The content hash visbatch records (BLAKE2b, 128 bits; several GB/s, so cheap beside decoding)."""
+    """The content hash visbatch records: BLAKE2b, 128 bits (several GB/s, so cheap beside
+    decoding), or with ``--hash sha256`` SHA-256, as img2dataset records it."""
+    if hash_algorithm() == "sha256":
+        return hashlib.sha256(data).hexdigest()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 

@@ -2,11 +2,23 @@
 
 WebDataset's convention (the one img2dataset and DataComp write): a sample is the
 consecutive members sharing a key, the member name up to the first dot of its base
-name (``a/000010005.seg.png`` -> key ``a/000010005``, extension ``seg.png``); the image is
-the first member whose last extension is an image type; ``.txt`` and ``.json`` are its
-caption sidecars. Listing reads the tar headers only (each member's offset and size), so
-no member is extracted to disk and the decode workers read exactly the bytes of their
-sample, locally or by a ranged request on object storage.
+name (``a/000010005.seg.png`` -> key ``a/000010005``, extension ``seg.png``); a repeated
+extension starts a new sample; the image is the first member whose last extension is an
+image type; ``.txt`` and ``.json`` are its caption sidecars, and every member is kept (so
+``--write-shards`` copies whole samples).
+
+Keys with dots (``webdataset.ShardWriter`` writes key ``a.b.c000`` as ``a.b.c000.jpg``,
+``a.b.c000.txt``) are where visbatch deliberately differs from the ``webdataset`` library,
+which reads every such member as one sample ``a``: a run of members that the first-dot rule
+would make one sample, none of them a bare ``KEY.EXT`` and two of them ending in the same
+extension, is split where the name minus its last extension changes (members whose stem
+extends the sample's key, ``a.b.c000.seg.png``, stay in it). Shards without dotted keys
+group exactly as ``webdataset`` groups them.
+
+Listing reads the tar headers only (each member's offset and size), so no member is
+extracted to disk and the decode workers read exactly the bytes of their sample, locally
+or by a ranged request on object storage. A gzipped shard (``.tar.gz``, ``.tgz``) cannot be
+read by range: each process keeps one decompressing reader per shard and reads forward.
 
 Row keys are ``SHARD/KEY`` (``00042.tar/000420017``) and the shard has its own output
 column. A shard that is missing, unreadable or cut short is one error row keyed by the
@@ -15,8 +27,12 @@ shard's name (members listed before the damage keep their rows), never a hang.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
+import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +50,7 @@ from visbatch.core.sources.remote import (
     is_url,
     open_input,
     read_range,
+    storage_error,
     with_retries,
 )
 
@@ -89,8 +106,59 @@ def _split_top_level(body: str) -> list[str]:
     return parts + [current]
 
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_GZIP_SUFFIXES = (".tar.gz", ".tgz")
+
+
 def is_shard_name(name: str) -> bool:
-    return name.lower().endswith(".tar")
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
+def is_gzipped(location: str) -> bool:
+    return location.lower().endswith(_GZIP_SUFFIXES)
+
+
+class _GzipReaders:
+    """One decompressing reader per gzipped shard in this process, read forward: the samples
+    of a shard are read in key order, so each shard is decompressed about once per worker
+    (a read behind the reader's position reopens it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[object, gzip.GzipFile]] = {}
+
+    def read(self, location: str, offset: int, size: int) -> bytes:
+        with self._lock:
+            held = self._open.get(location)
+            if held is None or held[1].tell() > offset:
+                if held is not None:
+                    held[1].close()
+                    held[0].close()  # type: ignore[attr-defined]
+                raw = open_input(location, sequential=True)
+                held = (raw, gzip.GzipFile(fileobj=raw, mode="rb"))
+                if len(self._open) >= 4:  # a few shards at a time: a worker moves on
+                    oldest = next(iter(self._open))
+                    old_raw, old_reader = self._open.pop(oldest)
+                    old_reader.close()
+                    old_raw.close()  # type: ignore[attr-defined]
+                self._open[location] = held
+            reader = held[1]
+            try:
+                reader.seek(offset)
+                return reader.read(size)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                self._open.pop(location, None)
+                raise OSError(f"damaged gzip stream: {exc}") from exc
+
+
+_GZIP_READERS = _GzipReaders()
+
+
+def read_member(location: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of the (decompressed) shard."""
+    if is_gzipped(location):
+        return _GZIP_READERS.read(location, offset, size)
+    return read_range(location, offset, offset + size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,24 +171,33 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class TarSample:
-    """One WebDataset sample: where its image and sidecar members lie in the shard."""
+    """One WebDataset sample: where its members lie in the shard, and which is the image."""
 
     location: str  # the shard: a local path or a URL
     shard_name: str  # as shown in the ``shard`` column (relative to the input root)
+    key: str  # the sample's key in the shard (``a.b.c000``, ``part/000010005``)
     image: Member | None
-    sidecars: tuple[tuple[str, Member], ...]
-    extensions: tuple[str, ...]  # every member's extension, for the no-image message
+    members: tuple[tuple[str, Member], ...]  # (extension as written, member), in tar order
+    kept: tuple[str, ...] = ()  # ``--keep-columns``: fields of the sample's ``.json``
 
     @property
     def shard(self) -> str:
         return self.shard_name
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return tuple(extension for extension, _ in self.members)
+
+    def member_bytes(self) -> list[tuple[str, bytes]]:
+        """Every member's (extension, bytes), in tar order: a whole sample, for --write-shards."""
+        return [(extension, self._member_bytes(member)) for extension, member in self.members]
 
     def inputs(self) -> tuple[str, ...]:
         return (self.location,)
 
     def _member_bytes(self, member: Member) -> bytes:
         try:
-            data = read_range(self.location, member.offset, member.offset + member.size)
+            data = read_member(self.location, member.offset, member.size)
         except OSError as exc:
             raise ImageDecodeError(f"cannot read {member.name} from {self.shard_name}: {describe(exc, self.location)}")
         if len(data) != member.size:
@@ -137,8 +214,8 @@ class TarSample:
         return FileBytes(data, self.image.size, self.image.mtime, content_hash(data))
 
     def sidecar(self, suffix: str) -> bytes | None:
-        for extension, member in self.sidecars:
-            if "." + extension == suffix:
+        for extension, member in self.members:
+            if "." + extension.lower() == suffix:
                 try:
                     return self._member_bytes(member)
                 except ImageDecodeError as exc:
@@ -156,7 +233,33 @@ class TarSample:
             return False
 
     def columns(self) -> dict:
+        """``key`` (the sample's key, as img2dataset's tables name it) and the ``--keep-columns``
+        fields of the sample's ``.json`` as text (a JSON string as is, any other value as JSON;
+        null when the sample has no such field)."""
+        values: dict = {"key": self.key}
+        if self.kept:
+            fields = json_fields(self.sidecar_or_none(".json"))
+            for name in self.kept:
+                value = fields.get(name)
+                values[name] = value if value is None or isinstance(value, str) else json.dumps(value)
+        return values
+
+    def sidecar_or_none(self, suffix: str) -> bytes | None:
+        try:
+            return self.sidecar(suffix)
+        except OSError:
+            return None
+
+
+def json_fields(data: bytes | None) -> dict:
+    """The top-level fields of a sample's ``.json`` member ({} when it has none or it is not an object)."""
+    if data is None:
         return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -297,11 +400,12 @@ def iter_members(handle, skipped: list[str] | None = None) -> Iterator[Member]:
         handle.seek(offset)
 
 
-def _samples(
+def _first_dot_groups(
     members: Iterator[Member], skipped: list[str] | None = None
 ) -> Iterator[tuple[str, list[tuple[str, Member]]]]:
-    """Group consecutive members by key: (key, [(extension, member), ...]). When the tar turns
-    out damaged, the sample being read is still yielded (its rows say what is missing)."""
+    """Consecutive members grouped by their first-dot key, as ``webdataset`` groups them:
+    (key, [(extension, member), ...]). When the tar turns out damaged, the group being read is
+    still yielded (its rows say what is missing)."""
     key = ""
     group: list[tuple[str, Member]] = []
     try:
@@ -322,7 +426,59 @@ def _samples(
             yield key, group
 
 
-def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) -> list[ImageItem]:
+def _dotted_keys(key: str, group: list[tuple[str, Member]]) -> list[tuple[str, list[tuple[str, Member]]]]:
+    """A first-dot group split into the samples of dotted keys (module doc), or left whole."""
+    if len(group) < 2 or any("." not in extension for extension, _ in group):
+        return [(key, group)]  # a bare KEY.EXT member: the sample webdataset reads
+    last = [extension.rsplit(".", 1)[1].lower() for extension, _ in group]
+    if len(set(last)) == len(last):
+        return [(key, group)]  # e.g. 000.seg.png + 000.depth.exr: one sample with long extensions
+    samples: list[tuple[str, list[tuple[str, Member]]]] = []
+    for extension, member in group:
+        full = key + "." + extension
+        stem, final = full.rsplit(".", 1)
+        if samples:
+            current, parts = samples[-1]
+            taken = {e.lower() for e, _ in parts}
+            if (stem == current or stem.startswith(current + ".")) and full[len(current) + 1 :].lower() not in taken:
+                parts.append((full[len(current) + 1 :], member))
+                continue
+            if current.startswith(stem + "."):  # the shorter stem is the key: its members re-split
+                names = [current + "." + e for e, _ in parts] + [full]
+                members = [m for _, m in parts] + [member]
+                extensions = [n[len(stem) + 1 :] for n in names]
+                if len({e.lower() for e in extensions}) == len(extensions):
+                    samples[-1] = (stem, list(zip(extensions, members)))
+                    continue
+        samples.append((stem, [(final, member)]))
+    return samples
+
+
+def _split_repeats(key: str, group: list[tuple[str, Member]]) -> Iterator[tuple[str, list[tuple[str, Member]]]]:
+    """A repeated extension (``x.jpg``, ``x.jpg``) starts a new sample with the same key (as
+    ``webdataset`` 0.2 did; the listing skips the second as a repeated key, with a warning)."""
+    part: list[tuple[str, Member]] = []
+    for extension, member in group:
+        if any(extension.lower() == e.lower() for e, _ in part):
+            yield key, part
+            part = []
+        part.append((extension, member))
+    if part:
+        yield key, part
+
+
+def _samples(
+    members: Iterator[Member], skipped: list[str] | None = None
+) -> Iterator[tuple[str, list[tuple[str, Member]]]]:
+    """The samples of a tar, in order: (key, [(extension, member), ...])."""
+    for key, group in _first_dot_groups(members, skipped):
+        for sample_key, sample in _dotted_keys(key, group):
+            yield from _split_repeats(sample_key, sample)
+
+
+def list_shard(
+    root: str, shard_name: str, warnings: list[str] | None = None, kept: tuple[str, ...] = ()
+) -> list[ImageItem]:
     """Items of one shard ``root/shard_name``; damage becomes an error item keyed by the shard."""
     location = os.path.join(root, shard_name) if not is_url(root) else root.rstrip("/") + "/" + shard_name
     items: list[ImageItem] = []
@@ -335,10 +491,14 @@ def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) ->
 
     try:
         handle = open_input(location, sequential=True)
+        if is_gzipped(location):
+            handle = gzip.GzipFile(fileobj=handle, mode="rb")
     except FileNotFoundError:
         return [broken(f"shard not found: {location}")]
     except OSError as exc:
         return [broken(f"cannot open shard: {describe(exc, location)}")]
+    except Exception as exc:  # a storage client's own error (botocore's EndpointConnectionError): no shard can be read
+        raise storage_error(exc, location) from exc
     try:
         with handle:
             for key, group in _samples(iter_members(handle, skipped), skipped):
@@ -352,12 +512,16 @@ def list_shard(root: str, shard_name: str, warnings: list[str] | None = None) ->
                     items.append(ImageItem(root, f"{shard_name}/{key}", BrokenShard(shard_name, reason)))
                     continue
                 image = next((m for ext, m in group if ext.rsplit(".", 1)[-1].lower() in _IMAGE_SUFFIXES), None)
-                sidecars = tuple((ext, m) for ext, m in group if ext in ("txt", "json"))
-                sample = TarSample(location, shard_name, image, sidecars, tuple(ext for ext, _ in group))
+                sample = TarSample(location, shard_name, key, image, tuple(group), kept)
                 items.append(ImageItem(root, f"{shard_name}/{key}", sample))
-    except (TarDamage, OSError) as exc:
+    except (TarDamage, OSError, EOFError, zlib.error) as exc:
         what = f"after {len(items)} samples" if items else "before any sample"
-        message = str(exc) if isinstance(exc, TarDamage) else describe(exc, location)
+        if isinstance(exc, TarDamage):
+            message = str(exc)
+        elif isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+            message = f"damaged gzip stream: {exc}"
+        else:
+            message = describe(exc, location)
         items.append(broken(f"truncated or corrupt tar {what}: {message}"))
     if skipped and warnings is not None:
         warnings.append(
@@ -415,12 +579,13 @@ def list_shards(
     shards: Sequence[tuple[str, str]],
     limit: int | None = None,
     warnings: list[str] | None = None,
+    kept: tuple[str, ...] = (),
 ) -> list[ImageItem]:
     """Items of ``(root, shard name)`` pairs in key order, stopping once ``limit`` are listed
     (the shards after that point can only hold keys that sort later)."""
     items: list[ImageItem] = []
     for root, name in sorted(set(shards)):
-        items += list_shard(root, name, warnings)
+        items += list_shard(root, name, warnings, kept)
         if limit is not None and len(items) >= limit:
             break
     return items

@@ -28,6 +28,17 @@ from visbatch.core.sources.local import glob_matches
 from visbatch.core.sources.remote import is_url
 from visbatch.core.sources.shards import list_shard
 
+
+def source_fields(items: Sequence[ImageItem], from_shards: bool, kept: Sequence[str] = ()) -> list[pa.Field]:
+    """The output columns the sources add: ``shard`` and ``key`` for shard samples, then the
+    ``--keep-columns`` (a table's with their types; a shard sample's ``.json`` fields as text)."""
+    fields = [pa.field("shard", pa.string()), pa.field("key", pa.string())] if from_shards else []
+    table_fields = next((it.ref.kept_fields for it in items if getattr(it.ref, "kept_fields", ())), ())
+    if table_fields:
+        return fields + list(table_fields)
+    return fields + ([pa.field(name, pa.string()) for name in kept] if from_shards else [])
+
+
 CHUNK_SIZE = 8192  # items per chunk: large enough that a fresh decode loader per chunk costs nothing
 
 
@@ -46,11 +57,13 @@ class ItemStream:
         limit: int | None = None,
         warnings: list[str] | None = None,
         chunk_size: int | None = None,
+        kept: Sequence[str] = (),
     ):
         self.head = sorted(head, key=lambda it: (it.root, it.relpath))
         self.shards = sorted(set(shards))
         self.globs, self.limit, self.warnings = tuple(globs), limit, warnings
         self.chunk_size = max(1, chunk_size or CHUNK_SIZE)
+        self.kept = tuple(kept)  # --keep-columns: fields of each shard sample's .json
         self.listed = 0  # items handed out so far
         self._primed: list[list[ImageItem]] = []
         self._source: Iterator[list[ImageItem]] | None = None
@@ -70,10 +83,9 @@ class ItemStream:
         ]
 
     def fields(self) -> list[pa.Field]:
-        """The columns the sources add: ``shard`` for shard samples, then any ``--keep-columns``."""
-        fields = [pa.field("shard", pa.string())] if self.shards or any(it.shard for it in self.head) else []
-        kept = next((it.ref.kept_fields for it in self.head if getattr(it.ref, "kept_fields", ())), ())
-        return fields + list(kept)
+        """The columns the sources add (:func:`source_fields`)."""
+        from_shards = bool(self.shards) or any(it.shard for it in self.head)
+        return source_fields(self.head, from_shards, self.kept)
 
     def is_empty(self) -> bool:
         """Lists until the first item (or the end): a run over nothing is refused before it starts."""
@@ -116,7 +128,7 @@ class ItemStream:
         index = start
         while index < len(self.shards) and len(items) < self.chunk_size and not self._stopped:
             root, name = self.shards[index]
-            listed = list_shard(root, name, self.warnings)
+            listed = list_shard(root, name, self.warnings, self.kept)
             items += [it for it in listed if not self.globs or glob_matches(it.relpath, self.globs)]
             index += 1
             if self.limit is not None and self.listed + len(items) >= self.limit:

@@ -39,6 +39,22 @@ def is_table_name(name: str) -> bool:
     return name.lower().endswith(TABLE_SUFFIXES)
 
 
+def tables_in_folder(root: str, recursive: bool = True) -> list[str]:
+    """Table names (relative, sorted) under a local folder: a folder of Parquet files as
+    img2dataset writes it, or the ``.arrow`` files of ``datasets``' ``save_to_disk``."""
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
+        rel = os.path.relpath(directory, root)
+        found += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files if is_table_name(f)]
+    return sorted(found)
+
+
+# The column an image table without an `image` column holds its images in: img2dataset names it
+# after the encoding (`jpg`, `png`, `webp`).
+_IMAGE_COLUMN_FALLBACKS = ("jpg", "jpeg", "png", "webp")
+
+
 def _parquet(handle, location: str):
     import pyarrow.parquet as pq
 
@@ -180,8 +196,10 @@ def list_table(
     caption_column: str | None = None,
     keep_columns=(),
     limit: int | None = None,
+    root: str | None = None,
 ) -> list[ImageItem]:
-    """Items of one table, without reading its images."""
+    """Items of one table, without reading its images. Keys are ``NAME/ROW`` with ``NAME`` the
+    table's path relative to ``root`` (its folder when no root is given)."""
     import pyarrow as pa
 
     if is_url(location):
@@ -195,7 +213,11 @@ def list_table(
         if not os.path.isfile(location):
             raise InputError(f"input not found: {location}")
         location = os.path.abspath(location)
-        root, name = os.path.dirname(location), os.path.basename(location)
+        if root is None:
+            root, name = os.path.dirname(location), os.path.basename(location)
+        else:
+            root = os.path.abspath(root)
+            name = os.path.relpath(location, root).replace(os.sep, "/")
         mtime = os.stat(location).st_mtime
     try:
         with open_input(location) as handle:
@@ -205,17 +227,22 @@ def list_table(
             if parquet is None:
                 table = _read_arrow(handle)
                 schema = table.schema
-            column = image_column or DEFAULT_IMAGE_COLUMN
             names = schema.names
+            column = image_column or DEFAULT_IMAGE_COLUMN
+            if not image_column and column not in names:
+                column = next((c for c in _IMAGE_COLUMN_FALLBACKS if c in names), column)
             if caption_column == DEFAULT_CAPTION_COLUMN and caption_column not in names:
                 caption_column = None  # the default names no column here: the table has no captions
-            missing = [c for c in [column, caption_column, *keep_columns] if c and c not in names]
-            if missing:
+            if column not in names:
                 raise InputError(
-                    f"{location}: no column {missing[0]!r}"
-                    + ("" if image_column else " (name the image column with --image-column)")
+                    f"{location}: no image column {column!r}"
+                    + ("" if image_column else " (name it with --image-column)")
                     + f"; columns: {', '.join(names)}"
                 )
+            missing = [c for c in [caption_column, *keep_columns] if c and c not in names]
+            if missing:
+                option = "--caption-column" if missing[0] == caption_column else "--keep-columns"
+                raise InputError(f"{location}: {option} {missing[0]!r} names no column; columns: {', '.join(names)}")
             if column in keep_columns:
                 raise InputError(f"--keep-columns cannot pass through the image column {column!r}")
             reserved = {"path", "status", "error", "width", "height", "shard", "root", "file_size", "file_mtime"}

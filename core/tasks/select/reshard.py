@@ -1,11 +1,15 @@
 """``--write-shards DIR --shard-size N``: the selection written as new WebDataset tar shards.
 
 The DataComp resharder's job: selected samples, in manifest (key) order, go into
-``DIR/000000.tar``, ``DIR/000001.tar``, ... numbered without gaps, each sample's image bytes
-unchanged plus its ``.txt`` / ``.json`` sidecars, under a key that is unique in the output
-(the input key with ``/`` and dots made safe, so WebDataset readers split it back as
-written). Every destination is checked before anything is written; each shard is written
-to a temp file and renamed, so a reader never sees half a shard. No input is touched.
+``DIR/000000.tar``, ``DIR/000001.tar``, ... numbered without gaps. A sample read from a
+shard is copied whole (every member: ``.jpg``, ``.txt``, ``.json``, ``.cls``, ``.seg.png``,
+``.npy``, ...) under its key unchanged; a loose image gets its path without the extension,
+with characters other than letters, digits, ``_``, ``-`` and ``/`` made ``_`` (so WebDataset
+readers split it back as written), plus its ``.txt`` / ``.json`` sidecars. Two samples with
+one key (from two shards) keep the first; the later ones get ``_1``, ``_2``, ... Shards are
+PAX tars, as WebDataset's TarWriter writes them, so a key of any length fits. Every
+destination is checked before anything is written; each shard is written to a temp file
+and renamed, so a reader never sees half a shard. No input is touched.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from visbatch.core.sources import SIDECAR_SUFFIXES, ImageDecodeError, read_item,
 from visbatch.core.sources.shards import TarSample
 
 SHARD_DIGITS = 6
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]+")
 _MAGIC = (
     (b"\xff\xd8\xff", "jpg"),
     (b"\x89PNG", "png"),
@@ -51,15 +55,16 @@ def image_extension(data: bytes, name: str = "") -> str:
 
 
 def output_key(item: ImageItem) -> str:
-    """A WebDataset key for the item: a shard sample keeps its key; another item gets its
-    relative path without the image extension; every run of characters other than letters,
-    digits, ``_`` and ``-`` becomes one ``_``."""
-    relpath = item.relpath
+    """A WebDataset key for the item: a shard sample keeps its key as written; another item
+    gets its relative path without the image extension, every run of characters other than
+    letters, digits, ``_``, ``-`` and ``/`` made one ``_`` (a dot would split the key)."""
     if isinstance(item.ref, TarSample):
-        relpath = relpath.split("/", 1)[1]
-    elif item.ref is None or getattr(item.ref, "url", None):
+        return item.ref.key
+    relpath = item.relpath
+    if item.ref is None or getattr(item.ref, "url", None):
         relpath = os.path.splitext(relpath)[0]
-    return _UNSAFE.sub("_", relpath).strip("_") or "sample"
+    parts = [_UNSAFE.sub("_", part).strip("_") for part in relpath.split("/")]
+    return "/".join(p for p in parts if p) or "sample"
 
 
 @dataclass
@@ -86,14 +91,15 @@ def plan_shards(
     """Check the target and name every sample before anything is written."""
     check_shard_folder(target, shard_size, overwrite)
     chosen = [item for item, keep in zip(items, selected) if keep]
-    used: dict[str, int] = {}
+    used: set[str] = set()
     samples = []
     for item in chosen:
-        key = output_key(item)
-        if key in used:  # two inputs made safe to one key: the later gets a counter
-            used[key] += 1
-            key = f"{key}_{used[key]}"
-        used.setdefault(key, 0)
+        key = base = output_key(item)
+        counter = 0
+        while key in used:  # two inputs with one key: the later gets the first free counter
+            counter += 1
+            key = f"{base}_{counter}"
+        used.add(key)
         samples.append((item, key))
     return ShardPlan(target, shard_size, samples)
 
@@ -111,6 +117,20 @@ def check_shard_folder(target: str, shard_size: int, overwrite: bool) -> None:
             f"--write-shards {target} already holds {len(existing)} .tar files (e.g. {existing[0]}); "
             "pass --overwrite to replace them, or choose an empty folder"
         )
+
+
+def _sample_members(item: ImageItem) -> tuple[float | None, list[tuple[str, bytes]]]:
+    """(the image's mtime, every member's (extension, bytes)) of one selected sample."""
+    image = read_item(item)  # the image first: a sample without one is unreadable
+    if isinstance(item.ref, TarSample):
+        return image.mtime, item.ref.member_bytes()
+    member = getattr(getattr(item.ref, "image", None), "name", item.relpath)
+    members = [(image_extension(image.data, member), image.data)]
+    for suffix in SIDECAR_SUFFIXES:
+        data = read_sidecar(item, suffix)
+        if data is not None:
+            members.append((suffix.lstrip("."), data))
+    return image.mtime, members
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
@@ -132,19 +152,15 @@ def write_shards(plan: ShardPlan) -> dict:
         destination = os.path.join(plan.target, name)
         with atomic_path(destination, within=plan.target) as tmp:
             try:
-                with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
                     for item, key in part:
                         try:
-                            image = read_item(item)
-                            sidecars = [(s, read_sidecar(item, s)) for s in SIDECAR_SUFFIXES]
+                            mtime, members = _sample_members(item)
                         except (ImageDecodeError, OSError) as exc:
                             unreadable.append(f"{item.relpath}: {exc}")
                             continue
-                        member = getattr(getattr(item.ref, "image", None), "name", item.relpath)
-                        _add(tar, f"{key}.{image_extension(image.data, member)}", image.data, image.mtime or now)
-                        for suffix, data in sidecars:
-                            if data is not None:
-                                _add(tar, key + suffix, data, image.mtime or now)
+                        for extension, data in members:
+                            _add(tar, f"{key}.{extension}", data, mtime or now)
                         placed[item.relpath] = (name, key)
                         written += 1
             except (OSError, tarfile.TarError) as exc:
