@@ -443,6 +443,10 @@ def job_command(default_model: str, default_pretrained: Optional[str] = None) ->
             # The default weights go with the default model only.
             if common.pretrained is None and common.model == default_model:
                 common.pretrained = default_pretrained
+            from visbatch.core.sources.base import HASH_ALGORITHMS
+
+            if common.hash not in HASH_ALGORITHMS:
+                raise fail(f"--hash must be one of {', '.join(HASH_ALGORITHMS)}, got {common.hash!r}", EXIT_USAGE)
             with content_hash_algorithm(common.hash):
                 return func(*args, common=common, **kwargs)
 
@@ -461,6 +465,21 @@ class CheckedCommand(TyperCommand):
     """A subcommand whose number options are finite and fit 64 bits: ``--weight nan``, ``--alpha
     inf`` or ``--masks 1e30`` is a usage error (exit 2) before anything runs, whatever option it
     is (click accepts them all)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from visbatch.cli.panels import group
+
+        group(self)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            from visbatch.cli.panels import HELP, plain_flags
+
+            option.rich_help_panel = HELP  # type: ignore[attr-defined]
+            plain_flags([option])
+        return option
 
     def parse_args(self, ctx, args):
         rest = super().parse_args(ctx, args)
@@ -529,62 +548,31 @@ def guarded(func: Callable[[], int], quiet: bool = False) -> int:
         )
 
 
-def find_inputs(common: CommonOptions, caption_column: Optional[str] = None, stream: bool = False):
-    """Items for the run, from INPUT arguments and --manifest (what was skipped goes to
-    ``common.warnings``); ``caption_column`` is the command's --caption-column, read from
-    INPUT tables. ``stream``: an ItemStream whose tar shards are listed as the run reaches
-    them (the per-image subcommands); otherwise a list of every item (the pool jobs)."""
-    from visbatch.core.images import InputError
-    from visbatch.core.plan import InputSet
-    from visbatch.core.sources import find_image_stream, find_images
+def input_settings(common: CommonOptions, caption_column: Optional[str] = None):
+    """The common options' INPUT side, for core.prepare (warnings land in ``common.warnings``)."""
+    from visbatch.core.prepare import InputSettings
 
-    if not common.inputs and not common.manifest:
-        raise UsageError("no input: give image folders or files, - for stdin, or --manifest FILE")
-    options = source_options(common, caption_column)
-    if stream:
-        items = find_image_stream(common.inputs, options, manifest=common.manifest, warnings=common.warnings)
-        common.reads = items.reads
-    else:
-        common.reads = InputSet()
-        items = find_images(
-            common.inputs, options, manifest=common.manifest, warnings=common.warnings, reads=common.reads
-        )
-    listed = items.head if stream else items
-    tables = any(hasattr(it.ref, "column") for it in listed)
-    shards = bool(items.shards) if stream else any(it.shard is not None for it in listed)
-    if common.image_column and not tables:
-        raise UsageError("--image-column applies to Parquet/Arrow INPUT tables; none was given")
-    if common.keep_columns and not (tables or shards):
-        raise UsageError(
-            "--keep-columns passes through columns of Parquet/Arrow INPUT tables or fields of WebDataset "
-            "samples' .json; neither was given"
-        )
-    if common.keep_columns and shards and "key" in source_options(common).keep_columns:
-        raise UsageError("--keep-columns 'key': visbatch writes each shard sample's key as the column 'key'")
-    if items.is_empty() if stream else not items:
-        where = ", ".join(common.inputs + ([common.manifest] if common.manifest else []))
-        raise InputError(
-            f"no images found in {where}"
-            + (" after --glob/--shard/--limit" if common.glob or common.shard or common.limit else "")
-        )
-    return items
-
-
-def source_options(common: CommonOptions, caption_column: Optional[str] = None):
-    from visbatch.core.sources import SourceOptions, parse_shard
-
-    keep = [c.strip() for c in (common.keep_columns or "").split(",") if c.strip()]
-    if len(set(keep)) != len(keep):
-        raise UsageError(f"--keep-columns names a column twice: {common.keep_columns}")
-    return SourceOptions(
+    return InputSettings(
+        inputs=common.inputs,
+        manifest=common.manifest,
         recursive=common.recursive,
         globs=common.glob,
         limit=common.limit,
-        shard=parse_shard(common.shard) if common.shard else None,
+        shard=common.shard,
         image_column=common.image_column,
+        keep_columns=common.keep_columns,
         caption_column=caption_column,
-        keep_columns=keep,
+        warnings=common.warnings,
     )
+
+
+def find_inputs(common: CommonOptions, caption_column: Optional[str] = None, stream: bool = False):
+    """The run's items (:func:`visbatch.core.prepare.find_run_inputs`); ``common.reads`` gets what
+    reading them reads."""
+    from visbatch.core.prepare import find_run_inputs
+
+    items, common.reads = find_run_inputs(input_settings(common, caption_column), stream)
+    return items
 
 
 def load_model_for(common: CommonOptions):
@@ -595,56 +583,25 @@ def load_model_for(common: CommonOptions):
     return load_model(common.model, common.pretrained, common.device, common.precision, runtime=common.runtime)
 
 
-def log_interval() -> float:
-    """Seconds between progress lines when stderr is not a terminal (``VISBATCH_LOG_INTERVAL``)."""
-    text = os.environ.get("VISBATCH_LOG_INTERVAL", "30")
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"VISBATCH_LOG_INTERVAL must be a number of seconds, got {text!r}")
-    if not 0 <= value < float("inf"):
-        raise UsageError(f"VISBATCH_LOG_INTERVAL must be a number of seconds >= 0, got {text!r}")
-    return value
-
-
-def run_plan(common: CommonOptions, items, files=()):
-    """The run plan's inputs: what the items' sources read (folders walked, files named, the files
-    a manifest or table names, shards), the manifest, the model's files and any other file the
-    command reads (caption tables, label files, references)."""
-    from visbatch.core.plan import InputSet, RunPlan
-
-    plan = RunPlan(InputSet())
-    reads = getattr(items, "reads", None) or common.reads
-    if reads is not None:
-        plan.inputs.merge(reads)
-    for path in (common.manifest, common.pretrained, common.model, *files):
-        plan.inputs.add_path(path)
-    return plan
-
-
 def pipeline_config(common: CommonOptions, task_name: str, model, items, files=(), **overlay):
-    """The run configuration and its plan's inputs (``items`` and ``files`` are what every output
-    is checked against, in core, before anything is created)."""
-    from visbatch.core.pipeline import RunConfig, default_batch_size, default_workers
-    from visbatch.core.sources import parse_shard
+    """The run configuration (:func:`visbatch.core.prepare.prepare_run`): ``items`` and ``files``
+    are what every output is checked against, in core, before anything is created."""
+    from visbatch.core.prepare import OutputSettings, prepare_run
 
-    output = common.output or f"{task_name}.parquet"
-    return RunConfig(
-        output=output,
-        batch_size=common.batch_size or default_batch_size(model.device),
-        workers=common.workers if common.workers is not None else default_workers(model.device),
+    out = OutputSettings(
+        output=common.output,
         resume=common.resume,
         overwrite=common.overwrite,
-        max_pixels=common.max_pixels or None,
+        report=common.report,
+        batch_size=common.batch_size,
+        workers=common.workers,
+        max_pixels=common.max_pixels,
         quiet=common.quiet,
-        log_interval=log_interval(),
-        plan=run_plan(common, items, files),
-        report=report_output(common, output),
-        shard=parse_shard(common.shard) if common.shard else None,
-        selection={"globs": list(common.glob), "limit": common.limit, "recursive": common.recursive},
         engine=engine_options(common),
-        **overlay,
     )
+    reads = getattr(items, "reads", None) or common.reads
+    read_files = [common.manifest, common.pretrained, common.model, *files]
+    return prepare_run(task_name, model, input_settings(common), reads, out, read_files, **overlay)
 
 
 def engine_options(common: CommonOptions):
@@ -656,39 +613,6 @@ def parse_engine(engine: str, ray_address: str, gpus_per_worker: Optional[float]
     from visbatch.core.engines import EngineOptions
 
     return EngineOptions.parse(engine, ray_address, gpus_per_worker, concurrency)
-
-
-def report_path_for(output: str) -> str:
-    return os.path.splitext(output)[0] + ".html"
-
-
-def report_output(common: CommonOptions, output: str):
-    """--report: OUTPUT.html beside the output (a path or a URL), refused before anything is
-    created if it exists without --overwrite or --resume; None without --report."""
-    from visbatch.core.plan import local_path_of
-    from visbatch.core.report import check_report_extra
-
-    if not common.report:
-        return None
-    check_report_extra()
-    path = report_path_for(output)
-    local = local_path_of(path)
-    if local is not None and os.path.exists(local) and not (common.overwrite or common.resume):
-        raise UsageError(f"report {path} exists; pass --overwrite to replace it")
-    return path
-
-
-def check_job_report(result: str, overwrite: bool) -> str:
-    """--report of a job whose table is a side output (detect-aigi eval, quantize): RESULT.html,
-    refused before anything is created if it exists without --overwrite (the run plan refuses
-    it if it is one of the inputs)."""
-    from visbatch.core.report import check_report_extra
-
-    check_report_extra()
-    path = report_path_for(result)
-    if os.path.exists(path) and not overwrite:
-        raise UsageError(f"report {path} exists; pass --overwrite to replace it")
-    return path
 
 
 ReportOpt = Annotated[

@@ -26,7 +26,6 @@ from visbatch.cli.common import (
     RayAddressOpt,
     ReportOpt,
     WorkersOpt,
-    check_job_report,
     find_inputs,
     finish,
     guarded,
@@ -271,7 +270,9 @@ def evaluate_command(
     from visbatch.core.tasks.aigi.command import EvalRequest, RunSettings, evaluate_command
 
     def job() -> int:
-        html = check_job_report(output, overwrite) if report else None
+        from visbatch.core.prepare import report_beside
+
+        html = report_beside(output, overwrite) if report else None
         request = EvalRequest(
             root=root,
             detector=detector,

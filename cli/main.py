@@ -1,7 +1,6 @@
 """The `visbatch` command: the Typer app and its subcommands."""
 
 import sys
-from typing import Optional
 
 import typer
 from typer.core import TyperGroup
@@ -23,6 +22,13 @@ from visbatch.cli.select_data import select_data
 class _OneLineErrors(TyperGroup):
     """The app's click group: option and usage errors become one line, ``visbatch: error: ...
     (see `visbatch CMD --help`)``, exit 2, instead of a multi-line box; an interrupt is exit 130."""
+
+    def get_params(self, ctx):
+        from visbatch.cli.panels import plain_flags
+
+        params = super().get_params(ctx)
+        plain_flags(params)  # --version, --install-completion, --help: flags, no <bool>
+        return params
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from visbatch.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, one_line
@@ -53,7 +59,7 @@ app = typer.Typer(
     cls=_OneLineErrors,
     help="Batch vision-model jobs over image folders, written as Parquet tables and PNG overlays.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
 app.command("classify", cls=CheckedCommand)(classify)
@@ -74,14 +80,14 @@ def _version_callback(value: bool):
 
 @app.callback()
 def root(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ):
     """visbatch: batched saliency, CLIP scores, data selection, AI-image detection and quantization."""
 
 
-@app.command("info")
+@app.command("info", cls=CheckedCommand)
 def info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
     """Versions, devices, CUDA, and the models visbatch knows."""
     import json

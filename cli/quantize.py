@@ -21,7 +21,6 @@ from visbatch.cli.common import (
     ReportOpt,
     UsageError,
     WorkersOpt,
-    check_job_report,
     guarded,
     parse_engine,
 )
@@ -126,7 +125,9 @@ def quantize(
             from visbatch.core.tasks.quantize.command import check_request, report_path_for
 
             check_request(request)  # the file's own options first: the report sits beside it
-            html = request.html = check_job_report(report_path_for(output), overwrite)
+            from visbatch.core.prepare import report_beside
+
+            html = request.html = report_beside(report_path_for(output), overwrite)
         warn = (lambda text: None) if quiet else (lambda text: print(f"visbatch: warning: {text}", file=sys.stderr))
         result = quantize_command(request, warn)
         report, report_path, options = result.report, result.report_path, result.options

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from visbatch.core.errors import FatalError, UsageError
-from visbatch.core.plan import admit
+from visbatch.core.plan import admit, lock_path_for
 
 # A new file: never an existing one, never through a symbolic link.
 CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -194,11 +194,6 @@ def files_identical(a: str | os.PathLike, b: str | os.PathLike) -> bool:
                     return True
     except OSError:
         return False
-
-
-def lock_path_for(output: str | os.PathLike) -> Path:
-    output = Path(output)
-    return output.with_name(output.name + ".lock")
 
 
 _HELD: dict[str, int] = {}  # lock path -> how many OutputLocks of this process hold it

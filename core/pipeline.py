@@ -35,9 +35,7 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -45,36 +43,26 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from visbatch.core.engines import EngineOptions
+from visbatch.core.batches import MapOutput
+from visbatch.core.engines import Committed, EngineOptions, EngineRun, open_engine
 from visbatch.core.errors import FatalError
 from visbatch.core.files import utc_now
-from visbatch.core.images import DEFAULT_MAX_PIXELS, Batch, ImageDataset, ImageItem, Record, collate, crop_box
+from visbatch.core.images import DEFAULT_MAX_PIXELS, ImageItem, Record
 from visbatch.core.models import LoadedModel, dtype_name
 from visbatch.core.outputs import (
-    BASE_COLUMNS,
     OutputError,
     ResultsWriter,
-    base_row,
     check_parts_folder,
     output_schema,
     parts_dir_for,
 )
-from visbatch.core.overlays import FolderSink, SinkWriteError, npy_bytes, render_overlay
+from visbatch.core.overlays import FolderSink, npy_bytes
 from visbatch.core.plan import RunPlan, active_plan, as_local, local_path_of
 from visbatch.core.sinks import RemoteOutputs, check_url_output
 from visbatch.core.sources import ItemStream, files_unchanged, is_url, items_unchanged
 from visbatch.core.sources.base import hash_algorithm
 
 log = logging.getLogger("visbatch")
-
-
-@dataclass
-class MapOutput:
-    """What a task returns for one batch: a row per ok record, in record order."""
-
-    rows: list[dict]
-    overlays: list[np.ndarray | None] | None = None  # heatmaps (HxW) per ok record, drawn as --overlays
-    arrays: list[np.ndarray | None] | None = None  # raw maps per ok record, saved as .npy (--save-maps)
 
 
 class Task(Protocol):
@@ -277,41 +265,9 @@ class StopFlag:
         return self.signal is not None
 
 
-def _worker_init(_worker_id: int) -> None:
-    # The main process decides when to stop; a Ctrl-C reaching the workers
-    # (same process group) must not kill them mid-batch.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-
-
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-
-
-def make_loader(
-    items: Sequence[ImageItem],
-    model: LoadedModel,
-    config: RunConfig,
-    display_size: int | None = None,
-    annotate=None,
-    geometry=None,
-) -> torch.utils.data.DataLoader:
-    dataset = ImageDataset(items, geometry or model.preprocess.geometry, config.max_pixels, display_size, annotate)
-    workers = max(0, int(config.workers))
-    # The user chose the worker count; torch's "more workers than cores" advice is noise here.
-    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=False,  # sorted path order is part of the output contract
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=model.device.type == "cuda",
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
 
 
 def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list[pa.Field]) -> dict:
@@ -345,30 +301,6 @@ def run_metadata(task: Task, model: LoadedModel, config: RunConfig, fields: list
         "overlays": os.path.abspath(config.overlays) if config.overlays else None,
         "maps": os.path.abspath(config.save_maps) if config.save_maps else None,
     }
-
-
-def _map_with_oom_split(task: Task, images: torch.Tensor, records: list[Record]) -> MapOutput:
-    """Run the task; on CUDA out-of-memory, retry the batch in two halves."""
-    try:
-        return task.map(images, records)
-    except torch.cuda.OutOfMemoryError:
-        if len(records) <= 1:
-            raise
-        torch.cuda.empty_cache()
-        half = len(records) // 2
-        first = _map_with_oom_split(task, images[:half], records[:half])
-        second = _map_with_oom_split(task, images[half:], records[half:])
-        return MapOutput(
-            first.rows + second.rows,
-            _join(first.overlays, second.overlays, half, len(records) - half),
-            _join(first.arrays, second.arrays, half, len(records) - half),
-        )
-
-
-def _join(a, b, n_a: int, n_b: int):
-    if a is None and b is None:
-        return None
-    return (a or [None] * n_a) + (b or [None] * n_b)
 
 
 def declare_writes(config: RunConfig, plan: RunPlan) -> None:
@@ -525,13 +457,8 @@ def _run(task: Task, model: LoadedModel, stream: ItemStream, config: RunConfig, 
     summary = Summary(task=task.name, inputs=0, output=str(config.output), overlays=config.overlays)
     if model.is_random:
         summary.warnings.append(f"{model.spec} has random weights: its outputs mean nothing")
-    on_ray = config.engine is not None and not config.engine.is_local
-    cluster = None
-    if on_ray:
-        from visbatch.core.engines import ray_data
-
-        cluster = ray_data.connect(config.engine)
-        summary.engine = ray_data.describe_cluster(cluster)
+    engine = open_engine(config.engine)  # a cluster is joined before any output exists
+    summary.engine = engine.said
     metadata = run_metadata(task, model, config, fields)
     writer = ResultsWriter(
         config.output,
@@ -551,14 +478,15 @@ def _run(task: Task, model: LoadedModel, stream: ItemStream, config: RunConfig, 
             FolderSink(config.save_maps, "map", roots, suffix=".npy", encode=npy_bytes) if config.save_maps else None
         )
         sinks = [s for s in (overlay_sink, map_sink) if s is not None]
-        runner = None
-        if on_ray:
-            runner = ray_data.RayRunner(task, model, config, writer.schema, writer.parts_dir, multi_root, cluster)
-            metadata["engine"] = runner.described
+        metadata["engine"] = engine.start(EngineRun(task, model, config, writer, multi_root, overlay_sink, map_sink))
         progress = Progress(0, config.quiet, config.log_interval, task.name)
         start = time.monotonic()
-        pending: _Pending | None = None
-        drawn_on_ray = 0  # overlays the actors wrote (the driver's sink writes none then)
+        drawn_by_engine = [0]  # overlays the engine's workers wrote (the driver's sink wrote none of them)
+
+        def commit(batch: Committed) -> None:
+            count_batch(batch.ok, batch.failed, batch.errors, summary, progress)
+            drawn_by_engine[0] += batch.overlays
+
         try:
             with StopFlag(config.quiet) as stop:
                 for chunk in stream.chunks():
@@ -568,44 +496,11 @@ def _run(task: Task, model: LoadedModel, stream: ItemStream, config: RunConfig, 
                     progress.extend(len(todo))
                     if not todo:
                         continue
-                    if runner is not None:
-                        committed = 0
-                        for ok, failed, errors, drawn in runner.run(todo, offset):
-                            count_batch(ok, failed, errors, summary, progress)
-                            committed += ok + failed
-                            drawn_on_ray += drawn
-                            if stop:
-                                break
-                        if stop:
-                            summary.interrupted = True
-                            break
-                        if committed < len(todo):  # more is a batch Ray ran again (its part replaced)
-                            raise FatalError(
-                                f"the Ray workers committed {committed} rows for the {len(todo)} images handed "
-                                "to them; the output is not finished (rerun with --resume)"
-                            )
-                        continue
-                    loader = make_loader(
-                        todo,
-                        model,
-                        config,
-                        display_size=config.overlay_size if overlay_sink else None,
-                        annotate=getattr(task, "annotate", None),
-                        geometry=getattr(task, "geometry", None),
-                    )
-                    for batch in loader:
-                        current = _process_batch(task, model, batch, overlay_sink, map_sink, config, multi_root)
-                        if pending is not None:
-                            _commit(task, pending, writer, summary, progress)
-                        pending = current
-                        if stop:
-                            break
+                    engine.run(todo, offset, commit, lambda: bool(stop))
                     if stop:
                         summary.interrupted = True
                         break
-                if pending is not None:
-                    _commit(task, pending, writer, summary, progress)
-                    pending = None
+                engine.finish(commit)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
@@ -616,7 +511,7 @@ def _run(task: Task, model: LoadedModel, stream: ItemStream, config: RunConfig, 
         summary.images_per_s = summary.processed / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
         summary.task_summary = task.summary()
         if overlay_sink is not None:
-            summary.overlays_written = overlay_sink.written + drawn_on_ray
+            summary.overlays_written = overlay_sink.written + drawn_by_engine[0]
         if not summary.interrupted:
             drop = _reconcile_unlisted(done, seen, summary) if done is not None else set()
             writer.finalize(getattr(task, "reduce", None), drop)
@@ -657,129 +552,12 @@ def _reconcile_unlisted(done: dict, seen: set, summary: Summary) -> set[tuple[st
     return drop
 
 
-@dataclass
-class _Pending:
-    """A batch's rows, held until its files (overlays, maps) are written."""
-
-    rows: list[dict]
-    writes: list[tuple[int, Future]]  # (row index, future of a sink write)
-
-
-def _process_batch(task, model, batch: Batch, overlay_sink, map_sink, config: RunConfig, multi_root: bool) -> _Pending:
-    ok_records = batch.ok_records
-    output = MapOutput(rows=[])
-    if ok_records:
-        images = batch.images.to(model.device, non_blocking=True)
-        output = _map_with_oom_split(task, images, ok_records)
-        if len(output.rows) != len(ok_records):
-            raise RuntimeError(f"task {task.name} returned {len(output.rows)} rows for {len(ok_records)} images")
-    task_rows = iter(output.rows)
-    rows: list[dict] = []
-    row_of_record: dict[int, int] = {}
-    for record in batch.records:
-        row = base_row(
-            record.item, record.status, record.error, record.width, record.height, multi_root, record.fingerprint
-        )
-        if record.status == "ok":
-            row.update(next(task_rows))
-            if row.get("status") == "ok":
-                _check_finite(row)
-        row_of_record[id(record)] = len(rows)
-        rows.append(row)
-    writes = []
-    geometry = getattr(task, "geometry", None) or model.preprocess.geometry
-    for n, record in enumerate(ok_records):
-        index = row_of_record[id(record)]
-        if rows[index]["status"] != "ok":
-            continue
-        heatmap = output.overlays[n] if overlay_sink is not None and output.overlays is not None else None
-        if heatmap is not None and record.display is not None:
-            picture = render_overlay(
-                record.display,
-                heatmap,
-                config.overlay_colormap,
-                config.overlay_alpha,
-                config.overlay_style,
-                config.overlay_signed,
-                crop_box(record.width, record.height, geometry),
-            )
-            writes.append((index, overlay_sink.submit(record.item, picture)))
-        array = output.arrays[n] if map_sink is not None and output.arrays is not None else None
-        if array is not None:
-            writes.append((index, map_sink.submit(record.item, array)))
-    return _Pending(rows, writes)
-
-
-def settle(pending: _Pending) -> list[dict]:
-    """Wait for the batch's files; a row whose file failed becomes an error row."""
-    rows = pending.rows
-    for index, future in pending.writes:
-        try:
-            future.result()
-        except SinkWriteError as exc:
-            _make_error(rows[index], str(exc))
-    return rows
-
-
-def batch_tally(rows: list[dict]) -> tuple[int, int, list[str]]:
-    """(ok, failed, up to 5 error examples) of a batch's rows."""
-    errors = [f"{row['path']}: {row.get('error')}" for row in rows if row["status"] != "ok"]
-    return len(rows) - len(errors), len(errors), errors[:5]
-
-
 def count_batch(ok: int, failed: int, errors: list[str], summary: Summary, progress: Progress) -> None:
     summary.error_examples += errors[: max(0, 5 - len(summary.error_examples))]
     summary.processed += ok + failed
     summary.failed += failed
     summary.ok += ok
     progress.update(ok, failed)
-
-
-def _commit(task, pending: _Pending, writer: ResultsWriter, summary: Summary, progress: Progress) -> None:
-    """Wait for the batch's files, write the part, count the rows."""
-    rows = settle(pending)
-    writer.write_rows(rows)
-    count_batch(*batch_tally(rows), summary, progress)
-    observe(task, summary_rows(task, rows))
-
-
-def summary_rows(task, rows: list[dict]) -> list[dict]:
-    """The ok rows of a batch, reduced to the columns the task's summary counts."""
-    columns = getattr(task, "summary_columns", ())
-    if not columns:
-        return []
-    return [{c: row.get(c) for c in columns} for row in rows if row["status"] == "ok"]
-
-
-def observe(task, rows: list[dict]) -> None:
-    if rows and hasattr(task, "observe"):
-        task.observe(rows)
-
-
-def _make_error(row: dict, reason: str) -> None:
-    """An ok row becomes an error row: the reason, and no result values."""
-    for key in list(row):
-        if key not in BASE_COLUMNS and key != "root":
-            row[key] = None
-    row["status"], row["error"] = "error", reason
-
-
-def _check_finite(row: dict) -> None:
-    """NaN is never an ok value: a row with a non-finite number becomes an error row naming the column."""
-    for key, value in row.items():
-        if key in BASE_COLUMNS or value is None:
-            continue
-        if isinstance(value, float):
-            bad = not math.isfinite(value)
-        elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
-            bad = not bool(np.isfinite(value).all())
-        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], float):
-            bad = not all(math.isfinite(v) for v in value)
-        else:
-            continue
-        if bad:
-            _make_error(row, f"non-finite value (NaN or inf) in {key}")
-            return
 
 
 def _count_status(output: str) -> tuple[int, int]:

@@ -33,11 +33,13 @@ A violation is :class:`OutputOverlapsInput` (exit 2), naming both paths.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from visbatch.core.errors import UsageError
 
@@ -281,6 +283,23 @@ _ACTIVE: list[RunPlan] = []  # the plan of the run in progress (a stack: a sub-r
 _ACTIVE_LOCK = threading.Lock()
 
 
+def lock_path_for(output: str | os.PathLike) -> Path:
+    """The lock file beside an output (``OUTPUT.lock``): planned with it, taken by files.OutputLock."""
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+def staging_root() -> str:
+    return os.environ.get("VISBATCH_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "visbatch", "staging")
+
+
+def staging_folder(url: str) -> str:
+    """The local folder a URL output is written in before its upload (one per URL, so an
+    interrupted run resumes from it); sinks.RemoteOutputs makes and fills it."""
+    digest = hashlib.blake2b(canonical(url).text.encode(), digest_size=8).hexdigest()
+    return os.path.join(staging_root(), digest)
+
+
 def active_plan() -> RunPlan | None:
     with _ACTIVE_LOCK:
         return _ACTIVE[-1] if _ACTIVE else None
@@ -326,8 +345,6 @@ class RunPlan:
     def write_results(self, output: str | os.PathLike, what: str = "output") -> None:
         """A results table: the file, its parts folder and its lock (and, for a URL, the local
         folder it is staged in)."""
-        from visbatch.core.files import lock_path_for
-
         output = os.fspath(output)
         self.write_file(output, what)
         local = local_path_of(output)
@@ -337,8 +354,6 @@ class RunPlan:
 
     def write_locked_file(self, path: str | os.PathLike, what: str = "output") -> None:
         """A single-file result held under its lock for the whole job (a detector, a model)."""
-        from visbatch.core.files import lock_path_for
-
         self.write_file(path, what)
         local = local_path_of(os.fspath(path))
         if local is not None:
@@ -351,8 +366,6 @@ class RunPlan:
         self.writes.append(Planned(canonical(shown), canonical(shown, resolve_last=False), shown, what, kind))
         if local_path_of(shown) is None:
             # A URL output is written locally first (sinks.RemoteOutputs), then uploaded whole.
-            from visbatch.core.sinks import staging_folder
-
             staged = staging_folder(shown)
             self.writes.append(
                 Planned(canonical(staged), canonical(staged), staged, f"staging folder of {shown}", "private")

@@ -13,13 +13,12 @@ to stage into a folder it did not make.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 
 from visbatch.core.errors import FatalError, UsageError
 from visbatch.core.files import atomic_path, atomic_write_bytes, remove_owned_folder, remove_quietly
-from visbatch.core.plan import as_local, canonical
+from visbatch.core.plan import as_local, staging_folder
 from visbatch.core.sources.remote import filesystem, is_url, storage_error, with_retries
 
 STAGING_MARKER = ".visbatch-staging"  # written in every staging folder visbatch makes: its record of it
@@ -28,17 +27,6 @@ STAGING_MARKER = ".visbatch-staging"  # written in every staging folder visbatch
 def local_or_url(target: str | None) -> str | None:
     """``file://`` URLs as local paths; anything else unchanged."""
     return as_local(target)
-
-
-def staging_root() -> str:
-    return os.environ.get("VISBATCH_STAGING") or os.path.join(os.path.expanduser("~"), ".cache", "visbatch", "staging")
-
-
-def staging_folder(url: str) -> str:
-    """The local folder a URL output is written in before its upload (one per URL, so an
-    interrupted run resumes from it)."""
-    digest = hashlib.blake2b(canonical(url).text.encode(), digest_size=8).hexdigest()
-    return os.path.join(staging_root(), digest)
 
 
 def _make_staging(folder: str) -> None:

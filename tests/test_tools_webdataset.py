@@ -248,3 +248,37 @@ def test_dotted_keys_with_long_extensions_and_nested_stems(tmp_path):
         ("a.b", ("seg.png", "txt")),
         ("a.c", ("jpg", "seg.png", "txt")),
     ]
+
+
+def test_what_a_new_user_found(tmp_path):
+    """A lone dotted sample keeps its key and sidecars; a mask is not the image when the sample
+    has one; pipe: in a shard list is refused; --hash and --keep-columns misuse is one line."""
+    (tmp_path / "s.tar").write_bytes(
+        _tar_bytes(
+            {
+                "a.b.c000.jpg": photo(0),
+                "a.b.c000.txt": b"lone dotted",
+                "a.b.c000.json": b'{"url": "u1"}',
+                "plain1.jpg": photo(1),
+                "p5.seg.png": mask_png(3),
+                "p5.jpg": photo(2),
+            }
+        )
+    )
+    items = {it.ref.key: it for it in find_images([str(tmp_path / "s.tar")])}
+    assert sorted(items) == ["a.b.c000", "p5", "plain1"]
+    assert read_sidecar(items["a.b.c000"], ".txt") == b"lone dotted"
+    assert read_item(items["p5"]).data == photo(2)
+    out = tmp_path / "o.parquet"
+    result = invoke_cli("classify", tmp_path / "s.tar", *TINY_CNN, "--keep-columns", "url", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert {r["key"]: r["url"] for r in pq.read_table(out).to_pylist()}["a.b.c000"] == "u1"
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 's.tar'}\npipe:cat {tmp_path / 's.tar'}\n")
+    assert_one_line_error(invoke_cli("classify", tmp_path / "list.txt", *TINY_CNN, "-o", tmp_path / "p"), 2, "pipe:")
+    for extra, fragment in (
+        (["--hash", "md5"], "--hash must be one of blake2b, sha256"),
+        (["--keep-columns", "shard"], "--keep-columns 'shard'"),
+    ):
+        result = invoke_cli("classify", tmp_path / "s.tar", *TINY_CNN, *extra, "-o", tmp_path / "q.parquet")
+        assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q.parquet").exists()

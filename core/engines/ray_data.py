@@ -30,16 +30,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from visbatch.core.engines import EngineOptions
+from visbatch.core.engines import Committed, EngineOptions, EngineRun
 from visbatch.core.errors import FatalError, UsageError
 from visbatch.core.images import ImageDataset, ImageItem, collate
 
@@ -402,16 +401,15 @@ class ModelStage:
         )
 
     def __call__(self, batch: dict) -> dict:
+        from visbatch.core.batches import OverlayLook, batch_tally, process_batch, settle, summary_rows
         from visbatch.core.outputs import rows_table, write_part
-        from visbatch.core.pipeline import _process_batch, batch_tally, settle, summary_rows
 
         decoded = collate(_decoded_batch(batch))
         s = self.settings
         drawn = self.overlay_sink.written if self.overlay_sink is not None else 0
         counted = self.task.counters() if hasattr(self.task, "counters") else {}
-        pending = _process_batch(
-            self.task, self.model, decoded, self.overlay_sink, self.map_sink, s["config"], s["multi_root"]
-        )
+        look = OverlayLook.of(s["config"])
+        pending = process_batch(self.task, self.model, decoded, self.overlay_sink, self.map_sink, look, s["multi_root"])
         rows = settle(pending)
         first = decoded.records[0].index
         write_part(Path(s["parts_dir"]), rows_table(s["schema"], rows), f"part-{s['run_tag']}-{first:012d}.arrow")
@@ -479,9 +477,17 @@ def decode_batches(items: Sequence[ImageItem], geometry, config) -> Iterator:
 # ----------------------------------------------------------------------------
 
 
-class RayRunner:
-    def __init__(self, task, model, config, schema: pa.Schema, parts_dir: Path, multi_root: bool, cluster: dict):
-        options: EngineOptions = config.engine
+class RayEngine:
+    """``--engine ray``: the cluster is joined when the engine opens (before any output exists);
+    decode runs in CPU tasks, the model in actors that write their batches' parts themselves."""
+
+    def __init__(self, options: EngineOptions):
+        self.options = options
+        self.cluster = connect(options)
+        self.said = describe_cluster(self.cluster)
+
+    def start(self, run: EngineRun) -> dict:
+        task, model, config, options, cluster = run.task, run.model, run.config, self.options, self.cluster
         gpus = options.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if cluster["gpus"] >= 1 else 0.0
@@ -494,7 +500,7 @@ class RayRunner:
         self.gpus, self.concurrency = gpus, concurrency
         self.batch_size = config.batch_size
         self.task = task
-        self.decode = DecodeStage(
+        self.decode_stage = DecodeStage(
             getattr(task, "geometry", None) or model.preprocess.geometry,
             config.max_pixels,
             config.overlay_size if config.overlays else None,
@@ -518,26 +524,31 @@ class RayRunner:
 
         settings = {
             "config": actor_config,
-            "multi_root": multi_root,
-            "schema": schema,
-            "parts_dir": os.path.abspath(parts_dir),
+            "multi_root": run.multi_root,
+            "schema": run.writer.schema,
+            "parts_dir": os.path.abspath(run.writer.parts_dir),
             "run_tag": f"{time.time_ns():020d}",
         }
         # Held by the driver for the whole run, so a restarted actor finds it.
         self.shipment = ray.put((ship_task(task, model), model_recipe(model), "cuda" if gpus > 0 else "cpu", settings))
-        self.described = {"engine": "ray", **cluster, "gpus_per_worker": gpus, "actors": list(concurrency)}
+        return {"engine": "ray", **cluster, "gpus_per_worker": gpus, "actors": list(concurrency)}
 
-    def run(self, items: Sequence[ImageItem], offset: int) -> Iterator[tuple[int, int, list[str], int]]:
-        """(ok, failed, error examples, overlays written) per batch as the actors finish them."""
+    def run(
+        self, items: Sequence[ImageItem], offset: int, commit: Callable[[Committed], None], stop: Callable[[], bool]
+    ) -> None:
+        """Each batch the actors commit, as they finish them; every item must come back committed."""
         import ray.data
 
-        from visbatch.core.pipeline import observe
+        from visbatch.core.batches import observe
 
+        committed = 0
         for start in range(0, len(items), CHUNK_SIZE):
             part = items[start : start + CHUNK_SIZE]
             rows = [{"index": offset + start + i, "item": pickle.dumps(item)} for i, item in enumerate(part)]
             dataset: Any = ray.data.from_items(rows)
-            dataset = dataset.map_batches(self.decode, batch_size=self.batch_size, batch_format="numpy", num_cpus=1)
+            dataset = dataset.map_batches(
+                self.decode_stage, batch_size=self.batch_size, batch_format="numpy", num_cpus=1
+            )
             dataset = dataset.map_batches(
                 ModelStage,
                 fn_constructor_args=([self.shipment],),
@@ -559,4 +570,22 @@ class RayRunner:
                     observe(self.task, pickle.loads(observed))
                     if hasattr(self.task, "add_counters"):
                         self.task.add_counters(json.loads(counted))
-                    yield int(ok), int(failed), json.loads(errors), int(drawn)
+                    commit(Committed(int(ok), int(failed), json.loads(errors), int(drawn)))
+                    committed += int(ok) + int(failed)
+                if stop():
+                    return
+        if committed < len(items):  # more is a batch Ray ran again (its part replaced)
+            raise FatalError(
+                f"the Ray workers committed {committed} rows for the {len(items)} images handed "
+                "to them; the output is not finished (rerun with --resume)"
+            )
+
+    def finish(self, commit: Callable[[Committed], None]) -> None:
+        """Nothing is held on the driver: the actors commit their own batches."""
+
+    def decode(self, items: Sequence[ImageItem], model, config) -> Iterator:
+        return decode_batches(items, model.preprocess.geometry, config)
+
+
+def open_engine(options: EngineOptions) -> RayEngine:
+    return RayEngine(options)

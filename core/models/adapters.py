@@ -1,6 +1,6 @@
 """One adapter per model family: everything that differs between open_clip and timm models.
 
-A :class:`LoadedModel` names its family; ``model.adapter`` is the family's
+A :class:`~visbatch.core.models.loaded.LoadedModel` names its family; ``model.adapter`` is the family's
 adapter, and the rest of visbatch asks it instead of branching on the family
 (the way timm gives every model one interface). A quantized file
 (:mod:`visbatch.core.quantized`) wraps a model of one of these families and
@@ -10,7 +10,7 @@ loader in :mod:`.loaders` and a line in :data:`ADAPTERS`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,17 @@ from torch import nn
 
 from visbatch.core.errors import UsageError
 
-if TYPE_CHECKING:
-    from visbatch.core.models.loaded import LoadedModel
+
+class TextModel(Protocol):
+    """What an adapter's text encoding needs of a loaded model (TextModel is one): the adapters
+    name this interface rather than TextModel, which looks its adapter up here."""
+
+    module: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    _trim_text: bool | None
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor: ...
 
 
 class ModelAdapter:
@@ -64,7 +73,7 @@ class ModelAdapter:
             raise UsageError(f"{spec} has no {towers} tower")
         return self.tower_prefixes[towers]
 
-    def encode_text(self, model: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, model: TextModel, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -187,7 +196,7 @@ def _encode_text_trimmed(module: nn.Module, tokens: torch.Tensor) -> torch.Tenso
     return x
 
 
-def _padding_trim_is_exact(model: LoadedModel) -> bool:
+def _padding_trim_is_exact(model: TextModel) -> bool:
     """Whether :func:`_encode_text_trimmed` gives the model's own result (checked on a probe)."""
     module = model.module
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask", "text_pool_type")

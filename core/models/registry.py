@@ -5,12 +5,16 @@ Two tables are data, so adding an entry is one line:
 - :data:`MODEL_REGISTRY`: names visbatch knows (a loader and a description);
 - :data:`WEIGHT_FILE_FORMATS`: model files that carry their own architecture
   and weights (``visbatch quantize``'s output registers itself here from
-  :mod:`visbatch.core.quantized`), tried in order on a spec that is a file.
+  :mod:`visbatch.core.quantized`), tried in order on a spec that is a file. The
+  modules that define formats are listed by name in :data:`WEIGHT_FILE_FORMAT_MODULES`
+  and imported when a file is loaded: the formats build on this package, so the
+  arrow runs from them to it, never back.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ class WeightFileFormat:
 
 
 WEIGHT_FILE_FORMATS: list[WeightFileFormat] = []
+WEIGHT_FILE_FORMAT_MODULES = ("visbatch.core.quantized",)  # each registers its formats when imported
 
 
 def register_weight_file_format(weight_format: WeightFileFormat) -> None:
@@ -124,8 +129,8 @@ def _load(
     if spec.endswith((".safetensors", ".pt", ".pth", ".bin")) and not os.path.exists(spec):
         raise ModelError(f"model file not found: {spec}")
     if os.path.isfile(spec):
-        import visbatch.core.quantized  # noqa: F401  (registers the quantized-file format)
-
+        for module in WEIGHT_FILE_FORMAT_MODULES:
+            importlib.import_module(module)
         for weight_format in WEIGHT_FILE_FORMATS:
             if weight_format.claims(spec):
                 if pretrained:

@@ -59,6 +59,7 @@ from visbatch.core.sources.shards import (
     is_shard_name,
     list_shards,
     read_shard_list,
+    refuse_pipe,
     shards_in_folder,
     split_location,
 )
@@ -200,11 +201,7 @@ class _Found:
         self.shards.append((root, name))
 
     def add(self, entry: str, stdin, from_list: bool = False) -> None:
-        if entry.startswith("pipe:"):
-            raise InputError(
-                f"{entry[:60]}: pipe: inputs (WebDataset's shell-command URLs) are not supported: visbatch "
-                "never runs a command named by its input; give the shard's path or URL (s3://, gs://, https://)"
-            )
+        refuse_pipe(entry)
         if "{" in entry and not os.path.exists(entry):
             expanded_all = expand_braces(entry)
             local = [e for e in expanded_all if not is_url(e)]

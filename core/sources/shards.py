@@ -118,6 +118,10 @@ def is_gzipped(location: str) -> bool:
     return location.lower().endswith(_GZIP_SUFFIXES)
 
 
+class GzipDamage(OSError):
+    """A gzipped shard whose stream is cut or corrupt (the file itself was read)."""
+
+
 class _GzipReaders:
     """One decompressing reader per gzipped shard in this process, read forward: the samples
     of a shard are read in key order, so each shard is decompressed about once per worker
@@ -148,7 +152,7 @@ class _GzipReaders:
                 return reader.read(size)
             except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
                 self._open.pop(location, None)
-                raise OSError(f"damaged gzip stream: {exc}") from exc
+                raise GzipDamage(f"damaged gzip stream: {exc}") from exc
 
 
 _GZIP_READERS = _GzipReaders()
@@ -198,6 +202,8 @@ class TarSample:
     def _member_bytes(self, member: Member) -> bytes:
         try:
             data = read_member(self.location, member.offset, member.size)
+        except GzipDamage as exc:
+            raise ImageDecodeError(f"cannot read {member.name} from {self.shard_name}: {exc}")
         except OSError as exc:
             raise ImageDecodeError(f"cannot read {member.name} from {self.shard_name}: {describe(exc, self.location)}")
         if len(data) != member.size:
@@ -268,6 +274,7 @@ class BrokenShard:
 
     shard_name: str
     reason: str
+    key: str | None = None  # a sample's key, when the row is one sample's (a name that climbs out)
 
     @property
     def shard(self) -> str:
@@ -286,7 +293,7 @@ class BrokenShard:
         return False
 
     def columns(self) -> dict:
-        return {}
+        return {"key": self.key} if self.key is not None else {}
 
 
 class TarDamage(Exception):
@@ -431,7 +438,8 @@ def _dotted_keys(key: str, group: list[tuple[str, Member]]) -> list[tuple[str, l
     if len(group) < 2 or any("." not in extension for extension, _ in group):
         return [(key, group)]  # a bare KEY.EXT member: the sample webdataset reads
     last = [extension.rsplit(".", 1)[1].lower() for extension, _ in group]
-    if len(set(last)) == len(last):
+    stems = {extension.rsplit(".", 1)[0] for extension, _ in group}
+    if len(set(last)) == len(last) and len(stems) > 1:
         return [(key, group)]  # e.g. 000.seg.png + 000.depth.exr: one sample with long extensions
     samples: list[tuple[str, list[tuple[str, Member]]]] = []
     for extension, member in group:
@@ -476,6 +484,24 @@ def _samples(
             yield from _split_repeats(sample_key, sample)
 
 
+def _image_member(group: list[tuple[str, Member]]) -> Member | None:
+    """The sample's image: a member whose whole extension is an image type (``jpg``), else the
+    first whose last one is (so ``seg.png``, a mask, is the image only of a sample without one)."""
+    plain = next((m for ext, m in group if ext.lower() in _IMAGE_SUFFIXES), None)
+    if plain is not None:
+        return plain
+    return next((m for ext, m in group if ext.rsplit(".", 1)[-1].lower() in _IMAGE_SUFFIXES), None)
+
+
+def refuse_pipe(entry: str) -> None:
+    """WebDataset's ``pipe:`` URLs run a shell command: visbatch never runs one named by its input."""
+    if entry.startswith("pipe:"):
+        raise InputError(
+            f"{entry[:60]}: pipe: inputs (WebDataset's shell-command URLs) are not supported: visbatch "
+            "never runs a command named by its input; give the shard's path or URL (s3://, gs://, https://)"
+        )
+
+
 def list_shard(
     root: str, shard_name: str, warnings: list[str] | None = None, kept: tuple[str, ...] = ()
 ) -> list[ImageItem]:
@@ -509,9 +535,9 @@ def list_shard(
                 if key.startswith("/") or ".." in key.split("/"):
                     # A name that climbs out of the shard ("../x", "/etc/x"): never a path visbatch writes to.
                     reason = f"member name {key!r} leaves the shard (absolute or '..'); not read"
-                    items.append(ImageItem(root, f"{shard_name}/{key}", BrokenShard(shard_name, reason)))
+                    items.append(ImageItem(root, f"{shard_name}/{key}", BrokenShard(shard_name, reason, key)))
                     continue
-                image = next((m for ext, m in group if ext.rsplit(".", 1)[-1].lower() in _IMAGE_SUFFIXES), None)
+                image = _image_member(group)
                 sample = TarSample(location, shard_name, key, image, tuple(group), kept)
                 items.append(ImageItem(root, f"{shard_name}/{key}", sample))
     except (TarDamage, OSError, EOFError, zlib.error) as exc:
@@ -562,6 +588,8 @@ def read_shard_list(path: str) -> list[str] | None:
     names = [line for line in lines if line and not line.startswith("#")]
     if not names or not all(is_shard_name(n) or "{" in n for n in names):
         return None
+    for name in names:
+        refuse_pipe(name)
     base = os.path.dirname(os.path.abspath(path))
     return [n if is_url(n) or os.path.isabs(n) else os.path.join(base, n) for n in names]
 

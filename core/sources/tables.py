@@ -236,7 +236,11 @@ def list_table(
             if column not in names:
                 raise InputError(
                     f"{location}: no image column {column!r}"
-                    + ("" if image_column else " (name it with --image-column)")
+                    + (
+                        ""
+                        if image_column
+                        else f" nor {', '.join(_IMAGE_COLUMN_FALLBACKS)} (name it with --image-column)"
+                    )
                     + f"; columns: {', '.join(names)}"
                 )
             missing = [c for c in [caption_column, *keep_columns] if c and c not in names]

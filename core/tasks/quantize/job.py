@@ -13,11 +13,12 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from visbatch.core.engines import open_engine
 from visbatch.core.errors import UsageError
 from visbatch.core.images import ImageItem
 from visbatch.core.models import LoadedModel
 from visbatch.core.outputs import write_parquet
-from visbatch.core.pipeline import RunConfig, make_loader
+from visbatch.core.pipeline import RunConfig
 from visbatch.core.tasks.quantize import (
     QuantizedWeightStore,
     calibrate,
@@ -50,13 +51,7 @@ def _batches(
     """The decodable images of ``items`` as uint8 batches (the others' reasons appended to
     ``unused``); none at all is a usage error naming why."""
     batches, errors = [], []
-    if config.engine is not None and not config.engine.is_local:
-        from visbatch.core.engines import ray_data
-
-        loader = ray_data.decode_batches(items, model.preprocess.geometry, config)
-    else:
-        loader = make_loader(items, model, config)
-    for batch in loader:
+    for batch in open_engine(config.engine).decode(items, model, config):
         if batch.images.shape[0]:
             batches.append(batch.images)
         errors += [f"{r.item.relpath}: {r.error}" for r in batch.records if r.status != "ok"]

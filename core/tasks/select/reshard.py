@@ -63,7 +63,7 @@ def output_key(item: ImageItem) -> str:
     relpath = item.relpath
     if item.ref is None or getattr(item.ref, "url", None):
         relpath = os.path.splitext(relpath)[0]
-    parts = [_UNSAFE.sub("_", part).strip("_") for part in relpath.split("/")]
+    parts = [_UNSAFE.sub("_", part) for part in relpath.split("/")]
     return "/".join(p for p in parts if p) or "sample"
 
 
