@@ -384,7 +384,7 @@ def _common_parameters(default_model: str, default_pretrained: Optional[str]) ->
                 bool,
                 typer.Option(
                     "--report",
-                    help="Also write OUTPUT.html: the run's report (pip install 'visbatch[report]').",
+                    help="Also write OUTPUT.html: the run's report (pip install 'visbatch\\[report]').",
                     envvar="VISBATCH_REPORT",
                 ),
             ],
@@ -619,7 +619,7 @@ ReportOpt = Annotated[
     bool,
     typer.Option(
         "--report",
-        help="Also write the result's report as HTML beside it (pip install 'visbatch[report]').",
+        help="Also write the result's report as HTML beside it (pip install 'visbatch\\[report]').",
         envvar="VISBATCH_REPORT",
     ),
 ]

@@ -34,6 +34,7 @@ from visbatch.cli.common import (
     parse_engine,
     pipeline_config,
 )
+from visbatch.cli.panels import PlainFlagsGroup
 
 NormalizeFormatOpt = typer.Option(False, "--normalize-format", help="Re-encode every image as JPEG q95.")
 ResumeOpt = Annotated[
@@ -44,6 +45,7 @@ ResumeOpt = Annotated[
 ]
 
 app = typer.Typer(
+    cls=PlainFlagsGroup,
     help="Train, score and evaluate detectors of AI-generated images.",
     no_args_is_help=True,
     add_completion=False,

@@ -3,7 +3,6 @@
 import sys
 
 import typer
-from typer.core import TyperGroup
 
 try:  # typer >= 0.20 carries its own click
     from typer import _click as click
@@ -14,21 +13,15 @@ from visbatch.cli import detect_aigi
 from visbatch.cli.classify import classify
 from visbatch.cli.clip_score import clip_score
 from visbatch.cli.common import CheckedCommand
+from visbatch.cli.panels import PlainFlagsGroup
 from visbatch.cli.quantize import quantize
 from visbatch.cli.saliency import saliency
 from visbatch.cli.select_data import select_data
 
 
-class _OneLineErrors(TyperGroup):
+class _OneLineErrors(PlainFlagsGroup):
     """The app's click group: option and usage errors become one line, ``visbatch: error: ...
     (see `visbatch CMD --help`)``, exit 2, instead of a multi-line box; an interrupt is exit 130."""
-
-    def get_params(self, ctx):
-        from visbatch.cli.panels import plain_flags
-
-        params = super().get_params(ctx)
-        plain_flags(params)  # --version, --install-completion, --help: flags, no <bool>
-        return params
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from visbatch.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, one_line

@@ -8,6 +8,8 @@ the subcommand's own.
 
 from __future__ import annotations
 
+from typer.core import TyperGroup
+
 INPUTS, MODEL, OUTPUT, RUN, ENGINE, HELP = "Inputs", "Model", "Output", "Run", "Engine", "Help"
 PANEL_ORDER = (INPUTS, MODEL, OUTPUT, RUN, ENGINE)  # then the subcommand's own panel, then Help
 
@@ -24,6 +26,14 @@ PANEL_OF = {
     "keep_columns": INPUTS,
     "calib": INPUTS,
     "calib_limit": INPUTS,
+    "calib_prompts": INPUTS,
+    "calib_captions": INPUTS,
+    "captions": INPUTS,
+    "references": INPUTS,
+    "labels_file": INPUTS,
+    "root": INPUTS,
+    "real": INPUTS,
+    "fake": INPUTS,
     "eval_images": INPUTS,
     "parts": INPUTS,
     "results": INPUTS,
@@ -95,5 +105,15 @@ def group(command) -> None:
     for param in command.params:
         if getattr(param, "rich_help_panel", None) is None:
             param.rich_help_panel = PANEL_OF.get(param.name or "", own)
-    command.params.sort(key=lambda p: rank.get(p.rich_help_panel, len(PANEL_ORDER)))
+    # by panel; within Output, -o first; otherwise as declared (sort is stable)
+    command.params.sort(key=lambda p: (rank.get(p.rich_help_panel, len(PANEL_ORDER)), p.name != "output"))
     plain_flags(command.params)
+
+
+class PlainFlagsGroup(TyperGroup):
+    """A command group whose own flags (``--help``, ``--version``) show no ``<bool>``."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        plain_flags(params)
+        return params

@@ -16,6 +16,7 @@ from typing import Any
 
 from visbatch.core.engines import EngineOptions
 from visbatch.core.errors import UsageError
+from visbatch.core.images import DEFAULT_MAX_PIXELS
 from visbatch.core.plan import InputSet, RunPlan, local_path_of
 from visbatch.core.sources import (
     ItemStream,
@@ -143,7 +144,7 @@ class OutputSettings:
     report: bool = False
     batch_size: int | None = None
     workers: int | None = None
-    max_pixels: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # the decompression-bomb guard; 0 or None: no limit
     quiet: bool = False
     engine: EngineOptions | None = None
 
@@ -152,14 +153,19 @@ def prepare_run(
     task_name: str,
     model,
     inputs: InputSettings,
-    reads: InputSet | None,
+    reads: InputSet,
     out: OutputSettings,
     files: Iterable[str | None] = (),
     **overlay,
 ):
     """The run's RunConfig with its plan (checked against every input by run_pipeline before
-    anything is created). ``files``: the other files the run reads."""
+    anything is created). ``reads`` is what :func:`find_run_inputs` returned with the items (the
+    folders walked, the files named: without it an output inside an input folder could not be
+    refused); ``files``: the other files the run reads."""
     from visbatch.core.pipeline import RunConfig, default_batch_size, default_workers
+
+    if not isinstance(reads, InputSet):
+        raise TypeError("prepare_run needs the InputSet find_run_inputs returned with the items")
 
     output = out.output or f"{task_name}.parquet"
     return RunConfig(

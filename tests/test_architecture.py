@@ -4,6 +4,7 @@ strategy added through their registries alone run from the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -290,6 +291,20 @@ def test_every_option_of_every_subcommand_is_in_a_panel_in_one_order():
         assert set(panels) <= set(allowed), (name, set(panels) - set(allowed))
         seen = list(dict.fromkeys(panels))
         assert seen == sorted(seen, key=allowed.index), (name, seen)  # Inputs, Model, Output, Run, Engine, own
+
+
+def test_every_help_page_shows_its_panels_in_one_order():
+    """The rendered pages (Typer draws arguments apart from options): Inputs first, Help last."""
+    from visbatch.cli.panels import HELP, PANEL_ORDER, own_panel
+
+    for name, command in _commands():
+        page = invoke_cli(*name.split(), "--help", env={"COLUMNS": "200"}).output
+        allowed = [*PANEL_ORDER, own_panel(command.name), HELP]
+        titles = re.findall(r"╭─ (.+?) ─", page)
+        shown = list(dict.fromkeys(titles))
+        assert set(shown) <= set(allowed), (name, shown)
+        assert shown == sorted(shown, key=allowed.index), (name, shown)
+        assert "<bool>" not in page, name
 
 
 def test_help_is_grouped_and_version_is_a_flag():

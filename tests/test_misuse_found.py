@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -375,19 +376,17 @@ def test_a_ray_run_whose_workers_commit_fewer_rows_than_handed_out_fails(tmp_pat
     """Item 8: the driver checks the rows committed against the items handed out (a worker that
     wrote its parts elsewhere gave "0 ok, 0 failed" and exit 0)."""
     pytest.importorskip("ray")
+    import numpy as np
+
     from visbatch.core.engines import ray_data
 
-    class LostRows:
-        described = {"engine": "ray"}
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def run(self, items, offset):
-            yield 0, 0, [], 0
-
+    lost = {k: np.array([v]) for k, v in (("ok", 0), ("failed", 0), ("overlays", 0))}
+    lost |= {"errors": np.array(["[]"]), "observed": np.array([pickle.dumps([])], dtype=object)}
+    lost |= {"counted": np.array(["{}"])}
     monkeypatch.setattr(ray_data, "connect", lambda options: {"cpus": 2, "gpus": 0})
-    monkeypatch.setattr(ray_data, "RayRunner", LostRows)
+    monkeypatch.setattr(ray_data.RayEngine, "start", lambda self, run: setattr(self, "task", run.task) or {})
+    monkeypatch.setattr(ray_data.RayEngine, "_dataset", lambda self, rows: None)
+    monkeypatch.setattr(ray_data, "_batches_of", lambda dataset: iter([lost]))  # a batch that committed nothing
     result = invoke_cli("classify", *TINY_CNN, FIXTURE_IMAGES, "--engine", "ray", "-o", tmp_path / "o.parquet")
     assert_one_line_error(result, 3, "committed 0 rows for the 4 images")
     assert not (tmp_path / "o.parquet").exists()
@@ -397,7 +396,7 @@ _HANGING_LISTING = """
 import sys, time
 import visbatch.core.sources.stream as stream
 
-def never_ends(root, name, warnings=None):
+def never_ends(root, name, warnings=None, kept=()):
     print("listing started", file=sys.stderr, flush=True)
     while True:  # a loop that makes no progress, as the pax parser's did
         time.sleep(0.5)

@@ -46,6 +46,11 @@ def s3(tmp_path_factory):
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     open_count = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    # moto's backends are per process: a second module using this fixture (test_engine_ray) starts
+    # from empty ones, not from the user and bucket the first one made.
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
     try:
         setup = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         iam = boto3.client("iam", aws_access_key_id="setup", aws_secret_access_key="setup", **setup)

@@ -113,14 +113,14 @@ def test_webdataset_keys_with_dots_folders_and_duplicates(tmp_path):
         add_member(tar, "b.0001.jpg", jpeg_bytes(2))  # key b, extension 0001.jpg: still the image
         add_member(tar, "README", b"no extension: not part of a sample")
         add_member(tar, "c.seg.png", b"x")
-        add_member(tar, "c.jpg", jpeg_bytes(3))  # the first member with an image extension wins
+        add_member(tar, "c.jpg", jpeg_bytes(3))  # a plain image extension wins over a mask
         add_member(tar, "dir.v1/a.json", b"{}")  # key seen before, not consecutive: skipped
     warnings: list[str] = []
     items = find_images([str(shard)], warnings=warnings)
     assert [it.relpath for it in items] == ["000.tar/b", "000.tar/c", "000.tar/dir.v1/a"]
     assert all(it.shard == "000.tar" for it in items)
     assert read_sidecar(items[2], ".txt") == b"first"
-    assert read_item(items[1]).data == b"x"  # c.seg.png came first
+    assert read_item(items[1]).data == jpeg_bytes(3)  # c.jpg, not the c.seg.png mask listed before it
     assert any("repeat a key" in w for w in warnings)
 
 

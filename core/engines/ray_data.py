@@ -533,31 +533,34 @@ class RayEngine:
         self.shipment = ray.put((ship_task(task, model), model_recipe(model), "cuda" if gpus > 0 else "cpu", settings))
         return {"engine": "ray", **cluster, "gpus_per_worker": gpus, "actors": list(concurrency)}
 
+    def _dataset(self, rows: list[dict]):
+        """The chunk's Ray dataset: decode tasks, then the model actors."""
+        import ray.data
+
+        dataset: Any = ray.data.from_items(rows)
+        dataset = dataset.map_batches(self.decode_stage, batch_size=self.batch_size, batch_format="numpy", num_cpus=1)
+        dataset = dataset.map_batches(
+            ModelStage,
+            fn_constructor_args=([self.shipment],),
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            concurrency=self.concurrency,
+            num_gpus=self.gpus,
+            num_cpus=0 if self.gpus > 0 else 1,
+        )
+        return dataset
+
     def run(
         self, items: Sequence[ImageItem], offset: int, commit: Callable[[Committed], None], stop: Callable[[], bool]
     ) -> None:
         """Each batch the actors commit, as they finish them; every item must come back committed."""
-        import ray.data
-
         from visbatch.core.batches import observe
 
         committed = 0
         for start in range(0, len(items), CHUNK_SIZE):
             part = items[start : start + CHUNK_SIZE]
             rows = [{"index": offset + start + i, "item": pickle.dumps(item)} for i, item in enumerate(part)]
-            dataset: Any = ray.data.from_items(rows)
-            dataset = dataset.map_batches(
-                self.decode_stage, batch_size=self.batch_size, batch_format="numpy", num_cpus=1
-            )
-            dataset = dataset.map_batches(
-                ModelStage,
-                fn_constructor_args=([self.shipment],),
-                batch_size=self.batch_size,
-                batch_format="numpy",
-                concurrency=self.concurrency,
-                num_gpus=self.gpus,
-                num_cpus=0 if self.gpus > 0 else 1,
-            )
+            dataset = self._dataset(rows)
             for batch in _batches_of(dataset):
                 for ok, failed, errors, drawn, observed, counted in zip(
                     batch["ok"],
