@@ -9,7 +9,7 @@ import fnmatch
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from visbatch.core.sources.base import ImageItem, InputError, has_image_extension
@@ -129,6 +129,17 @@ def check_glob(pattern: str) -> None:
                 raise InputError(f"--glob {pattern!r}: '[' without a closing ']' (write [[] for a literal '[')")
             i = close
         i += 1
+
+
+def names_under(root: str, recursive: bool, wanted: Callable[[str], bool]) -> list[str]:
+    """File names (relative, POSIX, sorted) under a local folder that ``wanted`` accepts; hidden
+    folders skipped (the shards and tables of a folder)."""
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
+        rel = os.path.relpath(directory, root)
+        found += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files if wanted(f)]
+    return sorted(found)
 
 
 def glob_matches(relpath: str, globs: Sequence[str]) -> bool:

@@ -44,6 +44,7 @@ from visbatch.core.sources.base import (
     InputError,
     content_hash,
 )
+from visbatch.core.sources.local import names_under
 from visbatch.core.sources.remote import (
     describe,
     filesystem,
@@ -569,12 +570,7 @@ def shards_in_folder(root: str, recursive: bool = True) -> list[str]:
         names = with_retries(lambda: fs.find(base) if recursive else fs.ls(base, detail=False), root)
         relative = [n[len(base) + 1 :] if n.startswith(base + "/") else n for n in names]
         return sorted(r for r in relative if is_shard_name(r))
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
-        rel = os.path.relpath(directory, root)
-        found += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files if is_shard_name(f)]
-    return sorted(found)
+    return names_under(root, recursive, is_shard_name)
 
 
 def read_shard_list(path: str) -> list[str] | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from visbatch.core.plan import local_path_of
 from visbatch.core.sources.base import FileBytes, ImageDecodeError, ImageItem, InputError, content_hash
+from visbatch.core.sources.local import names_under
 from visbatch.core.sources.remote import (
     filesystem,
     is_url,
@@ -42,12 +43,7 @@ def is_table_name(name: str) -> bool:
 def tables_in_folder(root: str, recursive: bool = True) -> list[str]:
     """Table names (relative, sorted) under a local folder: a folder of Parquet files as
     img2dataset writes it, or the ``.arrow`` files of ``datasets``' ``save_to_disk``."""
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
-        rel = os.path.relpath(directory, root)
-        found += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files if is_table_name(f)]
-    return sorted(found)
+    return names_under(root, recursive, is_table_name)
 
 
 # The column an image table without an `image` column holds its images in: img2dataset names it

@@ -22,6 +22,7 @@ from visbatch.core.models.devices import PRECISIONS
 from visbatch.core.outputs import output_task
 from visbatch.core.pipeline import RunConfig, check_outputs
 from visbatch.core.plan import InputSet, RunPlan, as_local, local_path_of
+from visbatch.core.prepare import run_plan
 from visbatch.core.tasks.aigi.detector import (
     ARTEFACT_GROUPS,
     BACKBONE_GROUPS,
@@ -87,12 +88,7 @@ def check_features(config: RunConfig, overwrite: bool) -> None:
 
 def job_plan(reads: InputSet | None, *files: str | None) -> RunPlan:
     """A job's plan reading what the labelled folders read plus the named files (model, detector)."""
-    plan = RunPlan(InputSet())
-    if reads is not None:
-        plan.inputs.merge(reads)
-    for path in files:
-        plan.inputs.add_path(path)
-    return plan
+    return run_plan(reads, files)
 
 
 def load_backbone(spec: str, pretrained: str | None, run: RunSettings):
